@@ -1,0 +1,3 @@
+//! The specc command line: check, plan, graph, fmt, build, run.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Guest kit: kernel builds from linux-source-6.1 and rootfs images, cached by digest.

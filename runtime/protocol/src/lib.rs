@@ -1,0 +1,1 @@
+//! The host <-> guest agent protocol: versioned, framed messages.

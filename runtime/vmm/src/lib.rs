@@ -1,0 +1,1 @@
+//! A minimal KVM virtual machine monitor: boot, virtio-mmio devices, snapshots.

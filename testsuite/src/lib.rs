@@ -1,0 +1,1 @@
+//! End-to-end tests that boot real guests, and the specc-bench benchmark binary.
