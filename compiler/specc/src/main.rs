@@ -1,3 +1,52 @@
 //! The specc command line: check, plan, graph, fmt, build, run.
+//!
+//! Each subcommand lives in its own module under `cmd/` and exposes `Args` (clap derive) and
+//! `run(args) -> anyhow::Result<ExitCode>`. Adding a subcommand is one variant here and one arm
+//! in `main`.
 
-fn main() {}
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "specc",
+    version,
+    about = "Compile KDL VM specs into snapshot artifacts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse and validate specs; report every diagnostic.
+    Check(cmd::check::Args),
+    /// Show the layer plan: cache keys, parents, cached or not.
+    Plan(cmd::plan::Args),
+    /// Print the layer DAG as Graphviz DOT.
+    Graph(cmd::graph::Args),
+    /// Format specs canonically, keeping comments.
+    Fmt(cmd::fmt::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => cmd::check::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Graph(args) => cmd::graph::run(args),
+        Command::Fmt(args) => cmd::fmt::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("specc: error: {err:#}");
+            // 2 = usage or I/O problem, the same code clap uses for bad arguments.
+            ExitCode::from(2)
+        }
+    }
+}

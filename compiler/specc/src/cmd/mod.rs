@@ -1,0 +1,6 @@
+//! One module per subcommand; each exposes `Args` and `run`.
+
+pub mod check;
+pub mod fmt;
+pub mod graph;
+pub mod plan;
