@@ -1,1 +1,5 @@
 //! Guest kit: kernel builds from linux-source-6.1 and rootfs images, cached by digest.
+
+pub mod kernel;
+
+pub use kernel::specc_home;
