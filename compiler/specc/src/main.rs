@@ -31,6 +31,10 @@ enum Command {
     Graph(cmd::graph::Args),
     /// Format specs canonically, keeping comments.
     Fmt(cmd::fmt::Args),
+    /// Build the guest or rig kernel, or print where it is cached.
+    Kernel(cmd::kernel::Args),
+    /// Run a command inside the rig (emulated KVM host), or show the detected KVM mode.
+    Rig(cmd::rig::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Graph(args) => cmd::graph::run(args),
         Command::Fmt(args) => cmd::fmt::run(args),
+        Command::Kernel(args) => cmd::kernel::run(args),
+        Command::Rig(args) => cmd::rig::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,4 +3,6 @@
 pub mod check;
 pub mod fmt;
 pub mod graph;
+pub mod kernel;
 pub mod plan;
+pub mod rig;
