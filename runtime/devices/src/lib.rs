@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod disk;
 pub mod persist;
 pub mod virtio;
 

@@ -6,9 +6,6 @@
 //! adds the checks a device needs before touching memory: every buffer inside guest memory, the
 //! readable part before the writable part, and a bound on the total size.
 
-// TEMP(devices): readers/writers are used by blk, vsock and net, landing in the next commits.
-#![allow(dead_code)]
-
 use std::ops::Deref;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -152,10 +149,6 @@ impl Chain {
         })
     }
 
-    pub(crate) fn readable_len(&self) -> u64 {
-        self.readable.iter().map(|d| u64::from(d.len)).sum()
-    }
-
     pub(crate) fn writable_len(&self) -> u64 {
         self.writable.iter().map(|d| u64::from(d.len)).sum()
     }
@@ -261,15 +254,6 @@ impl<'a> ChainWriter<'a> {
     /// Bytes written so far (what goes into the used ring).
     pub(crate) fn written(&self) -> usize {
         self.written
-    }
-
-    /// Space left.
-    pub(crate) fn remaining(&self) -> usize {
-        let rest: u64 = self.descs[self.idx.min(self.descs.len())..]
-            .iter()
-            .map(|d| u64::from(d.len))
-            .sum();
-        usize::try_from(rest - u64::from(self.off)).unwrap_or(usize::MAX)
     }
 
     /// Write as much of `buf` as fits; returns the count.

@@ -1,5 +1,6 @@
 //! Virtio: the device trait, the MMIO transport, queue handling and the devices.
 
+pub mod block;
 pub(crate) mod chain;
 pub mod mmio;
 pub mod persist;
@@ -198,7 +199,6 @@ pub trait VirtioDevice: Send {
     fn save_state(&self) -> VirtioDeviceState;
 }
 
-#[allow(dead_code)] // TEMP(devices): used by blk, vsock and net, next commits.
 /// Copy `src` (the whole config space) into `data` at `offset`, ignoring what lies outside.
 pub(crate) fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     let Ok(offset) = usize::try_from(offset) else {

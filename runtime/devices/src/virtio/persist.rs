@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
+use super::block::BlockState;
 use super::rng::RngState;
 
 /// A queue's state as plain data. Untrusted: turn it into a queue with [`QueueStateData::to_queue`],
@@ -90,4 +91,6 @@ impl QueueStateData {
 pub enum VirtioDeviceState {
     /// virtio-rng.
     Rng(RngState),
+    /// virtio-blk.
+    Block(BlockState),
 }

@@ -98,7 +98,6 @@ mod tests {
         assert_eq!(d.wait_used(0), (head, 16));
         d.transport.pause();
         let saved = d.transport.save();
-        #[allow(irrefutable_let_patterns)]
         let VirtioDeviceState::Rng(rs) = &saved.device else {
             panic!("not an rng state: {saved:?}");
         };
