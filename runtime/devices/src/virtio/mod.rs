@@ -7,6 +7,7 @@ pub mod persist;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 pub(crate) mod worker;
 
 use std::sync::Arc;

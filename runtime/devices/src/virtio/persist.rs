@@ -5,6 +5,7 @@ use virtio_queue::{Queue, QueueState};
 
 use super::block::BlockState;
 use super::rng::RngState;
+use super::vsock::VsockState;
 
 /// A queue's state as plain data. Untrusted: turn it into a queue with [`QueueStateData::to_queue`],
 /// which validates it (virtio-queue's `TryFrom<QueueState>`) against the device's maximum size.
@@ -93,4 +94,6 @@ pub enum VirtioDeviceState {
     Rng(RngState),
     /// virtio-blk.
     Block(BlockState),
+    /// virtio-vsock.
+    Vsock(VsockState),
 }
