@@ -1,5 +1,6 @@
 //! Guest kit: kernel builds from linux-source-6.1 and rootfs images, cached by digest.
 
 pub mod kernel;
+pub mod rootfs;
 
 pub use kernel::specc_home;
