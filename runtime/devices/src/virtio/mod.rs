@@ -3,6 +3,7 @@
 pub mod block;
 pub(crate) mod chain;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod rng;
 #[cfg(test)]

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
 use super::block::BlockState;
+use super::net::NetState;
 use super::rng::RngState;
 use super::vsock::VsockState;
 
@@ -96,4 +97,6 @@ pub enum VirtioDeviceState {
     Block(BlockState),
     /// virtio-vsock.
     Vsock(VsockState),
+    /// virtio-net.
+    Net(NetState),
 }
