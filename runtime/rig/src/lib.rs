@@ -13,4 +13,6 @@ pub mod run;
 pub mod testing;
 
 pub use detect::{Decision, Detection, KvmMode, Placement, decide, detect, in_rig};
-pub use run::{BootImage, Rig, RigCommand, RigConfig, RigError, RigOutcome, Timings};
+pub use run::{
+    BootImage, Rig, RigCommand, RigConfig, RigError, RigOutcome, Timings, run_self_in_rig,
+};

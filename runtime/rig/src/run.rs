@@ -568,6 +568,18 @@ impl Rig {
     }
 }
 
+/// Re-runs this very program (same arguments, environment and cwd) inside the rig with its
+/// output streamed, for binaries whose VMM needs hardware-style KVM: call it when
+/// [`crate::decide`] says [`crate::Placement::Rig`], print the decision's line, and exit with the
+/// returned status. Inside, `SPECC_IN_RIG=1` makes `decide` answer `Direct`.
+pub fn run_self_in_rig(config: RigConfig) -> Result<ExitStatus, RigError> {
+    let exe = std::env::current_exe().map_err(io_err("finding", Path::new("/proc/self/exe")))?;
+    let mut argv = vec![exe.into_os_string()];
+    argv.extend(std::env::args_os().skip(1));
+    let cmd = RigCommand::new(argv).map_err(io_err("reading", Path::new(".")))?;
+    Ok(Rig::new(config).run(&cmd)?.status)
+}
+
 fn make_run_dir(runs: &Path) -> Result<RunDir, RigError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     fs::create_dir_all(runs).map_err(io_err("creating", runs))?;
