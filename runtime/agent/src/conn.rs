@@ -233,7 +233,14 @@ fn handle(
                 PowerAction::Reboot
             };
             let _ = out.send(&Response::Ok);
-            log!("{action:?} requested by the host");
+            log!(
+                "{} requested by the host",
+                if action == PowerAction::Off {
+                    "power off"
+                } else {
+                    "reboot"
+                }
+            );
             init::power(action, ctx.pid1);
         }
         Request::WriteData { .. }

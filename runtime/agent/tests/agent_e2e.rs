@@ -563,3 +563,141 @@ mod tests {
         assert_eq!(st.signal, Some(15));
     }
 }
+
+/// The agent as PID 1 of fresh mount, pid, UTS and network namespaces, chrooted into a tiny
+/// busybox tree: what it does first in a VM, without a VM.
+#[cfg(test)]
+mod pid1 {
+    use std::os::unix::fs::symlink;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use specc_protocol::{Client, ExecRequest};
+
+    fn copy_with_libs(tree: &Path, bin: &Path, dest: &str) {
+        let d = tree.join(dest.trim_start_matches('/'));
+        std::fs::create_dir_all(d.parent().unwrap()).unwrap();
+        std::fs::copy(bin, &d).unwrap();
+        // The test build of the agent is dynamic: bring its libraries along.
+        let ldd = Command::new("ldd").arg(bin).output().unwrap();
+        for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+            if word.starts_with('/') && Path::new(word).is_file() {
+                let target = tree.join(word.trim_start_matches('/'));
+                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                std::fs::copy(word, target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn pid1_mounts_brings_up_lo_reaps_orphans_and_powers_off() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(euid, 0, "namespaces and chroot need root");
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        for d in [
+            "bin", "sbin", "etc", "sock", "dev", "proc", "sys", "run", "tmp",
+        ] {
+            std::fs::create_dir_all(tree.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
+            .expect("busybox-static provides /bin/busybox");
+        for applet in ["sh", "cat", "sleep", "ls", "mount", "hostname", "echo"] {
+            symlink("busybox", tree.join("bin").join(applet)).unwrap();
+        }
+        copy_with_libs(
+            &tree,
+            Path::new(env!("CARGO_BIN_EXE_specc-agent")),
+            "/sbin/init",
+        );
+        std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        std::fs::write(tree.join("etc/group"), "root:x:0:\ntty:x:5:\n").unwrap();
+        std::fs::write(tree.join("etc/hostname"), "pid1-test\n").unwrap();
+
+        let mut child = Command::new("unshare")
+            .args([
+                "--mount",
+                "--pid",
+                "--fork",
+                "--uts",
+                "--net",
+                "--propagation",
+                "private",
+            ])
+            .arg("chroot")
+            .arg(&tree)
+            .args([
+                "/sbin/init",
+                "--listen",
+                "unix:/sock/agent.sock",
+                "stray-kernel-word",
+            ])
+            .env("SPECC_AGENT_CONSOLE", "/console.log")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let mut c = Client::connect_unix(&tree.join("sock/agent.sock"), Duration::from_secs(30))
+            .expect("the PID 1 agent answers");
+        assert!(c.info().pid1);
+        assert_eq!(c.info().hostname, "pid1-test");
+
+        let run = |c: &mut Client<_>, script: &str| {
+            let out = c
+                .exec_output(&ExecRequest::new(["sh", "-c", script]))
+                .unwrap();
+            assert!(out.status.success(), "{script}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let mounts = run(&mut c, "cat /proc/mounts");
+        for m in [
+            "devtmpfs /dev ",
+            "proc /proc ",
+            "sysfs /sys ",
+            "devpts /dev/pts ",
+            "tmpfs /run ",
+            "tmpfs /tmp ",
+        ] {
+            assert!(mounts.contains(m), "{m:?} not mounted:\n{mounts}");
+        }
+        // IFF_UP | IFF_LOOPBACK (| IFF_RUNNING once the kernel marks it).
+        let flags = run(&mut c, "cat /sys/class/net/lo/flags");
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(flags & 0x9, 0x9, "lo is not up: {flags:#x}");
+        assert_eq!(run(&mut c, "hostname"), "pid1-test\n");
+
+        // An orphan is re-parented to PID 1, the agent, which must reap it.
+        let orphan = run(&mut c, "sleep 0.2 & echo $!");
+        let orphan = orphan.trim();
+        let mut reaped = false;
+        for _ in 0..500 {
+            let st = run(
+                &mut c,
+                &format!("cat /proc/{orphan}/stat 2>/dev/null || echo gone"),
+            );
+            if st.trim() == "gone" {
+                reaped = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(reaped, "orphan {orphan} was never reaped by PID 1");
+
+        c.power_off().unwrap();
+        let status = child.wait().unwrap();
+        // reboot(2) in a child pid namespace ends its init with SIGINT (reboot(2), NOTES).
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+        let log = std::fs::read_to_string(tree.join("console.log")).unwrap();
+        for line in [
+            "starting as PID 1",
+            "mounted proc on /proc",
+            "lo is up",
+            "ignoring argument",
+            "power off requested",
+        ] {
+            assert!(log.contains(line), "console log lacks {line:?}:\n{log}");
+        }
+    }
+}

@@ -613,3 +613,83 @@ impl RestoredRequest {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+
+    use super::*;
+
+    /// A stand-in for the VMM's vsock muxer plus a minimal agent: the first `refuse`
+    /// connections are closed after the CONNECT line (nobody listening in the guest yet).
+    fn fake_muxer(path: &Path, refuse: usize) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for i in 0.. {
+                let (mut s, _) = listener.accept().unwrap();
+                let line = read_line(&mut s).unwrap();
+                lines.push(line);
+                if i < refuse {
+                    continue;
+                }
+                s.write_all(b"OK 52\n").unwrap();
+                let hello: Request = frame::read_frame(&mut s).unwrap().unwrap();
+                assert!(matches!(hello, Request::Hello { min_version: 1, .. }));
+                frame::write_frame(
+                    &mut s,
+                    &Response::Hello(AgentInfo {
+                        version: 1,
+                        agent_version: "test".into(),
+                        pid1: true,
+                        hostname: "guest".into(),
+                    }),
+                )
+                .unwrap();
+                let ping: Request = frame::read_frame(&mut s).unwrap().unwrap();
+                assert_eq!(ping, Request::Ping);
+                frame::write_frame(&mut s, &Response::Pong { uptime_ns: 5 }).unwrap();
+                break;
+            }
+            lines
+        })
+    }
+
+    #[test]
+    fn connect_uds_sends_connect_and_retries_until_the_guest_listens() {
+        let dir = std::env::temp_dir().join(format!("specc-proto-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&sock);
+        let muxer = fake_muxer(&sock, 2);
+        let mut c = Client::connect_uds(&sock, 1024, Duration::from_secs(20)).unwrap();
+        assert!(c.info().pid1);
+        assert_eq!(c.info().hostname, "guest");
+        assert_eq!(c.ping().unwrap(), Duration::from_nanos(5));
+        let lines = muxer.join().unwrap();
+        assert_eq!(lines, vec!["CONNECT 1024"; 3]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn connect_uds_times_out_when_the_socket_never_appears() {
+        let err = Client::connect_uds(
+            Path::new("/nonexistent/specc/vsock.sock"),
+            1024,
+            Duration::from_millis(50),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn restored_fresh_gives_distinct_identities() {
+        let a = RestoredRequest::fresh(Some("a".into())).unwrap();
+        let b = RestoredRequest::fresh(None).unwrap();
+        assert_eq!(a.entropy.len(), 64);
+        assert_ne!(a.entropy, b.entropy);
+        assert_ne!(a.machine_id, b.machine_id);
+        assert_eq!(a.machine_id.as_ref().unwrap().len(), 32);
+    }
+}
