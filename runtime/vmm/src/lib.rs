@@ -1,1 +1,509 @@
 //! A minimal KVM virtual machine monitor: boot, virtio-mmio devices, snapshots.
+//!
+//! One process per VM (the `specc-vmm` binary is a thin shell over [`builder::boot`] and
+//! [`Vmm::wait`]). The layout follows Firecracker's: `vstate/` is KVM state (system, VM,
+//! memory, vCPUs), `arch/` the boot protocol, `device_manager/` the buses.
+//!
+//! Architecture invariants:
+//! - A guest never crashes the VMM: every exit is dispatched to a bus that logs and ignores
+//!   accesses that hit nothing; vCPU failures end the VM with a [`VmExit`], never a panic.
+//! - Guest RAM is `MAP_PRIVATE` (anonymous, or over a snapshot's memory file) with
+//!   `MADV_HUGEPAGE`, owned by `vm-memory`: ready for copy-on-write restore and `fork(2)`.
+//! - vCPU state is captured only from paused vCPUs, through the vCPU's own thread.
+#![deny(missing_docs)]
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod device_manager;
+pub mod exit;
+pub mod probe;
+pub mod virtio;
+pub mod vstate;
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use builder::boot;
+pub use config::VmConfig;
+pub use exit::VmExit;
+use vm_memory::GuestMemoryMmap;
+pub use vstate::kvm::KvmFlavor;
+use vstate::vcpu::VcpuHandle;
+pub use vstate::vcpu::VcpuState;
+pub use vstate::vm::VmState;
+
+/// Errors of controlling a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A vCPU command failed.
+    #[error("vCPU control")]
+    Vcpu(#[from] vstate::vcpu::Error),
+    /// Reading or writing VM-wide state failed.
+    #[error("VM state")]
+    Vm(#[from] vstate::vm::Error),
+    /// The operation needs paused vCPUs.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// The VM has already ended.
+    #[error("the VM has ended")]
+    Ended,
+}
+
+/// Formats an error with its whole `source()` chain, `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Vmm {
+    kvm: vstate::kvm::Kvm,
+    vm: vstate::vm::Vm,
+    devices: Arc<device_manager::DeviceManager>,
+    vcpus: Vec<VcpuHandle>,
+    exit_rx: Receiver<VmExit>,
+    first_run: Arc<OnceLock<Instant>>,
+    virtio: Vec<virtio::Attached>,
+    deadline: Option<Instant>,
+    paused: bool,
+    ended: Option<VmExit>,
+}
+
+impl Vmm {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        kvm: vstate::kvm::Kvm,
+        vm: vstate::vm::Vm,
+        devices: Arc<device_manager::DeviceManager>,
+        vcpus: Vec<VcpuHandle>,
+        exit_rx: Receiver<VmExit>,
+        first_run: Arc<OnceLock<Instant>>,
+        virtio: Vec<virtio::Attached>,
+        timeout_ms: Option<u64>,
+    ) -> Self {
+        let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+        Vmm {
+            kvm,
+            vm,
+            devices,
+            vcpus,
+            exit_rx,
+            first_run,
+            virtio,
+            deadline,
+            paused: false,
+            ended: None,
+        }
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.vm.memory
+    }
+
+    /// The buses (stray-access counters, virtio slots).
+    pub fn devices(&self) -> &device_manager::DeviceManager {
+        &self.devices
+    }
+
+    /// The attached virtio devices.
+    pub fn virtio_devices(&self) -> &[virtio::Attached] {
+        &self.virtio
+    }
+
+    /// Which KVM this VM runs on.
+    pub fn kvm_flavor(&self) -> KvmFlavor {
+        self.kvm.flavor
+    }
+
+    /// When the first vCPU first entered KVM_RUN.
+    pub fn first_kvm_run(&self) -> Option<Instant> {
+        self.first_run.get().copied()
+    }
+
+    /// Waits until the VM ends (or the configured timeout, or `limit`, whichever is first),
+    /// then stops the vCPU threads. `None` only if `limit` passed first; the VM keeps running.
+    pub fn wait_timeout(&mut self, limit: Option<Duration>) -> Option<VmExit> {
+        if let Some(e) = &self.ended {
+            return Some(e.clone());
+        }
+        let now = Instant::now();
+        let limit_at = limit.map(|l| now + l);
+        let until = match (self.deadline, limit_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let got = match until {
+            None => self.exit_rx.recv().ok(),
+            Some(t) => match self.exit_rx.recv_timeout(t.saturating_duration_since(now)) {
+                Ok(e) => Some(e),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                        Some(VmExit::Timeout)
+                    } else {
+                        return None;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => None,
+            },
+        };
+        let exit = got.unwrap_or(VmExit::VcpuError {
+            vcpu: 0,
+            message: "all vCPU threads ended".into(),
+        });
+        self.stop();
+        self.ended = Some(exit.clone());
+        Some(exit)
+    }
+
+    /// Waits until the VM ends and stops the vCPU threads.
+    pub fn wait(&mut self) -> VmExit {
+        loop {
+            if let Some(e) = self.wait_timeout(None) {
+                return e;
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        for d in &self.virtio {
+            d.transport
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pause();
+        }
+    }
+
+    /// Pauses every vCPU (kick + wait). The guest stops at an instruction boundary; no vCPU
+    /// thread holds a lock afterwards. Device workers keep running (see [`Vmm::pause_devices`]).
+    pub fn pause(&mut self) -> Result<(), Error> {
+        if self.ended.is_some() {
+            return Err(Error::Ended);
+        }
+        // Kick them all first so the pause costs one round trip, not one per vCPU.
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        for v in &self.vcpus {
+            v.wait_paused()?;
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Resumes the vCPUs after [`Vmm::pause`].
+    pub fn resume(&mut self) -> Result<(), Error> {
+        if self.ended.is_some() {
+            return Err(Error::Ended);
+        }
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Stops the virtio device workers (before a snapshot; the vCPUs should be paused first).
+    pub fn pause_devices(&self) {
+        for d in &self.virtio {
+            d.transport
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pause();
+        }
+    }
+
+    /// Restarts the virtio device workers after [`Vmm::pause_devices`].
+    pub fn resume_devices(&self) -> Result<(), specc_devices::virtio::ActivateError> {
+        for d in &self.virtio {
+            d.transport
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume()?;
+        }
+        Ok(())
+    }
+
+    /// The state of every vCPU, in id order. Needs paused vCPUs.
+    pub fn save_vcpu_states(&self) -> Result<Vec<VcpuState>, Error> {
+        if !self.paused {
+            return Err(Error::NotPaused);
+        }
+        Ok(self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Loads states (one per vCPU, matched by id). Needs paused vCPUs.
+    pub fn restore_vcpu_states(&self, states: &[VcpuState]) -> Result<(), Error> {
+        if !self.paused {
+            return Err(Error::NotPaused);
+        }
+        for s in states {
+            let v = self
+                .vcpus
+                .iter()
+                .find(|v| v.id == s.id)
+                .ok_or(Error::Vcpu(vstate::vcpu::Error::NoResponse(s.id)))?;
+            v.restore_state(s.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The irqchip, PIT and clock state. Needs paused vCPUs.
+    pub fn save_vm_state(&self) -> Result<VmState, Error> {
+        if !self.paused {
+            return Err(Error::NotPaused);
+        }
+        Ok(self.vm.save_state()?)
+    }
+
+    /// Loads irqchip, PIT and clock state. Needs paused vCPUs.
+    pub fn restore_vm_state(&self, state: &VmState) -> Result<(), Error> {
+        if !self.paused {
+            return Err(Error::NotPaused);
+        }
+        Ok(self.vm.restore_state(state)?)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These boot the tiny guests of test-guests/ under /dev/kvm (on this project's machines a
+    //! PVM-backed one, where guest code runs under KVM's instruction emulator: the guests are
+    //! a few hundred instructions each).
+
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::config::SerialConfig;
+    use crate::vstate::memory::MemoryBacking;
+
+    const RESULTS: u64 = 0x20_0000;
+
+    fn guest(name: &str) -> PathBuf {
+        let dir = Path::new(env!("SPECC_TEST_GUESTS"));
+        if let Ok(errors) = std::fs::read_to_string(dir.join("BUILD_ERRORS")) {
+            panic!("test guests were not built (install gcc and binutils): {errors}");
+        }
+        let p = dir.join(format!("{name}.elf"));
+        assert!(p.exists(), "test guest {} missing", p.display());
+        p
+    }
+
+    fn require_kvm() {
+        if let Err(e) = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            panic!(
+                "these tests boot guests and need /dev/kvm, which cannot be opened ({e}); \
+                 run them on a KVM host or inside the rig"
+            );
+        }
+    }
+
+    fn config(name: &str, dir: &Path) -> VmConfig {
+        require_kvm();
+        VmConfig {
+            vcpus: 1,
+            mem_bytes: 64 << 20,
+            kernel: guest(name),
+            cmdline: String::new(),
+            serial: SerialConfig {
+                log: Some(dir.join("serial.log")),
+                stdout: false,
+            },
+            disks: Vec::new(),
+            vsock: None,
+            net: None,
+            rng: false,
+            memory: MemoryBacking::Anonymous,
+            hugepages: true,
+            timeout_ms: Some(20_000),
+        }
+    }
+
+    fn result(vmm: &Vmm, slot: u64) -> u64 {
+        vmm.memory()
+            .read_obj(GuestAddress(RESULTS + slot * 8))
+            .unwrap()
+    }
+
+    fn serial(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("serial.log")).unwrap()
+    }
+
+    #[test]
+    fn hello_guest_boots_in_long_mode_echoes_cmdline_and_powers_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("hello", dir.path());
+        c.vcpus = 2;
+        c.cmdline = "console=ttyS0 specc.test=1".into();
+        let mut vmm = boot(&c).unwrap();
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(
+            serial(dir.path()),
+            "hello from the test guest: console=ttyS0 specc.test=1\n"
+        );
+        assert_eq!(result(&vmm, 0), 0x5353_4543_4345_5053, "guest did not run");
+        assert_eq!(result(&vmm, 1), 0xaa55, "zero page boot_flag");
+        assert_eq!(result(&vmm, 2), 0x5372_6448, "zero page header magic");
+        assert_eq!(result(&vmm, 3), 0x8ff0, "boot stack");
+        assert_eq!(result(&vmm, 4), 3, "e820 entries");
+        let ebx = result(&vmm, 5);
+        assert_eq!((ebx >> 24) & 0xff, 0, "BSP APIC id");
+        assert_eq!((ebx >> 16) & 0xff, 2, "logical processor count");
+        assert_ne!(result(&vmm, 6) & (1 << 31), 0, "hypervisor bit");
+        assert!(vmm.first_kvm_run().is_some());
+    }
+
+    fn wait_for(vmm: &Vmm, slot: u64, value: u64) {
+        let start = Instant::now();
+        while result(vmm, slot) != value {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "guest never wrote {value:#x}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn halted_guest_pauses_saves_restores_rewritten_state_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vmm = boot(&config("halt", dir.path())).unwrap();
+        wait_for(&vmm, 0, 1);
+        vmm.pause().unwrap();
+        let states = vmm.save_vcpu_states().unwrap();
+        assert_eq!(states.len(), 1);
+        let s = &states[0];
+        assert_eq!(s.regs.r12, 0x1234_abcd);
+        assert_eq!(s.regs.rflags & (1 << 9), 0, "interrupts were disabled");
+        assert_eq!(s.sregs.efer & (1 << 10), 1 << 10, "long mode active");
+        assert_eq!(s.xsave.len(), 1024);
+        assert!(!s.msrs.is_empty() && !s.cpuid.is_empty());
+        // A second save of an unchanged paused vCPU is identical, except for the TSC, which
+        // keeps counting while the guest is paused.
+        let without_tsc = |v: &[VcpuState]| {
+            let mut v = v.to_vec();
+            v[0].msrs.retain(|m| m.index != 0x10);
+            serde_json::to_string(&v).unwrap()
+        };
+        let again = vmm.save_vcpu_states().unwrap();
+        assert!(
+            states[0].msrs.iter().any(|m| m.index == 0x10),
+            "TSC MSR saved"
+        );
+        assert_eq!(without_tsc(&states), without_tsc(&again));
+        let vm_state = vmm.save_vm_state().unwrap();
+        vmm.restore_vm_state(&vm_state).unwrap();
+
+        let mut edited = states[0].clone();
+        edited.regs.rip = result(&vmm, 1);
+        edited.mp_state.mp_state = kvm_bindings::KVM_MP_STATE_RUNNABLE;
+        vmm.restore_vcpu_states(&[edited]).unwrap();
+        let restored = vmm.save_vcpu_states().unwrap();
+        assert_eq!(restored[0].regs.rip, result(&vmm, 1));
+        vmm.resume().unwrap();
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(serial(dir.path()), "HR\n");
+    }
+
+    #[test]
+    fn pause_resume_cycles_keep_a_halted_guest_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("halt", dir.path());
+        c.timeout_ms = Some(300);
+        let mut vmm = boot(&c).unwrap();
+        wait_for(&vmm, 0, 1);
+        for _ in 0..10 {
+            vmm.pause().unwrap();
+            vmm.resume().unwrap();
+        }
+        assert!(matches!(vmm.save_vcpu_states(), Err(Error::NotPaused)));
+        assert_eq!(vmm.wait(), VmExit::Timeout);
+        assert!(matches!(vmm.pause(), Err(Error::Ended)));
+    }
+
+    #[test]
+    fn invalid_opcode_without_idt_is_a_triple_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vmm = boot(&config("crash", dir.path())).unwrap();
+        assert_eq!(vmm.wait(), VmExit::TripleFault { vcpu: 0 });
+    }
+
+    #[test]
+    fn stray_port_and_mmio_accesses_are_ignored_and_read_all_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vmm = boot(&config("stray", dir.path())).unwrap();
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(result(&vmm, 4), 0x600d, "guest did not finish");
+        assert_eq!(result(&vmm, 0), 0xff);
+        assert_eq!(result(&vmm, 1), 0xffff_ffff);
+        assert_eq!(result(&vmm, 2), 0xffff_ffff);
+        assert_eq!(result(&vmm, 3), u64::MAX);
+        assert!(vmm.devices().unhandled_accesses() >= 6);
+    }
+
+    #[test]
+    fn virtio_rng_queue_round_trip_from_a_hand_written_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("virtio_rng", dir.path());
+        c.rng = true;
+        let mut vmm = boot(&c).unwrap();
+        assert_eq!(vmm.virtio_devices().len(), 1);
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(result(&vmm, 0), 0x7472_6976, "virtio magic");
+        assert_eq!(result(&vmm, 1), 2, "virtio-mmio version");
+        assert_eq!(result(&vmm, 2), 4, "device id (entropy)");
+        assert_eq!(result(&vmm, 5) & 0x4, 0x4, "DRIVER_OK accepted");
+        assert_eq!(result(&vmm, 3), 1, "used idx");
+        assert_eq!(result(&vmm, 4), 16, "used len");
+        let mut buf = [0u8; 16];
+        vmm.memory()
+            .read_slice(&mut buf, GuestAddress(0x31_0000))
+            .unwrap();
+        assert_ne!(buf, [0u8; 16], "buffer was not filled");
+    }
+
+    #[test]
+    fn missing_or_garbage_kernels_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("hello", dir.path());
+        c.kernel = dir.path().join("nope");
+        assert!(matches!(boot(&c), Err(builder::Error::OpenKernel { .. })));
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+        c.kernel = junk;
+        let e = boot(&c).unwrap_err();
+        assert!(matches!(e, builder::Error::LoadKernel { .. }), "{e}");
+        c.kernel = guest("hello");
+        c.vcpus = 0;
+        assert!(matches!(boot(&c), Err(builder::Error::VcpuCount { .. })));
+    }
+}

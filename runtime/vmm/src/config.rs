@@ -1,0 +1,153 @@
+//! The VM description the `specc-vmm` process is started with (JSON, documented in
+//! docs/vmm.md). Trusted input: it comes from `specc`/`specd`, never from a guest.
+
+use std::path::PathBuf;
+
+use crate::vstate::memory::MemoryBacking;
+
+/// A VM to boot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Number of vCPUs (1..=254).
+    #[serde(default = "one")]
+    pub vcpus: u8,
+    /// Guest RAM in bytes (a multiple of 4096, more than 1 MiB).
+    pub mem_bytes: u64,
+    /// The kernel: an ELF vmlinux or a bzImage (or a test guest ELF).
+    pub kernel: PathBuf,
+    /// The kernel command line; virtio-mmio device parameters are appended.
+    #[serde(default)]
+    pub cmdline: String,
+    /// The guest console.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// virtio-blk disks, in order (`/dev/vda`, `/dev/vdb`, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-net device.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// Where guest RAM comes from.
+    #[serde(default = "anonymous")]
+    pub memory: MemoryBacking,
+    /// Ask for transparent huge pages on guest RAM.
+    #[serde(default = "yes")]
+    pub hugepages: bool,
+    /// Stop the VM after this many milliseconds (exit status 124).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The guest console (COM1).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Log file (created or truncated).
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Also copy the console to the VMM's stdout.
+    #[serde(default)]
+    pub stdout: bool,
+}
+
+/// A layered copy-on-write disk.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Read-only layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// The writable diff on top.
+    pub top: PathBuf,
+}
+
+/// The vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The host-side unix socket (`CONNECT <port>\n` to reach a guest port).
+    pub uds_path: PathBuf,
+}
+
+/// The network device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`; a locally administered one if absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The backend.
+    pub backend: NetBackend,
+}
+
+/// Network backends.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum NetBackend {
+    /// passt in user mode: the VMM starts `passt` and talks to it over its unix socket.
+    Passt {
+        /// Extra passt arguments (e.g. port forwards).
+        #[serde(default)]
+        args: Vec<String>,
+    },
+}
+
+fn one() -> u8 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn anonymous() -> MemoryBacking {
+    MemoryBacking::Anonymous
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_fills_defaults() {
+        let c: VmConfig =
+            serde_json::from_str(r#"{"mem_bytes": 268435456, "kernel": "/k"}"#).unwrap();
+        assert_eq!(c.vcpus, 1);
+        assert!(c.hugepages);
+        assert_eq!(c.memory, MemoryBacking::Anonymous);
+        assert!(c.disks.is_empty() && c.vsock.is_none() && !c.rng);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{
+                "vcpus": 2, "mem_bytes": 536870912, "kernel": "/k/vmlinux",
+                "cmdline": "console=ttyS0 reboot=k panic=-1",
+                "serial": {"log": "/tmp/serial.log", "stdout": true},
+                "disks": [{"layers": ["/l/base.ext4"], "top": "/l/diff"}],
+                "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
+                "net": {"backend": {"kind": "passt", "args": []}},
+                "rng": true,
+                "memory": {"kind": "file", "path": "/snap/mem"},
+                "timeout_ms": 60000
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.disks[0].layers.len(), 1);
+        assert_eq!(c.vsock.unwrap().guest_cid, 3);
+        assert!(matches!(c.memory, MemoryBacking::File { .. }));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let e = serde_json::from_str::<VmConfig>(r#"{"mem_bytes": 1, "kernel": "/k", "vpcus": 2}"#);
+        assert!(e.unwrap_err().to_string().contains("vpcus"));
+    }
+}
