@@ -1,6 +1,7 @@
 //! One module per subcommand; each exposes `Args` and `run`.
 
 pub mod check;
+pub mod common;
 pub mod fmt;
 pub mod graph;
 pub mod kernel;

@@ -1,19 +1,41 @@
-//! `specc plan`.
+//! `specc plan`: layers, cache keys, parents, cached or not.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use specc_plan::report;
+use specc_plan::store::DirStore;
+
+use super::common::{CompileArgs, Format, print_diagnostics};
+
 /// Arguments of `specc plan`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Spec files.
-    pub files: Vec<PathBuf>,
+    /// Spec file.
+    pub file: PathBuf,
+    /// Print `{"spec": NAME, "layers": [{"name","key","parents","cached"}]}`.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub compile: CompileArgs,
 }
 
-/// Runs `specc plan`.
+/// Prints the plan; exit 1 (and diagnostics) when the spec has errors.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!(
-        "specc plan is being written (issue 3); got {} file(s)",
-        args.files.len()
-    )
+    let opts = args.compile.options()?;
+    let c = specc_plan::compile(&args.file, &opts)?;
+    print_diagnostics(&c.diagnostics, &c.files, Format::Human)?;
+    let Some(spec) = c.spec else {
+        return Ok(ExitCode::from(1));
+    };
+    let store = DirStore::open_default();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report::plan_report(&spec, &store))?
+        );
+    } else {
+        print!("{}", report::render_tree(&spec, &store));
+    }
+    Ok(ExitCode::SUCCESS)
 }
