@@ -48,7 +48,6 @@ pub const AGENT_DEBIAN_PATH: &str = "/usr/local/sbin/specc-agent";
 pub const DEBIAN_INCLUDE: &[&str] = &[
     "systemd",
     "systemd-sysv",
-    "systemd-resolved",
     "iproute2",
     "procps",
     "ca-certificates",
@@ -239,6 +238,76 @@ fn sha256_file(path: &Path) -> Result<String, RootfsError> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// Block size of [`sparse_digest`].
+pub const SPARSE_DIGEST_BLOCK: u64 = 64 << 10;
+
+/// The digest of a (sparse) disk image: `sparse-sha256:<hex>` where hex is the sha256 of
+/// `size as u64 LE`, then for every 64 KiB block (the last one possibly short) that is not all
+/// zero, in order, `index as u64 LE` followed by the block's bytes.
+///
+/// It identifies the bytes exactly (omitted blocks are zero) but costs time in proportion to
+/// the data, not the disk size: holes are skipped with `SEEK_DATA`/`SEEK_HOLE` without being
+/// read, and a hole and a written block of zeros hash the same, so copying the image
+/// (densely or sparsely) keeps its digest. A 1 GiB image holding 40 MiB hashes in about
+/// 0.1 s instead of 2.6 s for a plain sha256.
+pub fn sparse_digest(path: &Path) -> Result<String, RootfsError> {
+    let mut f = File::open(path).map_err(io_err("opening", path))?;
+    let size = f.metadata().map_err(io_err("stat", path))?.len();
+    let mut h = Sha256::new();
+    h.update(size.to_le_bytes());
+    let mut buf = vec![0u8; usize::try_from(SPARSE_DIGEST_BLOCK).expect("64 KiB fits usize")];
+    let mut next_block = 0u64;
+    let blocks = size.div_ceil(SPARSE_DIGEST_BLOCK);
+    while next_block < blocks {
+        let from = next_block * SPARSE_DIGEST_BLOCK;
+        let (data, hole) = match (
+            seek_data(&f, from, libc::SEEK_DATA),
+            seek_data(&f, from, libc::SEEK_HOLE),
+        ) {
+            (Ok(Some(d)), Ok(Some(_))) => {
+                let hole = seek_data(&f, d, libc::SEEK_HOLE)
+                    .map_err(io_err("seeking", path))?
+                    .unwrap_or(size);
+                (d, hole)
+            }
+            // ENXIO: no data after `from`.
+            (Ok(None), _) => break,
+            // No SEEK_DATA support: everything is data.
+            _ => (from, size),
+        };
+        let first = (data / SPARSE_DIGEST_BLOCK).max(next_block);
+        let end = hole.div_ceil(SPARSE_DIGEST_BLOCK).min(blocks);
+        for index in first..end {
+            let off = index * SPARSE_DIGEST_BLOCK;
+            let len = usize::try_from(SPARSE_DIGEST_BLOCK.min(size - off)).expect("fits");
+            io::Seek::seek(&mut f, io::SeekFrom::Start(off)).map_err(io_err("seeking", path))?;
+            f.read_exact(&mut buf[..len])
+                .map_err(io_err("reading", path))?;
+            if buf[..len].iter().any(|&b| b != 0) {
+                h.update(index.to_le_bytes());
+                h.update(&buf[..len]);
+            }
+        }
+        next_block = end.max(first + 1);
+    }
+    Ok(format!("sparse-sha256:{}", hex::encode(h.finalize())))
+}
+
+/// `lseek` with SEEK_DATA or SEEK_HOLE; `Ok(None)` when there is no such region (ENXIO).
+fn seek_data(f: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(from).map_err(io::Error::other)?;
+    // SAFETY: lseek on a file descriptor we own; no memory is passed.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(u64::try_from(r).map_err(io::Error::other)?))
 }
 
 /// Checks that `path` is a 64-bit x86 ELF executable without a program interpreter (static).
@@ -612,7 +681,7 @@ fn build_image(
     run(Command::new("e2fsck").arg("-fn").arg(&image))?;
     remove_tree(&staging)?;
     progress("hashing the image");
-    let digest = format!("sha256:{}", sha256_file(&image)?);
+    let digest = sparse_digest(&image)?;
     fs::write(out.join("digest"), format!("{digest}\n"))
         .map_err(io_err("writing", &out.join("digest")))?;
     progress(&format!(
@@ -806,7 +875,7 @@ fn ensure_debootstrap(
     Ok(dir)
 }
 
-/// The agent as a systemd service, DHCP on ethernet links, a resolver, an identity to replace.
+/// The agent as a systemd service, DHCP on ethernet links, an identity to replace.
 fn debian_additions(root: &Path, opts: &RootfsOptions) -> Result<(), RootfsError> {
     copy_agent(root, AGENT_DEBIAN_PATH, opts)?;
     put(
@@ -824,10 +893,6 @@ fn debian_additions(root: &Path, opts: &RootfsOptions) -> Result<(), RootfsError
             "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
             "/lib/systemd/system/systemd-networkd.service",
         ),
-        (
-            "/etc/systemd/system/multi-user.target.wants/systemd-resolved.service",
-            "/lib/systemd/system/systemd-resolved.service",
-        ),
     ];
     for (link, target) in wants {
         put_symlink(root, link, target)?;
@@ -837,11 +902,6 @@ fn debian_additions(root: &Path, opts: &RootfsOptions) -> Result<(), RootfsError
         "/etc/systemd/network/80-specc-dhcp.network",
         DHCP_NETWORK.as_bytes(),
         0o644,
-    )?;
-    put_symlink(
-        root,
-        "/etc/resolv.conf",
-        "/run/systemd/resolve/stub-resolv.conf",
     )?;
     put(root, "/etc/hostname", b"specc\n", 0o644)?;
     put(root, "/etc/hosts", HOSTS.as_bytes(), 0o644)?;
@@ -923,10 +983,7 @@ mod tests {
                 .join("rootfs.ext4")
         );
         assert_eq!(fs::metadata(&img.path).unwrap().len(), DEFAULT_DISK_BYTES);
-        assert_eq!(
-            img.digest,
-            format!("sha256:{}", sha256_file(&img.path).unwrap())
-        );
+        assert_eq!(img.digest, sparse_digest(&img.path).unwrap());
         e2fsck_clean(&img.path);
 
         let root = debugfs(&img.path, "ls -l /");
@@ -1099,5 +1156,106 @@ mod tests {
             Some("http://mirror.example/debian")
         );
         assert_eq!(mirror_from_sources(&[String::new()]), None);
+    }
+
+    /// Slow the first time (debootstrap from the Debian mirror, minutes); then the tree and the
+    /// image are cached under the real `$SPECC_HOME`, so later runs only re-check the image.
+    #[test]
+    fn debian_image_has_systemd_and_the_agent_service() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "base \"debian\" runs debootstrap, which needs root: run this test as root"
+        );
+        let opts = RootfsOptions {
+            disk_bytes: DEFAULT_DISK_BYTES,
+            agent_path: agent_binary().expect("building the static agent"),
+        };
+        let base = Base::Debian {
+            suite: "bookworm".into(),
+        };
+        let img =
+            ensure_rootfs_in(&specc_home(), &base, &opts, &|m| eprintln!("rootfs: {m}")).unwrap();
+        e2fsck_clean(&img.path);
+        let init = debugfs(&img.path, "stat /sbin/init");
+        assert!(init.contains("/lib/systemd/systemd"), "{init}");
+        let agent = debugfs(&img.path, "stat /usr/local/sbin/specc-agent");
+        assert!(
+            agent.contains("Mode:  0755") && agent.contains("User:     0"),
+            "{agent}"
+        );
+        let unit = debugfs(&img.path, "cat /etc/systemd/system/specc-agent.service");
+        assert!(
+            unit.contains("ExecStart=/usr/local/sbin/specc-agent"),
+            "{unit}"
+        );
+        let wants = debugfs(
+            &img.path,
+            "stat /etc/systemd/system/multi-user.target.wants/specc-agent.service",
+        );
+        assert!(wants.contains("Type: symlink"), "{wants}");
+        let systemd = debugfs(&img.path, "stat /lib/systemd/systemd");
+        assert!(systemd.contains("Type: regular"), "{systemd}");
+        // Files keep their real owners (not everything is root in Debian).
+        let shadow = debugfs(&img.path, "stat /etc/shadow");
+        assert!(
+            shadow.contains("Group:    42"),
+            "/etc/shadow should belong to group shadow: {shadow}"
+        );
+        let mid = debugfs(&img.path, "stat /etc/machine-id");
+        assert!(mid.contains("Size: 0"), "{mid}");
+    }
+
+    #[test]
+    fn sparse_digest_ignores_hole_layout_but_not_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let sparse = dir.path().join("sparse");
+        let dense = dir.path().join("dense");
+        let size = 10 * SPARSE_DIGEST_BLOCK + 123;
+        let mut content = vec![0u8; usize::try_from(size).unwrap()];
+        content[5] = 1;
+        content[usize::try_from(7 * SPARSE_DIGEST_BLOCK + 9).unwrap()] = 2;
+        *content.last_mut().unwrap() = 3;
+        fs::write(&dense, &content).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = File::create(&sparse).unwrap();
+            f.set_len(size).unwrap();
+            for (i, b) in content.iter().enumerate() {
+                if *b != 0 {
+                    f.write_at(&[*b], i as u64).unwrap();
+                }
+            }
+        }
+        let d = sparse_digest(&dense).unwrap();
+        assert!(d.starts_with("sparse-sha256:"));
+        assert_eq!(d, sparse_digest(&sparse).unwrap());
+        // Same bytes, different size: different digest. One changed byte: different digest.
+        fs::write(
+            dir.path().join("longer"),
+            [content.as_slice(), &[0]].concat(),
+        )
+        .unwrap();
+        assert_ne!(d, sparse_digest(&dir.path().join("longer")).unwrap());
+        content[usize::try_from(3 * SPARSE_DIGEST_BLOCK).unwrap()] = 9;
+        fs::write(&dense, &content).unwrap();
+        assert_ne!(d, sparse_digest(&dense).unwrap());
+        // The definition, recomputed naively.
+        let mut h = Sha256::new();
+        h.update(size.to_le_bytes());
+        for (i, block) in content
+            .chunks(usize::try_from(SPARSE_DIGEST_BLOCK).unwrap())
+            .enumerate()
+        {
+            if block.iter().any(|&b| b != 0) {
+                h.update((i as u64).to_le_bytes());
+                h.update(block);
+            }
+        }
+        assert_eq!(
+            sparse_digest(&dense).unwrap(),
+            format!("sparse-sha256:{}", hex::encode(h.finalize()))
+        );
     }
 }
