@@ -389,7 +389,7 @@ mod tests {
         cache.put(
             file.clone(),
             Stamp::of(&meta),
-            d[&file].clone().expect("ok"),
+            hash_contents(&file).expect("read"),
             now_ns() + 10 * RACY_NS,
         );
         let d2 = hash_sources(&srcs, &mut cache);

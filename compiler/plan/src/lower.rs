@@ -1709,7 +1709,7 @@ impl<'o> Lowerer<'o> {
                 usage: "run \"apt-get install -y git\"",
             },
         );
-        let cmd = self.arg_text(it, 0, "the command")?;
+        let cmd = self.arg_text(it, 0, "the command");
         let mut used = Vec::new();
         for (name, at) in self.name_list(it, "secrets") {
             if secrets.contains(&name) {
@@ -1732,7 +1732,7 @@ impl<'o> Lowerer<'o> {
             }
         }
         Some(StepKind::Run {
-            cmd,
+            cmd: cmd?,
             env: BTreeMap::new(),
             workdir: String::new(),
             user: String::new(),
@@ -2234,21 +2234,29 @@ impl<'o> Lowerer<'o> {
             if let Some(&first) = by_name.get(d.name.as_str()) {
                 ok = false;
                 let f = &drafts[first];
-                let code = if d.origin == LayerOrigin::Declared {
-                    Code::DuplicateLayer
-                } else {
-                    Code::DuplicateName
+                let (code, msg) = match &d.origin {
+                    LayerOrigin::Service(n) => (
+                        Code::DuplicateName,
+                        format!("service `{n}` is declared twice"),
+                    ),
+                    LayerOrigin::Use(n) => (
+                        Code::DuplicateName,
+                        format!("integration `{n}` is used twice at the top level"),
+                    ),
+                    LayerOrigin::Repo(p) => (
+                        Code::DuplicateName,
+                        format!("two repos are cloned to `{p}`"),
+                    ),
+                    _ => (
+                        Code::DuplicateLayer,
+                        format!("layer `{}` is defined twice", d.name),
+                    ),
                 };
                 self.report(
-                    Diagnostic::error(
-                        code,
-                        d.name_at.file,
-                        d.name_at.span,
-                        format!("layer `{}` is defined twice", d.name),
-                    )
-                    .with_label("again here")
-                    .with_secondary(f.name_at.file, f.name_at.span, "first defined here")
-                    .with_help("layer names are unique in a spec; rename one"),
+                    Diagnostic::error(code, d.name_at.file, d.name_at.span, msg)
+                        .with_label("again here")
+                        .with_secondary(f.name_at.file, f.name_at.span, "first defined here")
+                        .with_help("names are unique in a spec; rename one"),
                 );
                 continue;
             }

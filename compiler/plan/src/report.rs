@@ -146,7 +146,7 @@ pub fn render_dot(spec: &Spec) -> String {
         };
         let _ = writeln!(
             out,
-            "    {} [label=\"{}\n{}\"{style}];",
+            "    {} [label=\"{}\\n{}\"{style}];",
             dot_id(&l.name),
             escape(&l.name),
             &l.key.to_hex()[..12]

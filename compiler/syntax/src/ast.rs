@@ -163,8 +163,7 @@ pub(crate) fn parse(file: FileId, text: &str) -> (Option<Document>, Vec<Diagnost
                 .diagnostics
                 .iter()
                 .map(|d| {
-                    let span = Span::from(d.span);
-                    let span = clamp(text, span);
+                    let span = narrow(text, clamp(text, Span::from(d.span)));
                     let message = d
                         .message
                         .clone()
@@ -197,6 +196,20 @@ pub(crate) fn parse(file: FileId, text: &str) -> (Option<Document>, Vec<Diagnost
                 .with_help("this is a bug in the KDL parser; please report the file"),
             ],
         ),
+    }
+}
+
+/// The KDL parser reports some errors ("Expected property value") on the whole enclosing
+/// node, from its first line to where it gave up. The place to fix is where it gave up: the
+/// end. Multi-line spans are narrowed to their last non-blank character.
+fn narrow(text: &str, span: Span) -> Span {
+    let body = text[span.start..span.end].trim_end();
+    if !body.contains('\n') {
+        return span;
+    }
+    match body.char_indices().last() {
+        Some((i, c)) => Span::new(span.start + i, span.start + i + c.len_utf8()),
+        None => span,
     }
 }
 
@@ -331,6 +344,18 @@ mod tests {
         let v = &doc.nodes[0].entries[0].value;
         assert_eq!(v.content_start, None);
         assert_eq!(v.content_span(0, 1), v.span);
+    }
+
+    #[test]
+    fn syntax_errors_point_where_the_parser_gave_up() {
+        let text = "spec \"a\" {\n    vm memory=\n}\n";
+        let (_, diags) = parse(FileId(0), text);
+        let d = &diags[0];
+        assert_eq!(
+            &text[d.primary.span.start..d.primary.span.end],
+            "=",
+            "{diags:?}"
+        );
     }
 
     #[test]
