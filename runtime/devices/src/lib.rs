@@ -11,6 +11,8 @@
 
 pub mod bus;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod persist;
 pub mod virtio;
 

@@ -11,6 +11,8 @@ pub(crate) mod test_utils;
 pub mod vsock;
 pub(crate) mod worker;
 
+pub use worker::worker_panics;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
