@@ -24,8 +24,8 @@ fn format_doc(mut doc: KdlDocument) -> String {
     // kdl's autoformat replaces a node terminator that is a line comment (`vm x=1 // why`)
     // with a bare newline, losing the comment: save those terminators and put them back.
     let mut saved = Vec::new();
-    for node in doc.nodes_mut() {
-        save_comment_terminators(node, &mut saved);
+    for (i, node) in doc.nodes_mut().iter_mut().enumerate() {
+        save_comment_terminators(node, i == 0, &mut saved);
     }
     doc.autoformat_config(&config);
     let mut saved = saved.into_iter();
@@ -46,22 +46,44 @@ fn format_doc(mut doc: KdlDocument) -> String {
     out
 }
 
-fn save_comment_terminators(node: &mut KdlNode, saved: &mut Vec<Option<String>>) {
-    let term = node
-        .format()
+/// What kdl's autoformat loses and we put back, per node in tree order.
+struct Kept {
+    /// A line comment that ends the node (`vm x=1 // why`).
+    comment: Option<String>,
+    /// Whether a blank line separated the node from the one before it.
+    blank_before: bool,
+}
+
+fn save_comment_terminators(node: &mut KdlNode, first: bool, saved: &mut Vec<Kept>) {
+    let f = node.format();
+    let comment = f
         .map(|f| f.terminator.trim_start())
-        .filter(|t| t.starts_with("//"));
-    saved.push(term.map(|t| format!(" {}", t.trim_end())));
+        .filter(|t| t.starts_with("//"))
+        .map(|t| format!(" {}", t.trim_end()));
+    let leading = f.map(|f| f.leading.as_str()).unwrap_or("");
+    let ws_end = leading
+        .find(|c: char| !c.is_whitespace())
+        .unwrap_or(leading.len());
+    let blank_before = !first && leading[..ws_end].contains('\n');
+    saved.push(Kept {
+        comment,
+        blank_before,
+    });
     if let Some(children) = node.children_mut() {
-        for child in children.nodes_mut() {
-            save_comment_terminators(child, saved);
+        for (i, child) in children.nodes_mut().iter_mut().enumerate() {
+            save_comment_terminators(child, i == 0, saved);
         }
     }
 }
 
-fn normalize_entries(node: &mut KdlNode, saved: &mut impl Iterator<Item = Option<String>>) {
-    if let (Some(Some(comment)), Some(f)) = (saved.next(), node.format_mut()) {
-        f.terminator = format!("{comment}\n");
+fn normalize_entries(node: &mut KdlNode, saved: &mut impl Iterator<Item = Kept>) {
+    if let (Some(kept), Some(f)) = (saved.next(), node.format_mut()) {
+        if let Some(comment) = kept.comment {
+            f.terminator = format!("{comment}\n");
+        }
+        if kept.blank_before {
+            f.leading.insert(0, '\n');
+        }
     }
     for entry in node.entries_mut() {
         if let Some(f) = entry.format_mut() {
@@ -84,12 +106,13 @@ mod tests {
 
     #[test]
     fn format_normalizes_spacing_and_keeps_comments_and_quotes() {
-        let text = "// top\nspec   \"a\"   {\n  vm   memory=\"1GiB\"    vcpus=2 // two\n        run \"echo \\\"hi\\\"\"\n}\n\n\n";
+        let text = "// top\nspec   \"a\"   {\n  vm   memory=\"1GiB\"    vcpus=2 // two\n\n\n        run \"echo \\\"hi\\\"\"\n}\n\n\n";
         let out = format(FileId(0), text).expect("valid");
         expect_test::expect![[r#"
             // top
             spec "a" {
                 vm memory="1GiB" vcpus=2 // two
+
                 run "echo \"hi\""
             }
         "#]]
