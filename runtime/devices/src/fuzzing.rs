@@ -54,7 +54,14 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new() -> Scratch {
         static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
+        // tmpfs when there is one: creating a diff syncs it, which costs real I/O on a disk.
+        let shm = std::path::Path::new("/dev/shm");
+        let root = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let p = root.join(format!(
             "specc-devices-fuzz-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)

@@ -212,6 +212,15 @@ impl MmioTransport {
         }
     }
 
+    /// In the child of a `fork(2)` of the VMM process: give up this transport without running
+    /// any destructor. Its device's backends belong to the parent (dropping them would delete
+    /// the parent's vsock socket file, kill the parent's passt, or join worker threads that do
+    /// not exist in the child). Pause the device before forking; the child builds new devices
+    /// with `Persist::restore`. The inherited descriptors stay open in the child.
+    pub fn forget_after_fork(self) {
+        std::mem::forget(self);
+    }
+
     fn offered_features(&self) -> u64 {
         self.device.avail_features() | (1u64 << features::VIRTIO_F_VERSION_1)
     }
