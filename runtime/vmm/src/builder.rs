@@ -181,7 +181,7 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let v = Vcpu::new(id, &vm.fd, msr_list.clone())?;
-        v.configure(&kvm.supported_cpuid, config.vcpus, kernel.entry)?;
+        v.configure(&kvm.supported_cpuid, config.vcpus, kernel.entry, kvm.flavor)?;
         vcpus.push(v);
     }
     let devices = Arc::new(devices);

@@ -63,8 +63,14 @@ pub struct SerialConfig {
 pub struct DiskConfig {
     /// Read-only layers, bottom first.
     pub layers: Vec<PathBuf>,
-    /// The writable diff on top.
+    /// The writable diff on top (created empty if missing).
     pub top: PathBuf,
+    /// Offer the disk read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk's serial as the guest sees it (`/sys/block/vdX/serial`), at most 20 bytes.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// The vsock device.
@@ -81,11 +87,39 @@ pub struct VsockConfig {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`; a locally administered one if absent.
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`; [`DEFAULT_MAC`] if absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// MTU offered to the guest (default 1500).
+    #[serde(default)]
+    pub mtu: Option<u16>,
     /// The backend.
     pub backend: NetBackend,
+}
+
+/// The MAC a guest gets when the config names none (locally administered, unicast).
+pub const DEFAULT_MAC: [u8; 6] = [0x02, 0x5c, 0x00, 0x00, 0x00, 0x01];
+
+/// Why a MAC address string is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")]
+pub struct MacError(String);
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], MacError> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .ok_or_else(|| MacError(s.into()))?;
+        *b = u8::from_str_radix(p, 16).map_err(|_| MacError(s.into()))?;
+    }
+    if parts.next().is_some() {
+        return Err(MacError(s.into()));
+    }
+    Ok(out)
 }
 
 /// Network backends.
@@ -94,9 +128,20 @@ pub struct NetConfig {
 pub enum NetBackend {
     /// passt in user mode: the VMM starts `passt` and talks to it over its unix socket.
     Passt {
-        /// Extra passt arguments (e.g. port forwards).
+        /// The passt binary (default: `passt` on PATH).
+        #[serde(default)]
+        binary: Option<PathBuf>,
+        /// passt's log file.
+        #[serde(default)]
+        log: Option<PathBuf>,
+        /// Extra passt arguments (e.g. port forwards `-t 8080`).
         #[serde(default)]
         args: Vec<String>,
+    },
+    /// An existing tap interface (needs CAP_NET_ADMIN or a persistent tap owned by the user).
+    Tap {
+        /// Interface name.
+        name: String,
     },
 }
 
@@ -143,6 +188,23 @@ mod tests {
         assert_eq!(c.disks[0].layers.len(), 1);
         assert_eq!(c.vsock.unwrap().guest_cid, 3);
         assert!(matches!(c.memory, MemoryBacking::File { .. }));
+    }
+
+    #[test]
+    fn mac_addresses_parse_strictly() {
+        assert_eq!(
+            parse_mac("02:5c:00:ab:cd:ef").unwrap(),
+            [2, 0x5c, 0, 0xab, 0xcd, 0xef]
+        );
+        for bad in [
+            "",
+            "02:5c:00:ab:cd",
+            "02:5c:00:ab:cd:ef:00",
+            "2:5c:00:ab:cd:ef",
+            "zz:5c:00:ab:cd:ef",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -73,6 +73,22 @@ pub struct InternalErrorReport {
     pub insn: Vec<u8>,
 }
 
+impl InternalErrorReport {
+    /// The instruction bytes KVM itself reports with an emulation failure (suberror 1 with
+    /// `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`): `data[1..3]` hold one size byte
+    /// and up to 15 instruction bytes.
+    pub fn kvm_insn_bytes(&self) -> Option<Vec<u8>> {
+        if self.suberror != 1 || self.data.len() < 3 || self.data[0] & 1 == 0 {
+            return None;
+        }
+        let mut raw = Vec::with_capacity(16);
+        raw.extend_from_slice(&self.data[1].to_le_bytes());
+        raw.extend_from_slice(&self.data[2].to_le_bytes());
+        let size = usize::from(raw[0]).min(15);
+        Some(raw[1..=size].to_vec())
+    }
+}
+
 impl std::fmt::Display for InternalErrorReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let sub = match self.suberror {
@@ -105,9 +121,72 @@ impl std::fmt::Display for InternalErrorReport {
         for b in &self.insn {
             write!(f, " {b:02x}")?;
         }
+        if let Some(k) = self.kvm_insn_bytes() {
+            write!(f, "; KVM's instruction bytes:")?;
+            for b in k {
+                write!(f, " {b:02x}")?;
+            }
+        }
         Ok(())
     }
 }
 
 /// Where vCPU threads and devices report that the VM ended.
 pub type ExitSender = Sender<VmExit>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(data: Vec<u64>) -> InternalErrorReport {
+        InternalErrorReport {
+            vcpu: 0,
+            suberror: 1,
+            data,
+            rip: 0xffff_ffff_8119_36e4,
+            cr0: 0,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            rip_phys: None,
+            insn: vec![0xf0, 0x48],
+        }
+    }
+
+    #[test]
+    fn kvm_instruction_bytes_are_decoded_from_emulation_failure_data() {
+        // What PVM reported for `lock cmpxchg16b 0x20(%rbp)` in ___slab_alloc.
+        let r = report(vec![
+            1,
+            0x0f20_4dc7_0f48_f00f,
+            0xc789_4d00_0001_6f84,
+            0x1000,
+        ]);
+        let k = r.kvm_insn_bytes().unwrap();
+        assert_eq!(&k[..6], &[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20]);
+        assert_eq!(k.len(), 15);
+        assert!(
+            r.to_string()
+                .contains("KVM's instruction bytes: f0 48 0f c7 4d 20")
+        );
+    }
+
+    #[test]
+    fn short_or_flagless_data_has_no_kvm_bytes() {
+        assert!(report(vec![0, 5, 0]).kvm_insn_bytes().is_none());
+        assert!(report(vec![1]).kvm_insn_bytes().is_none());
+        assert!(
+            report(vec![1, u64::MAX, u64::MAX])
+                .kvm_insn_bytes()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn exit_codes_are_distinct_per_kind() {
+        assert_eq!(VmExit::PowerOff.exit_code(), 0);
+        assert_eq!(VmExit::TripleFault { vcpu: 0 }.exit_code(), 2);
+        assert_eq!(VmExit::InternalError(report(vec![])).exit_code(), 3);
+        assert_eq!(VmExit::Timeout.exit_code(), 124);
+    }
+}

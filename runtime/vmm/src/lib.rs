@@ -492,6 +492,46 @@ mod tests {
     }
 
     #[test]
+    fn every_virtio_device_is_placed_and_announced_on_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let mut c = config("hello", dir.path());
+        c.cmdline = "console=ttyS0".into();
+        c.disks = vec![crate::config::DiskConfig {
+            layers: vec![base],
+            top: dir.path().join("top.diff"),
+            read_only: false,
+            id: Some("root".into()),
+        }];
+        c.vsock = Some(crate::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("v.sock"),
+        });
+        c.net = Some(crate::config::NetConfig {
+            mac: None,
+            mtu: None,
+            backend: crate::config::NetBackend::Passt {
+                binary: None,
+                log: None,
+                args: vec![],
+            },
+        });
+        c.rng = true;
+        let mut vmm = boot(&c).unwrap();
+        let kinds: Vec<_> = vmm.virtio_devices().iter().map(|d| d.kind).collect();
+        assert_eq!(kinds, ["blk", "net", "vsock", "rng"]);
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(
+            serial(dir.path()),
+            "hello from the test guest: console=ttyS0 \
+             virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7 virtio_mmio.device=4K@0xd0003000:8\n"
+        );
+        assert!(dir.path().join("v.sock").exists(), "vsock host socket");
+    }
+
+    #[test]
     fn missing_or_garbage_kernels_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("hello", dir.path());

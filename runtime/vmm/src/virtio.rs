@@ -8,7 +8,7 @@ use specc_devices::virtio::VirtioDevice;
 use specc_devices::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::config::{DEFAULT_MAC, NetBackend, VmConfig, parse_mac};
 use crate::device_manager::{self, DeviceManager, MmioSlot};
 use crate::vstate::vm::{self, Vm};
 
@@ -30,9 +30,12 @@ pub enum Error {
         &'static str,
         #[source] specc_devices::virtio::mmio::MmioError,
     ),
-    /// A configured device kind is not available in this build.
-    #[error("virtio-{0} is not available in this build of specc-devices")]
-    NotAvailable(&'static str),
+    /// The device (or its backend) could not be created.
+    #[error("creating virtio-{0}")]
+    Device(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
 }
 
 /// A device's interrupt: an eventfd registered as irqfd on the device's GSI.
@@ -78,29 +81,59 @@ pub fn add_device(
 }
 
 /// Attaches every virtio device `config` asks for, in a fixed order (disks, net, vsock, rng)
-/// so device names in the guest are stable.
+/// so device names in the guest are stable (`/dev/vda` is the first disk).
 pub fn attach(
     config: &VmConfig,
     vm: &Vm,
     devices: &mut DeviceManager,
 ) -> Result<Vec<Attached>, Error> {
+    use specc_devices::virtio::{block, net, rng, vsock};
     let mut out = Vec::new();
-    if !config.disks.is_empty() {
-        return Err(Error::NotAvailable("blk"));
+    for d in &config.disks {
+        let cfg = block::BlockConfig {
+            layers: d.layers.clone(),
+            top: d.top.clone(),
+            read_only: d.read_only,
+            id: d.id.clone().unwrap_or_default(),
+        };
+        let dev = block::Block::new(cfg).map_err(|e| Error::Device("blk", Box::new(e)))?;
+        out.push(add_device(vm, devices, "blk", Box::new(dev))?);
     }
-    if config.net.is_some() {
-        return Err(Error::NotAvailable("net"));
+    if let Some(n) = &config.net {
+        let mac = match &n.mac {
+            Some(m) => parse_mac(m).map_err(|e| Error::Device("net", Box::new(e)))?,
+            None => DEFAULT_MAC,
+        };
+        let backend = match &n.backend {
+            NetBackend::Passt { binary, log, args } => {
+                let mut p = net::PasstConfig::default();
+                if let Some(b) = binary {
+                    p.binary = b.clone();
+                }
+                p.log_file = log.clone();
+                p.extra_args = args.clone();
+                net::NetBackend::Passt(p)
+            }
+            NetBackend::Tap { name } => net::NetBackend::Tap(name.clone()),
+        };
+        let cfg = net::NetConfig {
+            mac,
+            mtu: n.mtu.unwrap_or(1500),
+            backend,
+        };
+        let dev = net::Net::new(cfg).map_err(|e| Error::Device("net", Box::new(e)))?;
+        out.push(add_device(vm, devices, "net", Box::new(dev))?);
     }
-    if config.vsock.is_some() {
-        return Err(Error::NotAvailable("vsock"));
+    if let Some(v) = &config.vsock {
+        let cfg = vsock::VsockConfig {
+            guest_cid: v.guest_cid,
+            uds_path: v.uds_path.clone(),
+        };
+        let dev = vsock::Vsock::new(cfg).map_err(|e| Error::Device("vsock", Box::new(e)))?;
+        out.push(add_device(vm, devices, "vsock", Box::new(dev))?);
     }
     if config.rng {
-        out.push(add_device(
-            vm,
-            devices,
-            "rng",
-            Box::new(specc_devices::virtio::rng::Rng::new()),
-        )?);
+        out.push(add_device(vm, devices, "rng", Box::new(rng::Rng::new()))?);
     }
     Ok(out)
 }

@@ -27,6 +27,7 @@ use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitSender, InternalErrorReport, VmExit};
 use crate::probe;
+use crate::vstate::kvm::KvmFlavor;
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -220,9 +221,13 @@ impl Vcpu {
         supported_cpuid: &CpuId,
         num_cpus: u8,
         entry: u64,
+        flavor: KvmFlavor,
     ) -> Result<(), Error> {
         let mut entries = supported_cpuid.as_slice().to_vec();
         cpuid::filter(&mut entries, self.id, num_cpus);
+        if flavor == KvmFlavor::Pvm {
+            cpuid::hide_unemulated(&mut entries);
+        }
         let cpuid = CpuId::from_entries(&entries).map_err(Error::Fam)?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
         msr::setup_boot_msrs(&self.fd, &self.msr_index_list)?;
