@@ -79,6 +79,52 @@ mod tests {
     }
 
     #[test]
+    fn oversized_chain_fails_the_device() {
+        let mut d = TestDriver::new(Box::new(Rng::new()));
+        d.init(16);
+        let a = d.alloc(2 << 20);
+        d.add_chain(0, &[(a, 1 << 20, true), (a + (1 << 20), 1 << 20, true)]);
+        d.notify(0);
+        d.wait_needs_reset();
+    }
+
+    #[test]
+    fn indirect_table_outside_guest_memory_fails_the_device() {
+        const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+        let mut d = TestDriver::new(Box::new(Rng::new()));
+        d.init(16);
+        d.add_raw(0, &[(1 << 40, 64, VIRTQ_DESC_F_INDIRECT, 0)]);
+        d.notify(0);
+        d.wait_needs_reset();
+    }
+
+    #[test]
+    fn valid_indirect_table_is_served() {
+        const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+        let mut d = TestDriver::new(Box::new(Rng::new()));
+        d.init(16);
+        let buf = d.alloc(32);
+        // An indirect table of two writable descriptors.
+        let mut table = Vec::new();
+        for (addr, next, flags) in [
+            (buf, 1u16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT),
+            (buf + 16, 0, VIRTQ_DESC_F_WRITE),
+        ]
+        .into_iter()
+        {
+            table.extend_from_slice(&addr.to_le_bytes());
+            table.extend_from_slice(&16u32.to_le_bytes());
+            table.extend_from_slice(&flags.to_le_bytes());
+            table.extend_from_slice(&next.to_le_bytes());
+        }
+        let t = d.alloc_with(&table);
+        let head = d.add_raw(0, &[(t, 32, VIRTQ_DESC_F_INDIRECT, 0)]);
+        d.notify(0);
+        assert_eq!(d.wait_used(0), (head, 32));
+        assert_ne!(d.read_mem(buf, 32), vec![0; 32]);
+    }
+
+    #[test]
     fn readable_after_writable_fails_the_device() {
         let mut d = TestDriver::new(Box::new(Rng::new()));
         d.init(16);

@@ -437,8 +437,12 @@ impl VsockHandler {
             let mut pkt = match kind {
                 RxKind::Backlog => self.backlog.pop_front().unwrap_or_else(unreachable_packet),
                 RxKind::Data(key) => {
-                    let conn = self.conns.get_mut(&key);
-                    let Some(conn) = conn else { continue };
+                    let Some(conn) = self.conns.get_mut(&key) else {
+                        // Cannot happen (nothing ran since next_rx); never keep a guest buffer:
+                        // a zero-length completion is dropped by the driver.
+                        complete(&mut self.queues[RX], &self.mem, chain.head, 0, &self.irq)?;
+                        continue;
+                    };
                     let n = conn.next_payload_len(space);
                     let data: Vec<u8> = conn.to_guest.drain(..n).collect();
                     conn.sent_to_guest(u32::try_from(n).unwrap_or(u32::MAX));
