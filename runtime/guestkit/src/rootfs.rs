@@ -53,6 +53,25 @@ pub const DEBIAN_INCLUDE: &[&str] = &[
     "ca-certificates",
 ];
 
+/// Installed with apt-get in the debootstrap chroot after debootstrap: systemd-resolved fails
+/// to configure inside debootstrap's own base configuration (it needs dbus set up first),
+/// and it is what turns the DNS servers of the DHCP lease into `/etc/resolv.conf`.
+pub const DEBIAN_SECOND_STAGE: &[&str] = &["systemd-resolved"];
+
+/// Units masked in debian images: timers and gettys that only cost boot time and wake idle
+/// sandboxes (and so spoil memory snapshots) without doing anything useful in a microVM.
+pub const DEBIAN_MASKED_UNITS: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "getty-static.service",
+    "getty@tty1.service",
+    "systemd-timesyncd.service",
+];
+
 const AGENT_UNIT: &str = include_str!("../../agent/specc-agent.service");
 const PASSWD: &str = include_str!("../rootfs/minimal/passwd");
 const GROUP: &str = include_str!("../rootfs/minimal/group");
@@ -483,7 +502,8 @@ fn valid_suite(s: &str) -> bool {
 /// The inputs of the debootstrap tree of `suite`.
 fn debootstrap_inputs(suite: &str) -> Result<Vec<(String, String)>, RootfsError> {
     Ok(vec![
-        ("tree".into(), "debootstrap minbase 1".into()),
+        ("tree".into(), "debootstrap minbase 2".into()),
+        ("then".into(), DEBIAN_SECOND_STAGE.join(",")),
         ("suite".into(), suite.into()),
         ("mirror".into(), debian_mirror()),
         ("include".into(), DEBIAN_INCLUDE.join(",")),
@@ -529,6 +549,7 @@ pub fn key_inputs(base: &Base, opts: &RootfsOptions) -> Result<Vec<(String, Stri
             ));
             inputs.push(("unit".into(), AGENT_UNIT.into()));
             inputs.push(("network".into(), DHCP_NETWORK.into()));
+            inputs.push(("masked".into(), DEBIAN_MASKED_UNITS.join(",")));
         }
     }
     Ok(inputs)
@@ -842,7 +863,11 @@ fn ensure_debootstrap(
     }
     let tmp = root.join(format!(".tmp-{key}-{}", std::process::id()));
     remove_tree(&tmp)?;
-    let mirror = &inputs[2].1;
+    let mirror = inputs
+        .iter()
+        .find(|(k, _)| k == "mirror")
+        .map(|(_, v)| v.clone())
+        .expect("debootstrap_inputs has a mirror");
     progress(&format!(
         "debootstrap --variant=minbase {suite} from {mirror} (takes minutes, cached after)"
     ));
@@ -853,8 +878,33 @@ fn ensure_debootstrap(
         .arg("--components=main")
         .arg(suite)
         .arg(&tmp)
-        .arg(mirror));
+        .arg(&mirror));
     if let Err(e) = result {
+        let _ = remove_tree(&tmp);
+        return Err(e);
+    }
+    progress(&format!(
+        "apt-get install {}",
+        DEBIAN_SECOND_STAGE.join(" ")
+    ));
+    let second = run(Command::new("chroot")
+        .arg(&tmp)
+        .args([
+            "/usr/bin/apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+        ])
+        .args(DEBIAN_SECOND_STAGE)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    .and_then(|_| {
+        run(Command::new("chroot")
+            .arg(&tmp)
+            .args(["/usr/bin/apt-get", "clean"]))
+    });
+    if let Err(e) = second {
         let _ = remove_tree(&tmp);
         return Err(e);
     }
@@ -903,6 +953,9 @@ fn debian_additions(root: &Path, opts: &RootfsOptions) -> Result<(), RootfsError
         DHCP_NETWORK.as_bytes(),
         0o644,
     )?;
+    for unit in DEBIAN_MASKED_UNITS {
+        put_symlink(root, &format!("/etc/systemd/system/{unit}"), "/dev/null")?;
+    }
     put(root, "/etc/hostname", b"specc\n", 0o644)?;
     put(root, "/etc/hosts", HOSTS.as_bytes(), 0o644)?;
     // Empty: systemd makes a transient id at boot; `Restored` writes a fresh one per clone.
@@ -1203,6 +1256,12 @@ mod tests {
             shadow.contains("Group:    42"),
             "/etc/shadow should belong to group shadow: {shadow}"
         );
+        let resolv = debugfs(&img.path, "stat /etc/resolv.conf");
+        assert!(resolv.contains("stub-resolv.conf"), "{resolv}");
+        let resolved = debugfs(&img.path, "stat /lib/systemd/systemd-resolved");
+        assert!(resolved.contains("Type: regular"), "{resolved}");
+        let masked = debugfs(&img.path, "stat /etc/systemd/system/apt-daily.timer");
+        assert!(masked.contains("\"/dev/null\""), "{masked}");
         let mid = debugfs(&img.path, "stat /etc/machine-id");
         assert!(mid.contains("Size: 0"), "{mid}");
     }
