@@ -1,9 +1,10 @@
-//! A hostile driver's guest memory (rings, descriptor chains, buffers) for virtio-vsock.
+//! A hostile driver's guest memory for virtio-vsock (rings, descriptor chains, buffers), as
+//! corruptions of a well-behaved driver's memory.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use specc_devices::fuzzing::{Target, queues};
+use specc_devices::fuzzing::{Target, queues_over_seed};
 
 fuzz_target!(|data: &[u8]| {
-    queues(Target::Vsock, data);
+    queues_over_seed(Target::Vsock, data);
 });
