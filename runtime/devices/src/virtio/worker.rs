@@ -27,8 +27,12 @@ pub fn worker_panics() -> usize {
 
 /// The device side of a worker loop.
 pub(crate) trait EventHandler: Send + 'static {
-    /// Register every fd the handler currently waits on (called at the start of each loop).
+    /// Register every fd the handler currently waits on (called by the thread starting the
+    /// loop, so errors reach it).
     fn register(&mut self, epoll: &Epoll) -> io::Result<()>;
+    /// First thing on the worker thread: process work that arrived while no loop ran
+    /// (activation, resume), so that it never runs on the caller's (a vCPU's) thread.
+    fn kick(&mut self, epoll: &Epoll);
     /// One ready event. `token` is what the handler registered the fd with.
     fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet);
     /// The live queue states, for snapshots.
@@ -144,6 +148,7 @@ impl Drop for Worker {
 }
 
 fn run<H: EventHandler>(epoll: &Epoll, handler: &Mutex<H>) {
+    lock(handler).kick(epoll);
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {

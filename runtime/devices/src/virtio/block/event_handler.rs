@@ -194,8 +194,11 @@ impl BlockHandler {
 impl EventHandler for BlockHandler {
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         epoll_add(epoll, self.evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
-        self.handle(epoll, QUEUE_TOKEN, EventSet::IN);
         Ok(())
+    }
+
+    fn kick(&mut self, epoll: &Epoll) {
+        self.handle(epoll, QUEUE_TOKEN, EventSet::IN);
     }
 
     fn handle(&mut self, _epoll: &Epoll, token: u64, _events: EventSet) {

@@ -154,8 +154,11 @@ impl EventHandler for NetHandler {
         self.interest = EventSet::IN;
         epoll_add(epoll, fd, self.interest, BACKEND_TOKEN)?;
         self.registered = true;
-        self.handle(epoll, TX_TOKEN, EventSet::IN);
         Ok(())
+    }
+
+    fn kick(&mut self, epoll: &Epoll) {
+        self.handle(epoll, TX_TOKEN, EventSet::IN);
     }
 
     fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) {

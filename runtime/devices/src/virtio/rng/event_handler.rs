@@ -88,8 +88,11 @@ impl EventHandler for RngHandler {
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         epoll_add(epoll, self.evt.as_raw_fd(), EventSet::IN, QUEUE_TOKEN)?;
         // Buffers may have been posted while no loop ran (activation, resume).
-        self.handle(epoll, QUEUE_TOKEN, EventSet::IN);
         Ok(())
+    }
+
+    fn kick(&mut self, epoll: &Epoll) {
+        self.handle(epoll, QUEUE_TOKEN, EventSet::IN);
     }
 
     fn handle(&mut self, _epoll: &Epoll, token: u64, _events: EventSet) {

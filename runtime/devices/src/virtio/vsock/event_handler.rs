@@ -575,10 +575,12 @@ impl EventHandler for VsockHandler {
                 epoll_add(epoll, c.stream.as_raw_fd(), c.interest, c.token)?;
             }
         }
-        // Work that arrived while no loop ran (activation, resume).
+        Ok(())
+    }
+
+    fn kick(&mut self, epoll: &Epoll) {
         self.handle(epoll, TX_TOKEN, EventSet::IN);
         self.handle(epoll, EVQ_TOKEN, EventSet::IN);
-        Ok(())
     }
 
     fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) {
