@@ -136,6 +136,11 @@ pub fn serve(conn: File, ctx: &Ctx) -> io::Result<()> {
                     s.stdin_eof();
                 }
             }
+            Request::Resize(size) => {
+                if let Some(s) = &exec {
+                    s.resize(size);
+                }
+            }
             Request::Kill { signal } => {
                 if let Some(s) = &exec {
                     s.kill(signal);
@@ -248,6 +253,7 @@ fn handle(
         | Request::WriteAbort
         | Request::Stdin { .. }
         | Request::StdinEof
+        | Request::Resize(_)
         | Request::Kill { .. } => unreachable!("routed by serve"),
     }
 }

@@ -19,7 +19,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use specc_protocol::{ErrorInfo, ErrorKind, ExecRequest, ExitStatus, MAX_CHUNK, Response};
+use specc_protocol::{ErrorInfo, ErrorKind, ExecRequest, ExitStatus, MAX_CHUNK, PtySize, Response};
 
 use crate::conn::Outbox;
 use crate::log::log;
@@ -201,8 +201,11 @@ struct Child {
     waiter: Arc<Waiter>,
     notify_r: OwnedFd,
     stdout: OwnedFd,
-    stderr: OwnedFd,
+    /// None on a pty, where stderr is the terminal too.
+    stderr: Option<OwnedFd>,
     stdin: Option<OwnedFd>,
+    /// The pty master, for resizing.
+    pty: Option<OwnedFd>,
 }
 
 /// Everything the child needs, prepared before `fork` because the child of a multithreaded
@@ -213,9 +216,10 @@ struct Prepared {
     envp: Vec<CString>,
     cwd: CString,
     switch_user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    pty: Option<PtySize>,
 }
 
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 8] = [
     "setsid",
     "dup2",
     "setgroups",
@@ -223,6 +227,7 @@ const STAGES: [&str; 7] = [
     "setuid",
     "chdir",
     "execve",
+    "TIOCSCTTY",
 ];
 
 fn prepare(req: &ExecRequest, etc: &Path) -> Result<Prepared, ErrorInfo> {
@@ -231,7 +236,10 @@ fn prepare(req: &ExecRequest, etc: &Path) -> Result<Prepared, ErrorInfo> {
     };
     let account = users::resolve(etc, req.user.as_ref())
         .map_err(|e| ErrorInfo::new(ErrorKind::InvalidInput, format!("exec: {e}")))?;
-    let env = environment(&account, &req.env);
+    let mut env = environment(&account, &req.env);
+    if req.pty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
+        env.push(("TERM".into(), "xterm-256color".into()));
+    }
     let cwd = match &req.cwd {
         Some(c) => PathBuf::from(c),
         None if Path::new(&account.home).is_dir() => PathBuf::from(&account.home),
@@ -268,10 +276,60 @@ fn prepare(req: &ExecRequest, etc: &Path) -> Result<Prepared, ErrorInfo> {
             .collect::<Result<_, _>>()?,
         cwd: cstring(cwd.as_os_str().as_bytes(), "cwd")?,
         switch_user,
+        pty: req.pty,
     })
 }
 
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, SpawnError> {
+    fd.try_clone()
+        .map_err(|source| SpawnError::Sys { op: "dup", source })
+}
+
+/// A new pseudo-terminal (master, slave), both close-on-exec.
+fn openpty(size: PtySize) -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let (mut master, mut slave) = (0 as RawFd, 0 as RawFd);
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds; the name buffer is NULL and termios NULL (defaults).
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    if rc != 0 {
+        return Err(SpawnError::Sys {
+            op: "openpty",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both fds were just created by openpty and belong to nobody else.
+    let fds = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&fds.0, &fds.1] {
+        // SAFETY: F_SETFD on an fd we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(fds)
+}
+
 fn spawn(p: &Prepared, pipe_stdin: bool) -> Result<Child, SpawnError> {
+    if let Some(size) = p.pty {
+        let (master, slave) = openpty(size)?;
+        let stdin = if pipe_stdin {
+            Some(dup(&master)?)
+        } else {
+            None
+        };
+        let stdio = [dup(&slave)?, dup(&slave)?, slave];
+        return spawn_with(p, stdio, dup(&master)?, None, stdin, Some(master));
+    }
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (stdin_r, stdin_w) = if pipe_stdin {
@@ -284,6 +342,24 @@ fn spawn(p: &Prepared, pipe_stdin: bool) -> Result<Child, SpawnError> {
         })?;
         (OwnedFd::from(null), None)
     };
+    spawn_with(
+        p,
+        [stdin_r, out_w, err_w],
+        out_r,
+        Some(err_r),
+        stdin_w,
+        None,
+    )
+}
+
+fn spawn_with(
+    p: &Prepared,
+    stdio: [OwnedFd; 3],
+    out_r: OwnedFd,
+    err_r: Option<OwnedFd>,
+    stdin_w: Option<OwnedFd>,
+    pty: Option<OwnedFd>,
+) -> Result<Child, SpawnError> {
     let (report_r, report_w) = pipe()?;
     let (notify_r, notify_w) = pipe()?;
 
@@ -306,7 +382,11 @@ fn spawn(p: &Prepared, pipe_stdin: bool) -> Result<Child, SpawnError> {
                 &argv,
                 &envp,
                 groups,
-                [stdin_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                [
+                    stdio[0].as_raw_fd(),
+                    stdio[1].as_raw_fd(),
+                    stdio[2].as_raw_fd(),
+                ],
                 report_w.as_raw_fd(),
             )
         }
@@ -326,7 +406,7 @@ fn spawn(p: &Prepared, pipe_stdin: bool) -> Result<Child, SpawnError> {
     drop(st);
     r.cond.notify_all();
 
-    drop((stdin_r, out_w, err_w, report_w));
+    drop((stdio, report_w));
     let mut report = Vec::new();
     let _ = File::from(report_r).read_to_end(&mut report);
     if let Some(bytes) = report.first_chunk::<5>() {
@@ -350,6 +430,7 @@ fn spawn(p: &Prepared, pipe_stdin: bool) -> Result<Child, SpawnError> {
         stdout: out_r,
         stderr: err_r,
         stdin: stdin_w,
+        pty,
     })
 }
 
@@ -385,6 +466,11 @@ unsafe fn child_after_fork(
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         if libc::setsid() < 0 {
             fail(0);
+        }
+        // On a pty, the terminal (already on fd 0 after dup2 below) becomes the session's
+        // controlling tty; do it on the slave fd itself, before the dup2s.
+        if p.pty.is_some() && libc::ioctl(stdio[0], libc::TIOCSCTTY, 0) < 0 {
+            fail(7);
         }
         for (target, fd) in stdio.iter().enumerate() {
             #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
@@ -430,6 +516,7 @@ pub struct Session {
     pid: i32,
     stdin: Option<Sender<StdinMsg>>,
     done: Arc<AtomicBool>,
+    pty: Option<OwnedFd>,
 }
 
 impl Session {
@@ -449,6 +536,21 @@ impl Session {
     pub fn stdin_eof(&mut self) {
         if let Some(tx) = self.stdin.take() {
             let _ = tx.send(StdinMsg::Eof);
+        }
+    }
+
+    /// Resizes the pty (a no-op without one); the kernel sends SIGWINCH to the foreground
+    /// process group.
+    pub fn resize(&self, size: PtySize) {
+        if let Some(m) = &self.pty {
+            let ws = libc::winsize {
+                ws_row: size.rows,
+                ws_col: size.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads the winsize we own from a pty master we own.
+            unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         }
     }
 
@@ -472,12 +574,24 @@ pub fn start(req: &ExecRequest, etc: &Path, out: &Outbox) -> Result<Session, Err
         let (tx, rx) = mpsc::channel::<StdinMsg>();
         // Unbounded on purpose: the host sends all of stdin before reading output, so the
         // agent must never stop reading the connection because a child is slow to read stdin.
+        let on_pty = req.pty.is_some();
         std::thread::spawn(move || {
             let mut pipe = File::from(fd);
-            while let Ok(StdinMsg::Data(d)) = rx.recv() {
-                if pipe.write_all(&d).is_err() {
-                    // The child closed stdin: the rest is discarded by dropping the receiver.
-                    break;
+            loop {
+                match rx.recv() {
+                    Ok(StdinMsg::Data(d)) => {
+                        if pipe.write_all(&d).is_err() {
+                            // The child closed stdin: the rest is dropped with the receiver.
+                            break;
+                        }
+                    }
+                    // Closing a pty master would hang up the terminal; end of input on a
+                    // terminal is the EOF character (^D) instead.
+                    Ok(StdinMsg::Eof) if on_pty => {
+                        let _ = pipe.write_all(&[4]);
+                        break;
+                    }
+                    Ok(StdinMsg::Eof) | Err(_) => break,
                 }
             }
         });
@@ -503,7 +617,12 @@ pub fn start(req: &ExecRequest, etc: &Path, out: &Outbox) -> Result<Session, Err
         pump_done.store(true, Ordering::Release);
         let _ = out.send(&Response::Exit(status));
     });
-    Ok(Session { pid, stdin, done })
+    Ok(Session {
+        pid,
+        stdin,
+        done,
+        pty: child.pty,
+    })
 }
 
 fn decode_status(raw: i32) -> ExitStatus {
@@ -534,12 +653,12 @@ fn pump(
     waiter: &Waiter,
     notify: OwnedFd,
     stdout: OwnedFd,
-    stderr: OwnedFd,
+    stderr: Option<OwnedFd>,
     timeout: Option<Duration>,
     out: &Outbox,
 ) -> ExitStatus {
     let deadline = timeout.map(|t| Instant::now() + t);
-    let mut streams = [Some(File::from(stdout)), Some(File::from(stderr))];
+    let mut streams = [Some(File::from(stdout)), stderr.map(File::from)];
     let mut notify = File::from(notify);
     let mut exited: Option<i32> = None;
     let mut exited_at: Option<Instant> = None;

@@ -11,8 +11,8 @@ mod tests {
     use std::time::Duration;
 
     use specc_protocol::{
-        Client, ClientError, ErrorKind, ExecRequest, FileKind, Request, Response, RestoredRequest,
-        User, WriteFileRequest, frame,
+        Client, ClientError, ErrorKind, ExecRequest, FileKind, PtySize, Request, Response,
+        RestoredRequest, User, WriteFileRequest, frame,
     };
 
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -546,6 +546,87 @@ mod tests {
         assert!(!process_gone(pid));
         drop(s);
         wait_gone(pid);
+    }
+
+    #[test]
+    fn exec_on_a_pty_has_a_controlling_terminal_and_merges_stderr() {
+        let agent = Agent::start();
+        let mut c = agent.client();
+        let mut out = Vec::new();
+        let status = c
+            .exec_with_stdin(
+                &ExecRequest {
+                    pty: Some(PtySize {
+                        rows: 40,
+                        cols: 100,
+                    }),
+                    timeout_ms: Some(30_000),
+                    ..sh("tty; stty size; echo err >&2; echo $TERM; read x; echo got:$x")
+                },
+                &mut b"hello\n".as_slice(),
+                |d| out.extend_from_slice(d),
+                |_| panic!("a pty has no separate stderr"),
+            )
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("/dev/pts/"), "{text:?}");
+        assert!(text.contains("40 100\r\n"), "{text:?}");
+        assert!(text.contains("err\r\n"), "{text:?}");
+        assert!(text.contains("xterm-256color"), "{text:?}");
+        assert!(text.contains("got:hello"), "{text:?}");
+    }
+
+    #[test]
+    fn resize_changes_the_pty_size_of_the_running_process() {
+        let agent = Agent::start();
+        let mut s = raw(&agent);
+        let req = ExecRequest {
+            pty: Some(PtySize { rows: 24, cols: 80 }),
+            stdin: true,
+            timeout_ms: Some(30_000),
+            ..sh("stty size; read x; stty size")
+        };
+        frame::write_frame(&mut s, &Request::Exec(req)).unwrap();
+        let r: Response = frame::read_frame(&mut s).unwrap().unwrap();
+        assert!(matches!(r, Response::ExecStarted { .. }), "{r:?}");
+        let mut out = Vec::new();
+        // Resize only once the first size is printed, or the shell may not have run yet.
+        while !String::from_utf8_lossy(&out).contains("24 80") {
+            match frame::read_frame::<_, Response>(&mut s).unwrap().unwrap() {
+                Response::Stdout { data } => out.extend(data),
+                other => panic!("{other:?}"),
+            }
+        }
+        frame::write_frame(
+            &mut s,
+            &Request::Resize(PtySize {
+                rows: 50,
+                cols: 132,
+            }),
+        )
+        .unwrap();
+        frame::write_frame(
+            &mut s,
+            &Request::Stdin {
+                data: b"\n".to_vec(),
+            },
+        )
+        .unwrap();
+        loop {
+            match frame::read_frame::<_, Response>(&mut s).unwrap().unwrap() {
+                Response::Stdout { data } => out.extend(data),
+                Response::Exit(st) => {
+                    assert!(st.success(), "{st:?}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&out);
+        let first = text.find("24 80").expect("initial size");
+        let second = text.find("50 132").expect("size after resize");
+        assert!(first < second, "{text:?}");
     }
 
     #[test]

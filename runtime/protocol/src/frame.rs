@@ -162,6 +162,7 @@ mod tests {
                 user: Some(User::Name("nobody".into())),
                 stdin: true,
                 timeout_ms: Some(5),
+                pty: Some(crate::messages::PtySize { rows: 24, cols: 80 }),
             }),
             Request::Exec(ExecRequest {
                 user: Some(User::Uid(65534)),

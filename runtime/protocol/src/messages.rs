@@ -37,6 +37,8 @@ pub enum Request {
     },
     /// Closes the running process's stdin.
     StdinEof,
+    /// Resizes the running process's pseudo-terminal (ignored without one).
+    Resize(PtySize),
     /// Sends a signal to the running process's process group.
     Kill {
         /// Signal number (Linux numbering, e.g. 15 for SIGTERM).
@@ -152,6 +154,20 @@ pub struct ExecRequest {
     /// Kill the process group with SIGKILL after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Run on a new pseudo-terminal of this size instead of pipes: stdin, stdout and stderr
+    /// are all the terminal (its controlling tty), everything comes back as `stdout`, and
+    /// `TERM` defaults to `xterm-256color`.
+    #[serde(default)]
+    pub pty: Option<PtySize>,
+}
+
+/// Size of a pseudo-terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 impl ExecRequest {
@@ -168,6 +184,7 @@ impl ExecRequest {
             user: None,
             stdin: false,
             timeout_ms: None,
+            pty: None,
         }
     }
 }
