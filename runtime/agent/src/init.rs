@@ -271,24 +271,32 @@ pub enum PowerAction {
     Reboot,
 }
 
-/// Carries out a power action. As PID 1: sync and `reboot(2)`. Under systemd: ask systemd
+/// Carries out a power action. As PID 1: sync and `reboot(2)` (power off with ACPI, a reset
+/// without). Under systemd: ask systemd
 /// (SIGRTMIN+4 is poweroff.target, SIGRTMIN+5 reboot.target) so services stop cleanly.
 /// Elsewhere (an agent on a unix socket for tests) the agent itself exits.
 pub fn power(action: PowerAction, pid1: bool) -> ! {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     if pid1 {
-        log!(
-            "sync done, {}",
-            if action == PowerAction::Off {
-                "powering off"
-            } else {
-                "rebooting"
+        // Without ACPI (a microVM) an x86 kernel cannot power off: RB_POWER_OFF would halt the
+        // CPUs and leave the VMM running. A reset through the i8042 controller is what such
+        // VMMs treat as the end of the VM (Firecracker's convention), so power off becomes a
+        // reset there.
+        let acpi = Path::new("/sys/firmware/acpi").exists();
+        let cmd = match (action, acpi) {
+            (PowerAction::Off, true) => {
+                log!("sync done, powering off (ACPI)");
+                libc::RB_POWER_OFF
             }
-        );
-        let cmd = match action {
-            PowerAction::Off => libc::RB_POWER_OFF,
-            PowerAction::Reboot => libc::RB_AUTOBOOT,
+            (PowerAction::Off, false) => {
+                log!("sync done, powering off through a reset (no ACPI)");
+                libc::RB_AUTOBOOT
+            }
+            (PowerAction::Reboot, _) => {
+                log!("sync done, rebooting");
+                libc::RB_AUTOBOOT
+            }
         };
         // SAFETY: reboot(2) with a valid command; on success it does not return.
         unsafe { libc::reboot(cmd) };
