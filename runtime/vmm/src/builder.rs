@@ -153,9 +153,13 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
             max: mptable::MAX_CPUS,
         });
     }
+    let t0 = Instant::now();
     let kvm = Kvm::new()?;
+    tracing::debug!("boot: kvm open + caps {:?}", t0.elapsed());
     let memory = memory::create(config.mem_bytes, &config.memory, config.hugepages)?;
+    tracing::debug!("boot: memory mapped {:?}", t0.elapsed());
     let vm = Vm::new(&kvm, memory.clone())?;
+    tracing::debug!("boot: memory + VM {:?}", t0.elapsed());
     let (exit_tx, exit_rx) = channel();
 
     let serial_irq = IrqLine::new()?;
@@ -164,7 +168,9 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
     let mut devices = DeviceManager::new(LegacyDevices::new(serial_irq, out, exit_tx.clone()));
     let backends = virtio::attach(config, &vm, &mut devices)?;
 
+    tracing::debug!("boot: devices {:?}", t0.elapsed());
     let kernel = load_kernel(&memory, &config.kernel)?;
+    tracing::debug!("boot: kernel loaded {:?}", t0.elapsed());
     let cmdline = build_cmdline(&config.cmdline, &devices)?;
     load_cmdline(&memory, GuestAddress(CMDLINE_ADDR), &cmdline).map_err(Error::LoadCmdline)?;
     let cmdline_len = cmdline
@@ -184,6 +190,7 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
         v.configure(&kvm.supported_cpuid, config.vcpus, kernel.entry, kvm.flavor)?;
         vcpus.push(v);
     }
+    tracing::debug!("boot: vcpus configured {:?}", t0.elapsed());
     let devices = Arc::new(devices);
     let first_run = Arc::new(OnceLock::<Instant>::new());
     let mut handles = Vec::with_capacity(vcpus.len());

@@ -379,6 +379,9 @@ mod tests {
         assert_eq!((ebx >> 24) & 0xff, 0, "BSP APIC id");
         assert_eq!((ebx >> 16) & 0xff, 2, "logical processor count");
         assert_ne!(result(&vmm, 6) & (1 << 31), 0, "hypervisor bit");
+        if vmm.kvm_flavor() == KvmFlavor::Pvm {
+            assert_eq!(result(&vmm, 6) & (1 << 13), 0, "CX16 hidden on PVM");
+        }
         assert!(vmm.first_kvm_run().is_some());
     }
 

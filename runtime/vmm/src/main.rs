@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use specc_vmm::{VmConfig, VmExit, error_chain};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Boot and run one VM from a JSON configuration.
 #[derive(Debug, Parser)]
@@ -25,6 +26,25 @@ fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident KiB of the mappings that start at one of `starts` (the guest RAM regions), from
+/// /proc/self/smaps: what the guest touched, as opposed to what the VMM itself uses.
+fn guest_rss_kib(starts: &[u64]) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut total = 0;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, _)) = first.split_once('-')
+            && let Ok(lo) = u64::from_str_radix(lo, 16)
+        {
+            in_guest = starts.contains(&lo);
+        } else if in_guest && line.starts_with("Rss:") {
+            total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
 }
 
 fn run(args: &Args, start: Instant) -> anyhow::Result<VmExit> {
@@ -45,10 +65,20 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<VmExit> {
         let setup_us = vmm
             .first_kvm_run()
             .map(|t| t.duration_since(start).as_micros());
+        let starts: Vec<u64> = vmm
+            .memory()
+            .iter()
+            .filter_map(|r| vmm.memory().get_host_address(r.start_addr()).ok())
+            .map(|p| p as u64)
+            .collect();
+        let rss = rss_kib();
+        let guest = guest_rss_kib(&starts);
         let line = serde_json::json!({
             "setup_us": setup_us,
             "total_us": start.elapsed().as_micros(),
-            "vmm_rss_kib": rss_kib(),
+            "rss_kib": rss,
+            "guest_rss_kib": guest,
+            "vmm_overhead_kib": rss.zip(guest).map(|(r, g)| r.saturating_sub(g)),
             "guest_mem_bytes": config.mem_bytes,
             "kvm": vmm.kvm_flavor(),
             "exit": exit,

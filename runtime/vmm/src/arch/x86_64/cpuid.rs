@@ -25,9 +25,9 @@ const CLFLUSH_LINE_8_QWORDS: u32 = 8;
 const ECX_CX16: u32 = 1 << 13;
 
 /// Hides what KVM's instruction emulator cannot emulate, for hosts (PVM) where unmodified
-/// guests run under it: `cmpxchg16b` (CX16), which SLUB's lockless fast path uses and which
-/// stops Linux with an emulation failure (docs/pvm.md). Without CX16 SLUB takes its locked
-/// path.
+/// guests run under it (docs/pvm.md): `cmpxchg16b` (CX16), which SLUB's lockless fast path
+/// uses; without it SLUB takes its locked path. (XSAVE cannot be hidden this way: PVM keeps
+/// reporting it whatever KVM_SET_CPUID2 says; docs/pvm.md has the guest-side workaround.)
 pub fn hide_unemulated(entries: &mut [kvm_cpuid_entry2]) {
     for e in entries.iter_mut().filter(|e| e.function == LEAF_FEATURES) {
         e.ecx &= !ECX_CX16;
