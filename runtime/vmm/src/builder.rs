@@ -145,15 +145,24 @@ pub fn build_cmdline(base: &str, devices: &DeviceManager) -> Result<Cmdline, Err
     Ok(cmdline)
 }
 
-/// Boots `config`: everything is set up, then the vCPUs start running the kernel.
-pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
+/// What a boot and a restore share: KVM, memory, the VM, the buses and the devices.
+struct Parts {
+    kvm: Kvm,
+    memory: GuestMemoryMmap,
+    vm: Vm,
+    exit_tx: crate::exit::ExitSender,
+    exit_rx: std::sync::mpsc::Receiver<crate::VmExit>,
+    devices: DeviceManager,
+    backends: Vec<virtio::Attached>,
+}
+
+fn create(config: &VmConfig, t0: Instant) -> Result<Parts, Error> {
     if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
         return Err(Error::VcpuCount {
             got: config.vcpus,
             max: mptable::MAX_CPUS,
         });
     }
-    let t0 = Instant::now();
     let kvm = Kvm::new()?;
     tracing::debug!("boot: kvm open + caps {:?}", t0.elapsed());
     let memory = memory::create(config.mem_bytes, &config.memory, config.hugepages)?;
@@ -167,7 +176,110 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
     let out = SerialOut::new(config.serial.log.as_deref(), config.serial.stdout)?;
     let mut devices = DeviceManager::new(LegacyDevices::new(serial_irq, out, exit_tx.clone()));
     let backends = virtio::attach(config, &vm, &mut devices)?;
+    Ok(Parts {
+        kvm,
+        memory,
+        vm,
+        exit_tx,
+        exit_rx,
+        devices,
+        backends,
+    })
+}
 
+fn start(
+    parts: Parts,
+    vcpus: Vec<Vcpu>,
+    paused: bool,
+    timeout_ms: Option<u64>,
+) -> Result<Vmm, Error> {
+    let devices = Arc::new(parts.devices);
+    let first_run = Arc::new(OnceLock::<Instant>::new());
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        handles.push(v.start(
+            devices.clone(),
+            parts.memory.clone(),
+            parts.exit_tx.clone(),
+            paused,
+            first_run.clone(),
+        )?);
+    }
+    let mut vmm = Vmm::new(
+        parts.kvm,
+        parts.vm,
+        devices,
+        handles,
+        parts.exit_rx,
+        first_run,
+        parts.backends,
+        timeout_ms,
+    );
+    vmm.paused = paused;
+    Ok(vmm)
+}
+
+/// Errors of restoring a VM from saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Setting up the VM failed.
+    #[error("setting up the VM")]
+    Create(#[from] Error),
+    /// The saved vCPU states do not match the configuration.
+    #[error("{states} saved vCPU states for {vcpus} vCPUs")]
+    VcpuCount {
+        /// States given.
+        states: usize,
+        /// vCPUs configured.
+        vcpus: u8,
+    },
+    /// Loading the saved state failed.
+    #[error("loading saved state")]
+    State(#[from] crate::Error),
+}
+
+/// Restores a VM from saved state instead of booting: guest RAM comes from `config.memory`
+/// (normally `MemoryBacking::File`, mapped privately, nothing copied), the vCPUs start paused,
+/// get `vm_state` and `vcpu_states` loaded and then run. No kernel is loaded. The virtio
+/// devices are fresh ones (their saved state is the devices crate's `Persist`).
+pub fn restore(
+    config: &VmConfig,
+    vm_state: &crate::VmState,
+    vcpu_states: &[crate::VcpuState],
+) -> Result<Vmm, RestoreError> {
+    if vcpu_states.len() != usize::from(config.vcpus) {
+        return Err(RestoreError::VcpuCount {
+            states: vcpu_states.len(),
+            vcpus: config.vcpus,
+        });
+    }
+    let t0 = Instant::now();
+    let parts = create(config, t0)?;
+    let msr_list = Arc::new(parts.kvm.msr_index_list.clone());
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        vcpus.push(Vcpu::new(id, &parts.vm.fd, msr_list.clone()).map_err(Error::from)?);
+    }
+    let mut vmm = start(parts, vcpus, true, config.timeout_ms)?;
+    vmm.restore_vm_state(vm_state)?;
+    vmm.restore_vcpu_states(vcpu_states)?;
+    tracing::debug!("restore: state loaded {:?}", t0.elapsed());
+    vmm.resume()?;
+    Ok(vmm)
+}
+
+/// Boots `config`: everything is set up, then the vCPUs start running the kernel.
+pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
+    let t0 = Instant::now();
+    let Parts {
+        kvm,
+        memory,
+        vm,
+        exit_tx,
+        exit_rx,
+        devices,
+        backends,
+    } = create(config, t0)?;
     tracing::debug!("boot: devices {:?}", t0.elapsed());
     let kernel = load_kernel(&memory, &config.kernel)?;
     tracing::debug!("boot: kernel loaded {:?}", t0.elapsed());
@@ -191,26 +303,14 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
         vcpus.push(v);
     }
     tracing::debug!("boot: vcpus configured {:?}", t0.elapsed());
-    let devices = Arc::new(devices);
-    let first_run = Arc::new(OnceLock::<Instant>::new());
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        handles.push(v.start(
-            devices.clone(),
-            memory.clone(),
-            exit_tx.clone(),
-            false,
-            first_run.clone(),
-        )?);
-    }
-    Ok(Vmm::new(
+    let parts = Parts {
         kvm,
+        memory,
         vm,
-        devices,
-        handles,
+        exit_tx,
         exit_rx,
-        first_run,
+        devices,
         backends,
-        config.timeout_ms,
-    ))
+    };
+    start(parts, vcpus, false, config.timeout_ms)
 }

@@ -25,7 +25,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use builder::boot;
+pub use builder::{boot, restore};
 pub use config::VmConfig;
 pub use exit::VmExit;
 use vm_memory::GuestMemoryMmap;
@@ -435,6 +435,86 @@ mod tests {
         vmm.resume().unwrap();
         assert_eq!(vmm.wait(), VmExit::PowerOff);
         assert_eq!(serial(dir.path()), "HR\n");
+    }
+
+    /// Writes all of guest RAM to `path`, regions back to back (the memory-file layout).
+    fn dump_memory(vmm: &Vmm, path: &Path) {
+        use std::io::Write;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut f = std::fs::File::create(path).unwrap();
+        let mem = vmm.memory();
+        for r in mem.iter() {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            while off < r.len() {
+                mem.read_slice(&mut buf, GuestAddress(r.start_addr().0 + off))
+                    .unwrap();
+                f.write_all(&buf).unwrap();
+                off += buf.len() as u64;
+            }
+        }
+    }
+
+    #[test]
+    fn snapshot_mid_run_restores_from_a_private_memory_file_and_continues_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("count", dir.path());
+        c.mem_bytes = 16 << 20;
+        let mut vmm = boot(&c).unwrap();
+        wait_for(&vmm, 1, 1);
+        vmm.pause().unwrap();
+        let vcpus = vmm.save_vcpu_states().unwrap();
+        let vm_state = vmm.save_vm_state().unwrap();
+        let mem_file = dir.path().join("memory");
+        dump_memory(&vmm, &mem_file);
+        assert_eq!(result(&vmm, 0), 1000);
+        drop(vmm);
+        let pristine = std::fs::read(&mem_file).unwrap();
+        assert_eq!(pristine.len() as u64, c.mem_bytes);
+
+        for round in 0..2 {
+            let rdir = dir.path().join(format!("r{round}"));
+            std::fs::create_dir(&rdir).unwrap();
+            let mut rc = config("count", &rdir);
+            rc.mem_bytes = c.mem_bytes;
+            rc.memory = MemoryBacking::File {
+                path: mem_file.clone(),
+            };
+            let mut restored = restore(&rc, &vm_state, &vcpus).unwrap();
+            assert_eq!(result(&restored, 0), 1000, "memory came back");
+            restored
+                .memory()
+                .write_obj(1u64, GuestAddress(RESULTS + 16))
+                .unwrap();
+            assert_eq!(restored.wait(), VmExit::PowerOff);
+            assert_eq!(
+                result(&restored, 0),
+                2000,
+                "counting went on from 1000 with its registers"
+            );
+            assert_eq!(serial(&rdir), "done\n");
+        }
+        assert!(
+            std::fs::read(&mem_file).unwrap() == pristine,
+            "memory file untouched"
+        );
+    }
+
+    #[test]
+    fn restore_refuses_a_state_count_that_does_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config("count", dir.path());
+        let mut vmm = boot(&c).unwrap();
+        wait_for(&vmm, 1, 1);
+        vmm.pause().unwrap();
+        let vm_state = vmm.save_vm_state().unwrap();
+        assert!(matches!(
+            restore(&c, &vm_state, &[]),
+            Err(builder::RestoreError::VcpuCount {
+                states: 0,
+                vcpus: 1
+            })
+        ));
     }
 
     #[test]
