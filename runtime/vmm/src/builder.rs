@@ -156,7 +156,7 @@ struct Parts {
     backends: Vec<virtio::Attached>,
 }
 
-fn create(config: &VmConfig, t0: Instant) -> Result<Parts, Error> {
+fn create(config: &VmConfig, t0: Instant, memory: Option<GuestMemoryMmap>) -> Result<Parts, Error> {
     if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
         return Err(Error::VcpuCount {
             got: config.vcpus,
@@ -165,7 +165,10 @@ fn create(config: &VmConfig, t0: Instant) -> Result<Parts, Error> {
     }
     let kvm = Kvm::new()?;
     tracing::debug!("boot: kvm open + caps {:?}", t0.elapsed());
-    let memory = memory::create(config.mem_bytes, &config.memory, config.hugepages)?;
+    let memory = match memory {
+        Some(m) => m,
+        None => memory::create(config.mem_bytes, &config.memory, config.hugepages)?,
+    };
     tracing::debug!("boot: memory mapped {:?}", t0.elapsed());
     let vm = Vm::new(&kvm, memory.clone())?;
     tracing::debug!("boot: memory + VM {:?}", t0.elapsed());
@@ -247,6 +250,27 @@ pub fn restore(
     vm_state: &crate::VmState,
     vcpu_states: &[crate::VcpuState],
 ) -> Result<Vmm, RestoreError> {
+    restore_impl(config, None, vm_state, vcpu_states)
+}
+
+/// Like [`restore`], over guest memory that is already mapped: what a `fork(2)` child does
+/// with the `MAP_PRIVATE` mapping it inherited (a fresh KVM VM over copy-on-write pages).
+/// `config.memory` is ignored; `memory` must follow the layout for `config.mem_bytes`.
+pub fn restore_with_memory(
+    config: &VmConfig,
+    memory: GuestMemoryMmap,
+    vm_state: &crate::VmState,
+    vcpu_states: &[crate::VcpuState],
+) -> Result<Vmm, RestoreError> {
+    restore_impl(config, Some(memory), vm_state, vcpu_states)
+}
+
+fn restore_impl(
+    config: &VmConfig,
+    memory: Option<GuestMemoryMmap>,
+    vm_state: &crate::VmState,
+    vcpu_states: &[crate::VcpuState],
+) -> Result<Vmm, RestoreError> {
     if vcpu_states.len() != usize::from(config.vcpus) {
         return Err(RestoreError::VcpuCount {
             states: vcpu_states.len(),
@@ -254,7 +278,7 @@ pub fn restore(
         });
     }
     let t0 = Instant::now();
-    let parts = create(config, t0)?;
+    let parts = create(config, t0, memory)?;
     let msr_list = Arc::new(parts.kvm.msr_index_list.clone());
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
@@ -279,7 +303,7 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
         exit_rx,
         devices,
         backends,
-    } = create(config, t0)?;
+    } = create(config, t0, None)?;
     tracing::debug!("boot: devices {:?}", t0.elapsed());
     let kernel = load_kernel(&memory, &config.kernel)?;
     tracing::debug!("boot: kernel loaded {:?}", t0.elapsed());

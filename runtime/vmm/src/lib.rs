@@ -25,7 +25,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use builder::{boot, restore};
+pub use builder::{boot, restore, restore_with_memory};
 pub use config::VmConfig;
 pub use exit::VmExit;
 use vm_memory::GuestMemoryMmap;
@@ -498,6 +498,42 @@ mod tests {
             std::fs::read(&mem_file).unwrap() == pristine,
             "memory file untouched"
         );
+    }
+
+    #[test]
+    fn restore_with_memory_runs_a_second_vm_over_already_mapped_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("count", dir.path());
+        c.mem_bytes = 16 << 20;
+        let mut vmm = boot(&c).unwrap();
+        wait_for(&vmm, 1, 1);
+        vmm.pause().unwrap();
+        let vcpus = vmm.save_vcpu_states().unwrap();
+        let vm_state = vmm.save_vm_state().unwrap();
+        // Stand-in for the mapping a fork(2) child inherits: a private copy of the pages.
+        let mem_file = dir.path().join("memory");
+        dump_memory(&vmm, &mem_file);
+        let copy = crate::vstate::memory::create(
+            c.mem_bytes,
+            &MemoryBacking::File { path: mem_file },
+            true,
+        )
+        .unwrap();
+        let mut child = restore_with_memory(&c, copy, &vm_state, &vcpus).unwrap();
+        child
+            .memory()
+            .write_obj(1u64, GuestAddress(RESULTS + 16))
+            .unwrap();
+        assert_eq!(child.wait(), VmExit::PowerOff);
+        assert_eq!(result(&child, 0), 2000);
+        // The parent never saw the child's writes and still runs where it paused.
+        assert_eq!(result(&vmm, 0), 1000);
+        vmm.resume().unwrap();
+        vmm.memory()
+            .write_obj(1u64, GuestAddress(RESULTS + 16))
+            .unwrap();
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(result(&vmm, 0), 2000);
     }
 
     #[test]

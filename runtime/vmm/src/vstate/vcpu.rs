@@ -707,3 +707,69 @@ enum Drain {
     Pause,
     Exit,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::kvm::Kvm;
+
+    fn vcpu() -> (Kvm, VmFd, Vcpu) {
+        let kvm = Kvm::new()
+            .unwrap_or_else(|e| panic!("these tests need /dev/kvm: {}", crate::error_chain(&e)));
+        let vm = kvm.fd.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let v = Vcpu::new(0, &vm, Arc::new(kvm.msr_index_list.clone())).unwrap();
+        v.configure(&kvm.supported_cpuid, 1, 0x10_0000, kvm.flavor)
+            .unwrap();
+        (kvm, vm, v)
+    }
+
+    #[test]
+    fn saved_state_restores_onto_a_fresh_vcpu_and_saves_back_the_same() {
+        let (kvm, vm, v) = vcpu();
+        let s = v.save_state().unwrap();
+        let w = Vcpu::new(1, &vm, Arc::new(kvm.msr_index_list.clone())).unwrap();
+        w.restore_state(&s).unwrap();
+        let mut t = w.save_state().unwrap();
+        assert_eq!(t.regs, s.regs);
+        assert_eq!(t.sregs.cr3, s.sregs.cr3);
+        assert_eq!(t.xsave, s.xsave);
+        assert_eq!(t.cpuid.len(), s.cpuid.len());
+        // The TSC moves on between the two reads; everything else in the MSRs must match.
+        let strip = |m: &mut Vec<kvm_msr_entry>| m.retain(|e| e.index != 0x10);
+        let mut sm = s.msrs.clone();
+        strip(&mut sm);
+        strip(&mut t.msrs);
+        let key = |m: &[kvm_msr_entry]| m.iter().map(|e| (e.index, e.data)).collect::<Vec<_>>();
+        assert_eq!(key(&t.msrs), key(&sm));
+    }
+
+    #[test]
+    fn garbage_states_are_errors_not_panics() {
+        let (_kvm, _vm, v) = vcpu();
+        let good = v.save_state().unwrap();
+
+        let mut s = good.clone();
+        s.xsave.truncate(5);
+        assert!(matches!(v.restore_state(&s), Err(Error::XsaveSize(5))));
+
+        let mut s = good.clone();
+        s.cpuid = vec![kvm_cpuid_entry2::default(); 1000];
+        assert!(v.restore_state(&s).is_err());
+
+        let mut s = good.clone();
+        s.msrs.push(kvm_msr_entry {
+            index: 0xdead_0000,
+            data: 1,
+            ..Default::default()
+        });
+        assert!(v.restore_state(&s).is_err());
+
+        let mut s = good.clone();
+        // Paging without protection is an invalid CR0; KVM must refuse it.
+        s.sregs.cr0 = 1 << 31;
+        assert!(v.restore_state(&s).is_err());
+
+        v.restore_state(&good).unwrap();
+    }
+}
