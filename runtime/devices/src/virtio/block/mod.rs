@@ -313,8 +313,13 @@ mod tests {
             .unwrap();
         let r = run(&mut d, T_IN);
         assert_eq!(d.read_mem(data, chunk), pattern);
+        let build = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
         eprintln!(
-            "virtio-blk 128 KiB sequential: write {w:.0} MiB/s, read {r:.0} MiB/s (debug build)"
+            "virtio-blk 128 KiB sequential: write {w:.0} MiB/s, read {r:.0} MiB/s ({build} build)"
         );
     }
 }
