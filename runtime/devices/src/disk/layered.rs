@@ -93,6 +93,70 @@ impl Layer {
     }
 }
 
+/// Open read-only layers, bottom first; only the bottom may be raw.
+fn open_lower(layers: &[PathBuf]) -> Result<Vec<Layer>, DiskError> {
+    let mut lower = Vec::with_capacity(layers.len());
+    for (i, path) in layers.iter().enumerate() {
+        let base_err = |source| DiskError::Base {
+            path: path.clone(),
+            source,
+        };
+        if is_diff(path).map_err(base_err)? {
+            lower.push(Layer::Diff(DiffFile::open(path, false)?));
+        } else if i == 0 {
+            let file = OpenOptions::new().read(true).open(path).map_err(base_err)?;
+            let len = file.metadata().map_err(base_err)?.len();
+            lower.push(Layer::Raw {
+                file,
+                path: path.clone(),
+                len,
+            });
+        } else {
+            return Err(DiskError::RawAboveBottom(path.clone()));
+        }
+    }
+    Ok(lower)
+}
+
+/// Merge the diff layers of `layers` (bottom first) into one new frozen diff at `out`, for a
+/// shorter chain: `[base, d1, .., dn]` reads exactly like `[base, out]` afterwards (a raw bottom
+/// layer is kept as it is; a diff bottom is merged too, then `[out]` alone is the disk). Blocks
+/// are copied from the topmost layer that has them; the sources are not modified.
+pub fn flatten(layers: &[PathBuf], out: &Path) -> Result<PathBuf, DiskError> {
+    let lower = open_lower(layers)?;
+    let Some(size) = lower.iter().find_map(|l| match l {
+        Layer::Diff(d) => Some(d.virtual_size()),
+        Layer::Raw { .. } => None,
+    }) else {
+        return Err(DiskError::NoSize);
+    };
+    for l in &lower {
+        if let Layer::Diff(d) = l
+            && d.virtual_size() != size
+        {
+            return Err(DiskError::SizeMismatch {
+                path: d.path().to_owned(),
+                size: d.virtual_size(),
+                expected: size,
+            });
+        }
+    }
+    let mut flat = DiffFile::create(out, size)?;
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    for i in 0..flat.blocks() {
+        let src = lower
+            .iter()
+            .rev()
+            .find(|l| matches!(l, Layer::Diff(d) if d.has_block(i)));
+        if let Some(l) = src {
+            l.read_blocks(i, &mut buf)?;
+            flat.write_blocks(i, &buf)?;
+        }
+    }
+    let frozen = flat.freeze()?;
+    Ok(frozen.path().to_owned())
+}
+
 /// A layered copy-on-write disk: read-only layers (bottom first) and one writable diff on top.
 #[derive(Debug)]
 pub struct LayeredDisk {
@@ -116,26 +180,7 @@ impl LayeredDisk {
     /// Open `layers` (read-only, bottom first; only the bottom may be a raw image, recognised by
     /// not starting with the diff magic) and the writable `top` diff, created empty if missing.
     pub fn open(layers: &[PathBuf], top: &Path) -> Result<Self, DiskError> {
-        let mut lower = Vec::with_capacity(layers.len());
-        for (i, path) in layers.iter().enumerate() {
-            let base_err = |source| DiskError::Base {
-                path: path.clone(),
-                source,
-            };
-            if is_diff(path).map_err(base_err)? {
-                lower.push(Layer::Diff(DiffFile::open(path, false)?));
-            } else if i == 0 {
-                let file = OpenOptions::new().read(true).open(path).map_err(base_err)?;
-                let len = file.metadata().map_err(base_err)?.len();
-                lower.push(Layer::Raw {
-                    file,
-                    path: path.clone(),
-                    len,
-                });
-            } else {
-                return Err(DiskError::RawAboveBottom(path.clone()));
-            }
-        }
+        let lower = open_lower(layers)?;
         let size = match lower.first() {
             // A raw image's size is rounded up to whole sectors.
             Some(Layer::Raw { len, .. }) => len.div_ceil(512) * 512,
@@ -469,6 +514,36 @@ mod tests {
         assert!(buf[..4096].iter().all(|&x| x == 3));
         assert!(buf[4096..12288].iter().all(|&x| x == 0));
         assert!(buf[12288..].iter().all(|&x| x == 3));
+    }
+
+    #[test]
+    fn flattened_chain_reads_like_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path(), 64 * 1024, |i| (i % 199) as u8);
+        let mut layers = vec![b.clone()];
+        let mut disk = LayeredDisk::open(&layers, &dir.path().join("d0")).unwrap();
+        for (n, (off, len)) in [(0u64, 5000usize), (4096, 100), (20000, 9000), (60000, 4000)]
+            .into_iter()
+            .enumerate()
+        {
+            disk.write_at(off, &vec![n as u8 + 1; len]).unwrap();
+            layers.push(
+                disk.freeze(&dir.path().join(format!("d{}", n + 1)))
+                    .unwrap(),
+            );
+        }
+        let mut want = vec![0u8; 64 * 1024];
+        disk.read_at(0, &mut want).unwrap();
+        drop(disk);
+        let flat = flatten(&layers, &dir.path().join("flat")).unwrap();
+        let mut short = LayeredDisk::open(&[b, flat.clone()], &dir.path().join("top")).unwrap();
+        let mut got = vec![0u8; 64 * 1024];
+        short.read_at(0, &mut got).unwrap();
+        assert_eq!(got, want);
+        let f = DiffFile::open(&flat, false).unwrap();
+        assert!(f.is_frozen());
+        // Blocks 0-1 (first two writes), 4-7 (9000 bytes at 20000), 14-15 (4000 at 60000).
+        assert_eq!(f.allocated_blocks(), 2 + 4 + 2);
     }
 
     #[test]

@@ -10,4 +10,4 @@ mod diff;
 mod layered;
 
 pub use diff::{BLOCK_SIZE, DiffError, DiffFile, FORMAT_VERSION, MAGIC};
-pub use layered::{DiskError, LayeredDisk};
+pub use layered::{DiskError, LayeredDisk, flatten};
