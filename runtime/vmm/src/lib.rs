@@ -281,6 +281,45 @@ impl Vmm {
     }
 }
 
+/// Closes every KVM VM and vCPU fd this process holds. In a `fork(2)` child they belong to the
+/// parent's VM (KVM binds a VM to the process that created it), so the child can only close
+/// them, and must, or the parent's VM outlives the parent.
+fn close_inherited_kvm_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let t = target.to_string_lossy();
+            (t.starts_with("anon_inode:kvm-vm") || t.starts_with("anon_inode:kvm-vcpu"))
+                .then_some(fd)
+        })
+        .collect();
+    for fd in fds {
+        // SAFETY: the fd is open (just listed) and, in a fork child, owned by nothing that will
+        // use or close it again: the structures holding it are leaked by `into_fork_child`.
+        unsafe { libc::close(fd) };
+    }
+}
+
+impl Vmm {
+    /// For the child of a `fork(2)` taken while this VM was paused: gives up the parent's VM
+    /// without touching it (no vCPU threads exist in the child, so nothing is stopped or
+    /// joined; the parent's KVM fds are closed) and returns guest memory, the child's own
+    /// copy-on-write view of the parent's `MAP_PRIVATE` mapping, for
+    /// [`builder::restore_with_memory`]. Call it only in a fork child.
+    pub fn into_fork_child(self) -> GuestMemoryMmap {
+        let memory = self.vm.memory.clone();
+        // Dropping would signal and join vCPU threads that exist only in the parent.
+        std::mem::forget(self);
+        close_inherited_kvm_fds();
+        memory
+    }
+}
+
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop();
@@ -534,6 +573,88 @@ mod tests {
             .unwrap();
         assert_eq!(vmm.wait(), VmExit::PowerOff);
         assert_eq!(result(&vmm, 0), 2000);
+    }
+
+    /// Runs in its own process (re-executed by the test below) so that no other test's threads
+    /// exist when it forks.
+    fn fork_probe() -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("count", dir.path());
+        c.mem_bytes = 64 << 20;
+        let mut vmm = boot(&c).unwrap();
+        wait_for(&vmm, 1, 1);
+        vmm.pause().unwrap();
+        let vcpus = vmm.save_vcpu_states().unwrap();
+        let vm_state = vmm.save_vm_state().unwrap();
+        // SAFETY: the process is quiesced: the only other threads are the paused vCPU (blocked
+        // on its channel) and the test harness waiting for this test; the child only runs the
+        // restore path and exits with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let memory = vmm.into_fork_child();
+            let mut rc = c.clone();
+            rc.serial.log = Some(dir.path().join("child.log"));
+            let code = match restore_with_memory(&rc, memory, &vm_state, &vcpus) {
+                Ok(mut child) => {
+                    child
+                        .memory()
+                        .write_obj(1u64, GuestAddress(RESULTS + 16))
+                        .unwrap();
+                    let ok = child.wait() == VmExit::PowerOff && result(&child, 0) == 2000;
+                    if ok { 0 } else { 2 }
+                }
+                Err(_) => 3,
+            };
+            // SAFETY: _exit ends the child without running the parent's atexit handlers or
+            // destructors over state it shares with the parent.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: pid is our child; status is a valid out pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let child_code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            100
+        };
+        // The child's writes never reached the parent; the parent runs on from where it was.
+        let parent_untouched = result(&vmm, 0) == 1000 && result(&vmm, 2) == 0;
+        vmm.resume().unwrap();
+        vmm.memory()
+            .write_obj(1u64, GuestAddress(RESULTS + 16))
+            .unwrap();
+        let parent_ok = vmm.wait() == VmExit::PowerOff && result(&vmm, 0) == 2000;
+        match (child_code, parent_untouched, parent_ok) {
+            (0, true, true) => 0,
+            (c, _, _) if c != 0 => 10 + c,
+            (_, false, _) => 20,
+            _ => 30,
+        }
+    }
+
+    #[test]
+    fn fork_of_a_paused_vmm_gives_a_child_vm_over_copy_on_write_memory() {
+        if std::env::var_os("SPECC_VMM_FORK_PROBE").is_some() {
+            std::process::exit(fork_probe());
+        }
+        require_kvm();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::fork_of_a_paused_vmm_gives_a_child_vm_over_copy_on_write_memory",
+                "--test-threads=1",
+            ])
+            .env("SPECC_VMM_FORK_PROBE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "fork probe failed (11-13: child restore/run failed, 20: child wrote into the \
+             parent, 30: parent did not resume): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
