@@ -54,13 +54,20 @@ pub(crate) fn pop_chain(
     mem: &GuestMemoryMmap,
     max_bytes: u64,
 ) -> Result<Option<Chain>, ChainError> {
-    let next = {
-        let mut iter = queue.iter(mem).map_err(ChainError::Queue)?;
-        iter.next()
-    };
-    match next {
-        Some(dc) => Chain::parse(dc, mem, max_bytes).map(Some),
-        None => Ok(None),
+    loop {
+        let next = {
+            let mut iter = queue.iter(mem).map_err(ChainError::Queue)?;
+            iter.next()
+        };
+        if let Some(dc) = next {
+            return Chain::parse(dc, mem, max_bytes).map(Some);
+        }
+        // The ring is empty: ask the driver to notify us about the next buffer (with EVENT_IDX
+        // this publishes avail_event = next_avail) and look again, in case it added one while
+        // notifications were off.
+        if !queue.enable_notification(mem).map_err(ChainError::Queue)? {
+            return Ok(None);
+        }
     }
 }
 

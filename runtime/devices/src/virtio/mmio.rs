@@ -222,7 +222,7 @@ impl MmioTransport {
     }
 
     fn offered_features(&self) -> u64 {
-        self.device.avail_features() | (1u64 << features::VIRTIO_F_VERSION_1)
+        self.device.avail_features() | features::TRANSPORT
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -336,10 +336,13 @@ impl MmioTransport {
     fn start_device(&mut self) -> Result<(), ActivateError> {
         // Queue is not Clone; its state round-trip is exact and was validated when configured.
         let mut queues = Vec::with_capacity(self.queues.len());
+        let event_idx = self.acked_features & (1 << features::VIRTIO_RING_F_EVENT_IDX) != 0;
         for q in &self.queues {
-            queues.push(Queue::try_from(q.state()).map_err(|e| {
+            let mut q = Queue::try_from(q.state()).map_err(|e| {
                 ActivateError::Backend(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-            })?);
+            })?;
+            q.set_event_idx(event_idx);
+            queues.push(q);
         }
         let mut evts = Vec::with_capacity(self.queue_evts.len());
         for e in &self.queue_evts {
@@ -689,6 +692,8 @@ impl Persist for MmioTransport {
 mod tests {
     use proptest::prelude::*;
 
+    use vm_memory::Bytes;
+
     use super::*;
     use crate::virtio::rng::Rng;
     use crate::virtio::test_utils::{TestDriver, TestIrq, new_mem};
@@ -774,6 +779,45 @@ mod tests {
         let mut big = [0u8; 8];
         d.transport.read(0x2000, &mut big);
         d.transport.write(u64::MAX, &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn event_idx_publishes_avail_event_after_draining_the_ring() {
+        let mut d = driver();
+        assert_ne!(
+            d.device_features() & (1 << features::VIRTIO_RING_F_EVENT_IDX),
+            0
+        );
+        d.init(16);
+        for _ in 0..3 {
+            let a = d.alloc(8);
+            d.add_chain(0, &[(a, 8, true)]);
+        }
+        d.notify(0);
+        for _ in 0..3 {
+            d.wait_used(0);
+        }
+        // Join the worker so its last ring update is done, then look at avail_event.
+        d.transport.pause();
+        let q = d.queues[0].clone();
+        let avail_event: u16 = d
+            .mem
+            .read_obj(vm_memory::GuestAddress(q.used + 4 + 8 * u64::from(q.size)))
+            .unwrap();
+        assert_eq!(avail_event, 3);
+        assert!(d.transport.save().queues[0].event_idx_enabled);
+    }
+
+    #[test]
+    fn device_without_event_idx_still_serves() {
+        let mut d = driver();
+        d.init_with(1 << features::VIRTIO_F_VERSION_1, 16);
+        let a = d.alloc(8);
+        let head = d.add_chain(0, &[(a, 8, true)]);
+        d.notify(0);
+        assert_eq!(d.wait_used(0), (head, 8));
+        d.transport.pause();
+        assert!(!d.transport.save().queues[0].event_idx_enabled);
     }
 
     #[test]

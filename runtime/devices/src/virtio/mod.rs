@@ -39,6 +39,10 @@ pub mod device_type {
 pub mod features {
     /// Modern (non-legacy) device: the only kind this crate offers.
     pub const VIRTIO_F_VERSION_1: u32 = 32;
+    /// `used_event` / `avail_event` notification suppression, offered for every device.
+    pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+    /// The features the transport offers on top of every device's own.
+    pub const TRANSPORT: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX);
 }
 
 /// Device status bits (virtio 1.2, 2.1).

@@ -284,6 +284,15 @@ impl TestDriver {
             if let Some(u) = self.try_used(qi) {
                 return u;
             }
+            // With EVENT_IDX: interrupt me for the next used buffer.
+            let q = &self.queues[qi];
+            let used_event = q.avail + 4 + 2 * u64::from(q.size);
+            self.mem
+                .write_obj(q.last_used, GuestAddress(used_event))
+                .unwrap();
+            if let Some(u) = self.try_used(qi) {
+                return u;
+            }
             let left = DEADLINE.saturating_sub(start.elapsed());
             assert!(
                 !left.is_zero(),

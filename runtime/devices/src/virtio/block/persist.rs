@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 
 use super::device::{Block, BlockConfig, BlockError};
 use crate::persist::Persist;
-use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::features::TRANSPORT;
 
 /// Saved virtio-blk state. The disk contents are not here: they are the layer files, and the
 /// restoring VMM hands the (frozen + fresh) layer stack in as [`BlockConfig`].
@@ -62,7 +62,7 @@ impl Persist for Block {
         if config.id != state.id {
             return Err(BlockRestoreError::Config("id"));
         }
-        let offered = Block::offered(state.read_only) | (1u64 << VIRTIO_F_VERSION_1);
+        let offered = Block::offered(state.read_only) | TRANSPORT;
         if state.acked_features & !offered != 0 {
             return Err(BlockRestoreError::Features(state.acked_features));
         }

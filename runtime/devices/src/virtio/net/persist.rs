@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 
 use super::device::{Net, NetConfig, NetError};
 use crate::persist::Persist;
-use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::features::TRANSPORT;
 
 /// Saved virtio-net state. Frames in flight are not saved: a network may drop them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ impl Persist for Net {
         if config.mtu != state.mtu {
             return Err(NetRestoreError::Config("MTU"));
         }
-        if state.acked_features & !(Net::offered() | (1u64 << VIRTIO_F_VERSION_1)) != 0 {
+        if state.acked_features & !(Net::offered() | TRANSPORT) != 0 {
             return Err(NetRestoreError::Features(state.acked_features));
         }
         let mut net = Net::new(config)?;

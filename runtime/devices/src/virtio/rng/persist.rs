@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Rng;
 use crate::persist::Persist;
-use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::features::TRANSPORT;
 
 /// Saved virtio-rng state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,7 +31,7 @@ impl Persist for Rng {
     }
 
     fn restore(_args: (), state: &RngState) -> Result<Self, RngError> {
-        if state.acked_features & !(1u64 << VIRTIO_F_VERSION_1) != 0 {
+        if state.acked_features & !TRANSPORT != 0 {
             return Err(RngError::Features(state.acked_features));
         }
         let mut rng = Rng::new();

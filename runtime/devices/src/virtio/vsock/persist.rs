@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 
 use super::device::{Vsock, VsockConfig, VsockError};
 use crate::persist::Persist;
-use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::features::TRANSPORT;
 
 /// Saved virtio-vsock state. Connections are not saved: their host ends do not survive a
 /// restore (or belong to the parent of a fork), so the restored device tells the guest with a
@@ -53,7 +53,7 @@ impl Persist for Vsock {
                 got: config.guest_cid,
             });
         }
-        if state.acked_features & !(1u64 << VIRTIO_F_VERSION_1) != 0 {
+        if state.acked_features & !TRANSPORT != 0 {
             return Err(VsockRestoreError::Features(state.acked_features));
         }
         let mut v = Vsock::new(config)?;
