@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::EventSet;
 
@@ -32,6 +33,8 @@ pub(super) struct Conn {
     pub(super) token: u64,
     pub(super) local_port: u32,
     pub(super) state: State,
+    /// When `state` last changed (for the connect and close timeouts).
+    pub(super) since: Instant,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
     /// Payload bytes sent to the guest.
@@ -66,6 +69,7 @@ impl Conn {
             token,
             local_port,
             state,
+            since: Instant::now(),
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             tx_cnt: 0,
@@ -81,6 +85,11 @@ impl Conn {
             interest: EventSet::empty(),
             host_write_shut: false,
         }
+    }
+
+    pub(super) fn set_state(&mut self, state: State) {
+        self.state = state;
+        self.since = Instant::now();
     }
 
     /// Take the guest's credit information from any packet it sent on this connection.

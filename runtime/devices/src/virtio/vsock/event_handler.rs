@@ -6,11 +6,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_queue::Queue;
 use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::HOST_CID;
 use super::connection::{Conn, State};
@@ -28,6 +30,7 @@ const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const EVQ_TOKEN: u64 = 2;
 const LISTENER_TOKEN: u64 = 3;
+const TIMER_TOKEN: u64 = 4;
 const FIRST_STREAM_TOKEN: u64 = 16;
 
 /// Connections at most; more are refused with RST (host side: closed).
@@ -37,6 +40,11 @@ const MAX_CONNS: usize = 1024;
 const MAX_BACKLOG: usize = 4096;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
+/// How long a host-initiated connection waits for the guest's RESPONSE, and a closing one for
+/// the guest's RST, before the device gives up on it (Firecracker uses 2 s for both too).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Period of the timeout scan while a connection is waiting.
+const TIMER_PERIOD: Duration = Duration::from_millis(500);
 /// First local port handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -64,6 +72,8 @@ pub(super) struct VsockHandler {
     next_token: u64,
     next_local_port: u32,
     reset_event_pending: bool,
+    timer: TimerFd,
+    timer_armed: bool,
     failed: bool,
 }
 
@@ -95,6 +105,8 @@ impl VsockHandler {
             next_token: FIRST_STREAM_TOKEN,
             next_local_port: FIRST_LOCAL_PORT,
             reset_event_pending,
+            timer: TimerFd::new().map_err(|e| ActivateError::Worker(io::Error::from(e)))?,
+            timer_armed: false,
             failed: false,
         })
     }
@@ -213,7 +225,7 @@ impl VsockHandler {
         conn.update_peer_credit(hdr);
         match (hdr.op, conn.state) {
             (OP_RESPONSE, State::Connecting) => {
-                conn.state = State::Established;
+                conn.set_state(State::Established);
                 let ok = format!("OK {}\n", conn.local_port);
                 conn.push_ctrl(ok.as_bytes());
                 if conn.flush_to_host().is_err() {
@@ -485,7 +497,7 @@ impl VsockHandler {
         }
         for key in closing {
             if let Some(c) = self.conns.get_mut(&key) {
-                c.state = State::Closing;
+                c.set_state(State::Closing);
             }
             let p = self.to_guest(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
             self.push_backlog(p);
@@ -494,6 +506,39 @@ impl VsockHandler {
             return Some(RxKind::Data(k));
         }
         (!self.backlog.is_empty()).then_some(RxKind::Backlog)
+    }
+
+    /// Give up on connections stuck in a handshake; stop the timer when none waits.
+    fn timeouts(&mut self, epoll: &Epoll) {
+        let _ = self.timer.wait();
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state != State::Established && c.since.elapsed() >= HANDSHAKE_TIMEOUT
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            tracing::debug!("virtio-vsock: connection {key:?} timed out in its handshake");
+            self.reset_conn(epoll, key);
+        }
+    }
+
+    /// Run the timer exactly while some connection waits for the guest.
+    fn arm_timer(&mut self) {
+        let waiting = self.conns.values().any(|c| c.state != State::Established);
+        if waiting != self.timer_armed {
+            let r = if waiting {
+                self.timer.reset(TIMER_PERIOD, Some(TIMER_PERIOD))
+            } else {
+                self.timer.clear()
+            };
+            match r {
+                Ok(()) => self.timer_armed = waiting,
+                Err(e) => tracing::error!("virtio-vsock: timer: {e}"),
+            }
+        }
     }
 
     fn process_evq(&mut self) -> Result<(), ChainError> {
@@ -566,6 +611,7 @@ impl EventHandler for VsockHandler {
             EventSet::IN,
             LISTENER_TOKEN,
         )?;
+        epoll_add(epoll, self.timer.as_raw_fd(), EventSet::IN, TIMER_TOKEN)?;
         for (token, p) in &self.pending {
             epoll_add(epoll, p.stream.as_raw_fd(), EventSet::IN, *token)?;
         }
@@ -608,6 +654,10 @@ impl EventHandler for VsockHandler {
                 self.accept(epoll);
                 Ok(())
             }
+            TIMER_TOKEN => {
+                self.timeouts(epoll);
+                Ok(())
+            }
             t if self.pending.contains_key(&t) => {
                 self.pending_readable(epoll, t);
                 Ok(())
@@ -627,6 +677,7 @@ impl EventHandler for VsockHandler {
         }
         // Delivering data freed read-ahead space: streams may want to read again.
         self.refresh(epoll);
+        self.arm_timer();
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

@@ -276,6 +276,21 @@ mod tests {
     }
 
     #[test]
+    fn guest_that_never_answers_a_connect_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mut g = Guest::new(&uds);
+        let mut host = host_connect(&uds, 1234);
+        let (h, _) = g.recv();
+        assert_eq!({ h.op }, OP_REQUEST);
+        // No RESPONSE: after the handshake timeout the host sees EOF and the guest an RST.
+        let mut b = [0u8; 1];
+        assert_eq!(host.read(&mut b).unwrap(), 0);
+        let (r, _) = g.recv();
+        assert_eq!((r.op, r.src_port, r.dst_port), (OP_RST, h.src_port, 1234));
+    }
+
+    #[test]
     fn malformed_connect_line_closes_the_host_stream() {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
