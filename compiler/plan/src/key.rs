@@ -58,6 +58,11 @@ fn sha(tag: &str, text: &str) -> Digest {
     e.finish()
 }
 
+/// sha256 of a text, for recording which version of a file a plan was made from.
+pub fn text_digest(text: &str) -> Digest {
+    Digest(Sha256::digest(text.as_bytes()).into())
+}
+
 /// The default kernel digest: of [`DEFAULT_KERNEL_DESCRIPTION`].
 pub fn default_kernel_digest() -> Digest {
     sha("kernel", DEFAULT_KERNEL_DESCRIPTION)

@@ -16,6 +16,7 @@ pub mod integrations;
 pub mod ir;
 pub mod key;
 mod lower;
+pub mod plancache;
 pub mod report;
 pub mod store;
 
@@ -112,6 +113,19 @@ pub fn compile(path: &Path, opts: &Options) -> Result<Compilation, CompileError>
 /// Compiles `text` as if it were the file at `path` (relative paths resolve against its
 /// directory; diagnostics name it).
 pub fn compile_str(path: &Path, text: &str, opts: &Options) -> Compilation {
+    compile_str_recording(path, text, opts).0
+}
+
+/// Text files read: path and sha256 of the text, or `None` for a path probed and absent.
+type Inputs = Vec<(PathBuf, Option<Digest>)>;
+/// Files or trees hashed, with their digests.
+type Hashed = Vec<(PathBuf, Digest)>;
+
+pub(crate) fn compile_str_recording(
+    path: &Path,
+    text: &str,
+    opts: &Options,
+) -> (Compilation, Inputs, Hashed, Hashed) {
     let cache = match &opts.digest_cache {
         Some(p) => hash::DigestCache::load(p),
         None => hash::DigestCache::in_memory(),
@@ -127,10 +141,11 @@ pub fn compile_str(path: &Path, text: &str, opts: &Options) -> Compilation {
     } else {
         spec
     };
-    Compilation {
+    let c = Compilation {
         files: lowerer.files,
         spec,
         diagnostics,
         files_hashed: lowerer.digests.files_read,
-    }
+    };
+    (c, lowerer.inputs, lowerer.trees, lowerer.kernels)
 }

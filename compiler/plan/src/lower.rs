@@ -109,6 +109,13 @@ pub(crate) struct Lowerer<'o> {
     /// Chain of spec files being lowered (`base spec=` recursion).
     spec_stack: Vec<PathBuf>,
     pub(crate) digests: DigestCache,
+    /// Every text file read (imports, base specs, integrations) with the sha256 of its text, or
+    /// `None` for a path probed and found absent: what a cached plan must re-check.
+    pub(crate) inputs: Vec<(PathBuf, Option<Digest>)>,
+    /// Every copy source with its tree digest.
+    pub(crate) trees: Vec<(PathBuf, Digest)>,
+    /// The `vm kernel=` files with their content digests.
+    pub(crate) kernels: Vec<(PathBuf, Digest)>,
 }
 
 fn kind_of(l: &Literal) -> &'static str {
@@ -186,6 +193,9 @@ impl<'o> Lowerer<'o> {
             scope: Scope::default(),
             spec_stack: Vec::new(),
             digests,
+            inputs: Vec::new(),
+            trees: Vec::new(),
+            kernels: Vec::new(),
         }
     }
 
@@ -325,7 +335,10 @@ impl<'o> Lowerer<'o> {
                 continue;
             }
             let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
+                Ok(t) => {
+                    self.inputs.push((path.clone(), Some(key::text_digest(&t))));
+                    t
+                }
                 Err(e) => {
                     self.error(
                         Code::ImportMissing,
@@ -1015,7 +1028,10 @@ impl<'o> Lowerer<'o> {
         match &vm.kernel {
             None => Some(key::default_kernel_digest()),
             Some(p) => match hash::hash_file(p, &mut self.digests) {
-                Ok(d) => Some(d),
+                Ok(d) => {
+                    self.kernels.push((p.clone(), d));
+                    Some(d)
+                }
                 Err(e) => {
                     self.error(
                         Code::KernelMissing,
@@ -1261,7 +1277,10 @@ impl<'o> Lowerer<'o> {
             return None;
         }
         let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+            Ok(t) => {
+                self.inputs.push((path.clone(), Some(key::text_digest(&t))));
+                t
+            }
             Err(e) => {
                 self.error(
                     Code::ImportMissing,
@@ -1882,10 +1901,22 @@ impl<'o> Lowerer<'o> {
                 given.push((key.text, key.span, val));
             }
         }
+        // Which file `use` resolved to depends on which files exist: record the probes.
+        for dir in &self.opts.integration_dirs {
+            let probe = dir.join(format!("{name}.kdl"));
+            if !matches!(&found, Found::File(p) if *p == probe) {
+                self.inputs.push((probe, None));
+            } else {
+                break;
+            }
+        }
         let (display, text) = match found {
             Found::Builtin(d, t) => (d, t.to_owned()),
             Found::File(p) => match std::fs::read_to_string(&p) {
-                Ok(t) => (p.display().to_string(), t),
+                Ok(t) => {
+                    self.inputs.push((p.clone(), Some(key::text_digest(&t))));
+                    (p.display().to_string(), t)
+                }
                 Err(e) => {
                     self.error(
                         Code::UnknownIntegration,
@@ -2391,6 +2422,11 @@ impl<'o> Lowerer<'o> {
         srcs.sort();
         srcs.dedup();
         let digests = hash::hash_sources(&srcs, &mut self.digests);
+        for (src, d) in &digests {
+            if let Ok(d) = d {
+                self.trees.push((src.clone(), *d));
+            }
+        }
         let mut failures: Vec<(PathBuf, String)> = Vec::new();
         for l in layers.iter_mut() {
             fill_copies(&mut l.steps, &digests, &mut failures);

@@ -2,10 +2,52 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::ir::{LayerId, Spec};
+use crate::ir::{Digest, Spec};
 use crate::store::LayerStore;
+
+/// What the views need of a planned spec: names, keys, edges. Small and serializable, so a
+/// warm `specc plan` can load it from the plan cache instead of re-parsing the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outline {
+    /// Spec name.
+    pub spec: String,
+    /// Layers in topological order.
+    pub layers: Vec<OutlineLayer>,
+    /// Index of [`Spec::head`].
+    pub head: usize,
+}
+
+/// One layer of an [`Outline`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutlineLayer {
+    /// Name.
+    pub name: String,
+    /// Cache key.
+    pub key: Digest,
+    /// Parent indices.
+    pub parents: Vec<usize>,
+}
+
+impl Outline {
+    /// The outline of a planned spec.
+    pub fn of(spec: &Spec) -> Outline {
+        Outline {
+            spec: spec.name.clone(),
+            layers: spec
+                .layers
+                .iter()
+                .map(|l| OutlineLayer {
+                    name: l.name.clone(),
+                    key: l.key,
+                    parents: l.parents.iter().map(|p| p.0).collect(),
+                })
+                .collect(),
+            head: spec.head().0,
+        }
+    }
+}
 
 /// `specc plan --json`: `{"spec": NAME, "layers": [...]}` in topological order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,9 +72,9 @@ pub struct LayerReport {
 }
 
 /// Builds the JSON view.
-pub fn plan_report(spec: &Spec, store: &dyn LayerStore) -> PlanReport {
+pub fn plan_report(spec: &Outline, store: &dyn LayerStore) -> PlanReport {
     PlanReport {
-        spec: spec.name.clone(),
+        spec: spec.spec.clone(),
         layers: spec
             .layers
             .iter()
@@ -42,7 +84,7 @@ pub fn plan_report(spec: &Spec, store: &dyn LayerStore) -> PlanReport {
                 parents: l
                     .parents
                     .iter()
-                    .map(|p| spec.layers[p.0].name.clone())
+                    .map(|p| spec.layers[*p].name.clone())
                     .collect(),
                 cached: store.has_layer(&l.key),
             })
@@ -51,14 +93,14 @@ pub fn plan_report(spec: &Spec, store: &dyn LayerStore) -> PlanReport {
 }
 
 /// A tree along first parents; a layer with more parents says so.
-pub fn render_tree(spec: &Spec, store: &dyn LayerStore) -> String {
+pub fn render_tree(spec: &Outline, store: &dyn LayerStore) -> String {
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); spec.layers.len()];
     for (i, l) in spec.layers.iter().enumerate() {
         if let Some(p) = l.parents.first() {
-            children[p.0].push(i);
+            children[*p].push(i);
         }
     }
-    let head = spec.head();
+    let head = spec.head;
     let cached = spec
         .layers
         .iter()
@@ -66,14 +108,14 @@ pub fn render_tree(spec: &Spec, store: &dyn LayerStore) -> String {
         .count();
     let mut out = format!(
         "spec {} ({} layers, {} cached, head `{}`)\n",
-        spec.name,
+        spec.spec,
         spec.layers.len(),
         cached,
-        spec.layers[head.0].name
+        spec.layers[head].name
     );
     /// `last`: `None` for the root, else whether this is its parent's last child.
     fn line(
-        spec: &Spec,
+        spec: &Outline,
         store: &dyn LayerStore,
         children: &[Vec<usize>],
         i: usize,
@@ -101,7 +143,7 @@ pub fn render_tree(spec: &Spec, store: &dyn LayerStore) -> String {
         if l.parents.len() > 1 {
             let others: Vec<&str> = l.parents[1..]
                 .iter()
-                .map(|p| spec.layers[p.0].name.as_str())
+                .map(|p| spec.layers[*p].name.as_str())
                 .collect();
             let _ = write!(out, "  (also after {})", others.join(", "));
         }
@@ -132,18 +174,14 @@ fn dot_id(s: &str) -> String {
 }
 
 /// Graphviz DOT of the layer DAG, edges parent -> child, the head drawn bold.
-pub fn render_dot(spec: &Spec) -> String {
+pub fn render_dot(spec: &Outline) -> String {
     let mut out = format!(
         "digraph {} {{\n    rankdir=TB;\n    node [shape=box, fontname=\"monospace\"];\n",
-        dot_id(&spec.name)
+        dot_id(&spec.spec)
     );
-    let head = spec.head();
+    let head = spec.head;
     for (i, l) in spec.layers.iter().enumerate() {
-        let style = if LayerId(i) == head {
-            ", style=bold"
-        } else {
-            ""
-        };
+        let style = if i == head { ", style=bold" } else { "" };
         let _ = writeln!(
             out,
             "    {} [label=\"{}\\n{}\"{style}];",
@@ -157,7 +195,7 @@ pub fn render_dot(spec: &Spec) -> String {
             let _ = writeln!(
                 out,
                 "    {} -> {};",
-                dot_id(&spec.layers[p.0].name),
+                dot_id(&spec.layers[*p].name),
                 dot_id(&l.name)
             );
         }

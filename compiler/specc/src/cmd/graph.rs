@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use specc_plan::report;
+use specc_plan::plancache::{self, Planned};
+use specc_plan::report::{self, Outline};
 
 use super::common::{CompileArgs, Format, print_diagnostics};
 
@@ -19,11 +20,16 @@ pub struct Args {
 /// Prints DOT on stdout (`specc graph spec.kdl | dot -Tsvg > layers.svg`).
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let opts = args.compile.options()?;
-    let c = specc_plan::compile(&args.file, &opts)?;
-    print_diagnostics(&c.diagnostics, &c.files, Format::Human)?;
-    let Some(spec) = c.spec else {
-        return Ok(ExitCode::from(1));
+    let outline = match plancache::plan(&args.file, &opts, &plancache::default_dir())? {
+        Planned::Hit(outline) => outline,
+        Planned::Fresh(c) => {
+            print_diagnostics(&c.diagnostics, &c.files, Format::Human)?;
+            let Some(spec) = &c.spec else {
+                return Ok(ExitCode::from(1));
+            };
+            Outline::of(spec)
+        }
     };
-    print!("{}", report::render_dot(&spec));
+    print!("{}", report::render_dot(&outline));
     Ok(ExitCode::SUCCESS)
 }

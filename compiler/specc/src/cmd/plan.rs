@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use specc_plan::report;
+use specc_plan::plancache::{self, Planned};
+use specc_plan::report::{self, Outline};
 use specc_plan::store::DirStore;
 
 use super::common::{CompileArgs, Format, print_diagnostics};
@@ -23,19 +24,24 @@ pub struct Args {
 /// Prints the plan; exit 1 (and diagnostics) when the spec has errors.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let opts = args.compile.options()?;
-    let c = specc_plan::compile(&args.file, &opts)?;
-    print_diagnostics(&c.diagnostics, &c.files, Format::Human)?;
-    let Some(spec) = c.spec else {
-        return Ok(ExitCode::from(1));
+    let outline = match plancache::plan(&args.file, &opts, &plancache::default_dir())? {
+        Planned::Hit(outline) => outline,
+        Planned::Fresh(c) => {
+            print_diagnostics(&c.diagnostics, &c.files, Format::Human)?;
+            let Some(spec) = &c.spec else {
+                return Ok(ExitCode::from(1));
+            };
+            Outline::of(spec)
+        }
     };
     let store = DirStore::open_default();
     if args.json {
         println!(
             "{}",
-            serde_json::to_string(&report::plan_report(&spec, &store))?
+            serde_json::to_string(&report::plan_report(&outline, &store))?
         );
     } else {
-        print!("{}", report::render_tree(&spec, &store));
+        print!("{}", report::render_tree(&outline, &store));
     }
     Ok(ExitCode::SUCCESS)
 }
