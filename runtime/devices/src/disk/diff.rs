@@ -267,6 +267,27 @@ impl DiffFile {
         self.bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
     }
 
+    /// Runs of allocated blocks as `(first block, count)`, ascending: the extents an artifact
+    /// packer copies (block `i` is at byte `data_offset() + i * BLOCK_SIZE` of the file).
+    pub fn allocated_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in 0..self.blocks {
+            if !self.has_block(i) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == i => *count += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        runs
+    }
+
+    /// Byte offset of block 0 in the file.
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
     /// Whether block `i` is in this layer.
     pub fn has_block(&self, i: u64) -> bool {
         let Ok(byte) = usize::try_from(i / 8) else {
@@ -418,5 +439,22 @@ impl Drop for DiffFile {
         {
             tracing::error!("flushing {} on close failed: {e}", self.path.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocated_runs_list_written_extents_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = DiffFile::create(&dir.path().join("d"), 64 * 4096).unwrap();
+        d.write_blocks(3, &[1; 2 * 4096]).unwrap();
+        d.write_blocks(10, &[2; 4096]).unwrap();
+        d.write_blocks(5, &[3; 4096]).unwrap();
+        d.zero_blocks(63, 1).unwrap();
+        assert_eq!(d.allocated_runs(), [(3, 3), (10, 1), (63, 1)]);
+        assert_eq!(d.data_offset(), 8192);
     }
 }
