@@ -286,16 +286,15 @@ impl VsockHandler {
             return;
         }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.0));
-        let stream =
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
-                    let p = self.reply(hdr, OP_RST, 0);
-                    self.push_backlog(p);
-                    return;
-                }
-            };
+        let stream = match connect_nonblocking(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
+                let p = self.reply(hdr, OP_RST, 0);
+                self.push_backlog(p);
+                return;
+            }
+        };
         let token = self.token();
         if let Err(e) = epoll_add(epoll, stream.as_raw_fd(), EventSet::empty(), token) {
             tracing::error!("virtio-vsock: epoll add failed: {e}");
@@ -578,6 +577,47 @@ impl VsockHandler {
             self.reset_conn(epoll, key);
         }
     }
+}
+
+/// Connect a non-blocking unix stream socket: a listener with a full backlog makes this fail
+/// (the guest gets RST) instead of stalling the device's loop.
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain syscall, no pointers.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own; the stream closes it on every path below.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(110);
+    // SAFETY: `addr` is a valid sockaddr_un that outlives the call and `len` is its size.
+    let r = unsafe { libc::connect(fd, std::ptr::from_ref(&addr).cast(), len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 #[derive(Debug, Clone, Copy)]
