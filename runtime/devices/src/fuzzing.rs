@@ -81,6 +81,50 @@ fn check_workers(before: usize) {
     assert_eq!(worker_panics(), before, "a device worker thread panicked");
 }
 
+/// Treat `data` as a diff layer file pulled from an untrusted artifact: open it, and if it is
+/// accepted, read every block through a disk stacked on it and write one.
+pub fn diff_file(data: &[u8]) {
+    diff_file_once(data);
+    // Again with valid CRCs, so the checks behind them (offsets, sizes, flags) meet the input.
+    let mut fixed = data.to_vec();
+    if fixed.len() >= 60 {
+        let blen = u64::from_le_bytes(fixed[32..40].try_into().unwrap_or([0; 8]));
+        let end = usize::try_from(blen)
+            .ok()
+            .and_then(|b| b.checked_add(4096))
+            .filter(|&e| e <= fixed.len());
+        if let Some(end) = end {
+            let crc = crc32fast::hash(&fixed[4096..end]);
+            fixed[52..56].copy_from_slice(&crc.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&fixed[..56]);
+        fixed[56..60].copy_from_slice(&crc.to_le_bytes());
+        diff_file_once(&fixed);
+    }
+}
+
+fn diff_file_once(data: &[u8]) {
+    let scratch = Scratch::new();
+    let path = scratch.0.join("layer");
+    std::fs::write(&path, data).expect("writing the fuzz layer");
+    let Ok(layer) = crate::disk::DiffFile::open(&path, false) else {
+        return;
+    };
+    // Bound the work per input: a header may claim a huge (sparse) disk.
+    let blocks = layer.blocks().min(256);
+    drop(layer);
+    let top = scratch.0.join("top");
+    let Ok(mut disk) = crate::disk::LayeredDisk::open(std::slice::from_ref(&path), &top) else {
+        return;
+    };
+    let mut buf = vec![0u8; 4096];
+    for i in 0..blocks {
+        let _ = disk.read_at(i * 4096, &mut buf);
+    }
+    let _ = disk.write_at(100, &[1, 2, 3]);
+    let _ = disk.flush();
+}
+
 /// Interpret `data` as register accesses (7 bytes each: kind, offset, value) on a transport.
 pub fn mmio_ops(data: &[u8]) {
     let before = worker_panics();
@@ -349,8 +393,33 @@ mod tests {
         assert_eq!(run_queues(Target::Net, &seed(Target::Net)), [0, 1]);
     }
 
+    fn valid_layer() -> Vec<u8> {
+        let scratch = Scratch::new();
+        let p = scratch.0.join("l");
+        let mut d = crate::disk::DiffFile::create(&p, 64 * 4096).unwrap();
+        d.write_blocks(2, &[7; 4096]).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        std::fs::read(&p).unwrap()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn corrupted_diff_files_are_refused_or_read_safely(
+            flips in proptest::collection::vec((0usize..8192, any::<u8>()), 0..8),
+            cut in proptest::option::of(0usize..20000),
+        ) {
+            let mut data = valid_layer();
+            for (at, x) in flips {
+                data[at] ^= x;
+            }
+            if let Some(c) = cut {
+                data.truncate(c.min(data.len()));
+            }
+            diff_file(&data);
+        }
 
         #[test]
         fn random_register_sequences_never_panic(data in proptest::collection::vec(any::<u8>(), 0..700)) {

@@ -29,8 +29,9 @@ const HEADER_SIZE: u64 = 4096;
 const HEADER_BYTES: usize = 4096;
 const HEADER_CRC_OFFSET: usize = 56;
 const FLAG_FROZEN: u32 = 1;
-/// Largest virtual size accepted from a header (1 PiB): bounds the bitmap we allocate.
-const MAX_VIRTUAL_SIZE: u64 = 1 << 50;
+/// Largest virtual size (4 TiB): bounds the bitmap held in memory (128 MiB) that a hostile
+/// header, backed by a sparse file of the claimed length, could make us allocate.
+const MAX_VIRTUAL_SIZE: u64 = 1 << 42;
 
 /// Why a diff file could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,7 @@ impl DiffFile {
             return Err(DiffError::Format {
                 path: path.to_owned(),
                 reason: format!(
-                    "virtual size {virtual_size} is not a positive multiple of 512 up to 1 PiB"
+                    "virtual size {virtual_size} is not a positive multiple of 512 up to 4 TiB"
                 ),
             });
         }
