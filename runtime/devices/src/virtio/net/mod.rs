@@ -22,7 +22,7 @@ pub mod features {
 }
 
 #[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 mod tests {
     use std::collections::HashMap;
     use std::io::{Read, Write};
@@ -221,6 +221,122 @@ mod tests {
             backend: NetBackend::Stream(dev3),
         };
         assert!(Net::restore(other_mac, ns).is_err());
+    }
+
+    /// An AF_PACKET socket on interface `ifname` (raw Ethernet frames in and out).
+    fn packet_socket(ifname: &str) -> (std::os::fd::OwnedFd, libc::sockaddr_ll) {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a NUL-terminated name that outlives the call.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {ifname}");
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is a fresh socket we own.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = index as i32;
+        sll.sll_halen = 6;
+        // SAFETY: binds fd to a valid sockaddr_ll of the right size.
+        let r = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                std::ptr::from_ref(&sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: DEADLINE.as_secs() as i64,
+            tv_usec: 0,
+        };
+        // SAFETY: sets a receive timeout from a valid timeval.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        (fd, sll)
+    }
+
+    /// The tap backend (needs root/CAP_NET_ADMIN and /dev/net/tun): a guest frame comes out of
+    /// the interface, and a frame sent on the interface reaches the guest.
+    #[test]
+    fn tap_backend_relays_frames() {
+        use std::os::fd::AsRawFd;
+        let name = format!("spcc{}", std::process::id() % 100_000);
+        let mut g = Guest::new(NetBackend::Tap(name.clone()));
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", &name, "up"])
+            .status()
+            .expect("running ip (iproute2)");
+        assert!(up.success(), "ip link set {name} up failed");
+        let (sock, sll) = packet_socket(&name);
+
+        // Guest -> interface. Use an EtherType nothing else on the link sends.
+        let mut f = vec![0u8; 60];
+        f[..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&MAC);
+        f[12..14].copy_from_slice(&[0x88, 0xb5]);
+        f[14..20].copy_from_slice(b"specc!");
+        g.send(&f);
+        let mut buf = vec![0u8; 2048];
+        loop {
+            // SAFETY: reads into a buffer we own, of the given length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(
+                n >= 0,
+                "no frame from the guest on {name}: {}",
+                std::io::Error::last_os_error()
+            );
+            if buf[12..14] == [0x88, 0xb5] {
+                assert_eq!(&buf[14..20], b"specc!");
+                break;
+            }
+        }
+
+        // Interface -> guest.
+        for _ in 0..8 {
+            g.post_rx(RXBUF);
+        }
+        let mut out = [0u8; 60];
+        out[..6].copy_from_slice(&MAC);
+        out[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        out[12..14].copy_from_slice(&[0x88, 0xb6]);
+        out[14..20].copy_from_slice(b"to-vm!");
+        // SAFETY: sends a buffer we own to a valid sockaddr_ll.
+        let n = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                0,
+                std::ptr::from_ref(&sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(n, 60, "sendto: {}", std::io::Error::last_os_error());
+        loop {
+            let f = g.recv();
+            g.post_rx(RXBUF);
+            if f.len() >= 20 && f[12..14] == [0x88, 0xb6] {
+                assert_eq!(&f[14..20], b"to-vm!");
+                break;
+            }
+        }
     }
 
     /// The real passt binary (Debian package `passt`): an ARP request from the guest is
