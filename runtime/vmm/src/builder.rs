@@ -323,7 +323,13 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let v = Vcpu::new(id, &vm.fd, msr_list.clone())?;
-        v.configure(&kvm.supported_cpuid, config.vcpus, kernel.entry, kvm.flavor)?;
+        v.configure(
+            &kvm.supported_cpuid,
+            config.vcpus,
+            kernel.entry,
+            kvm.flavor,
+            kvm.tsc_deadline,
+        )?;
         vcpus.push(v);
     }
     tracing::debug!("boot: vcpus configured {:?}", t0.elapsed());

@@ -148,6 +148,7 @@ impl Vmm {
                 Ok(e) => Some(e),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                        self.log_vcpu_positions();
                         Some(VmExit::Timeout)
                     } else {
                         return None;
@@ -163,6 +164,34 @@ impl Vmm {
         self.stop();
         self.ended = Some(exit.clone());
         Some(exit)
+    }
+
+    /// Logs where every vCPU is (a guest that ran out of time is usually stuck somewhere).
+    fn log_vcpu_positions(&mut self) {
+        if self.pause().is_err() {
+            return;
+        }
+        match self.save_vcpu_states() {
+            Ok(states) => {
+                for s in states {
+                    tracing::warn!(
+                        "timeout: vcpu {} mp_state {} rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} \
+                         cr3 {:#x} efer {:#x} cs {:#x}/{:#x}",
+                        s.id,
+                        s.mp_state.mp_state,
+                        s.regs.rip,
+                        s.regs.rsp,
+                        s.regs.rflags,
+                        s.sregs.cr0,
+                        s.sregs.cr3,
+                        s.sregs.efer,
+                        s.sregs.cs.selector,
+                        s.sregs.cs.base
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("timeout: reading vCPU state: {}", error_chain(&e)),
+        }
     }
 
     /// Waits until the VM ends and stops the vCPU threads.

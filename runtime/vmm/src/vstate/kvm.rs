@@ -78,6 +78,8 @@ pub struct Kvm {
     pub msr_index_list: Vec<u32>,
     /// Which KVM this is.
     pub flavor: KvmFlavor,
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the in-kernel LAPIC has the TSC-deadline mode.
+    pub tsc_deadline: bool,
 }
 
 impl Kvm {
@@ -101,11 +103,13 @@ impl Kvm {
             .map_err(Error::MsrIndexList)?
             .as_slice()
             .to_vec();
+        let tsc_deadline = fd.check_extension(Cap::TscDeadlineTimer);
         Ok(Kvm {
             fd,
             supported_cpuid,
             msr_index_list,
             flavor: KvmFlavor::detect(),
+            tsc_deadline,
         })
     }
 }

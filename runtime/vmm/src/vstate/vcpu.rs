@@ -222,9 +222,13 @@ impl Vcpu {
         num_cpus: u8,
         entry: u64,
         flavor: KvmFlavor,
+        tsc_deadline: bool,
     ) -> Result<(), Error> {
         let mut entries = supported_cpuid.as_slice().to_vec();
         cpuid::filter(&mut entries, self.id, num_cpus);
+        if tsc_deadline {
+            cpuid::set_tsc_deadline(&mut entries);
+        }
         if flavor == KvmFlavor::Pvm {
             cpuid::hide_unemulated(&mut entries);
         }
@@ -719,8 +723,14 @@ mod tests {
         let vm = kvm.fd.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let v = Vcpu::new(0, &vm, Arc::new(kvm.msr_index_list.clone())).unwrap();
-        v.configure(&kvm.supported_cpuid, 1, 0x10_0000, kvm.flavor)
-            .unwrap();
+        v.configure(
+            &kvm.supported_cpuid,
+            1,
+            0x10_0000,
+            kvm.flavor,
+            kvm.tsc_deadline,
+        )
+        .unwrap();
         (kvm, vm, v)
     }
 
@@ -730,18 +740,24 @@ mod tests {
         let s = v.save_state().unwrap();
         let w = Vcpu::new(1, &vm, Arc::new(kvm.msr_index_list.clone())).unwrap();
         w.restore_state(&s).unwrap();
-        let mut t = w.save_state().unwrap();
+        let t = w.save_state().unwrap();
         assert_eq!(t.regs, s.regs);
         assert_eq!(t.sregs.cr3, s.sregs.cr3);
         assert_eq!(t.xsave, s.xsave);
         assert_eq!(t.cpuid.len(), s.cpuid.len());
-        // The TSC moves on between the two reads; everything else in the MSRs must match.
-        let strip = |m: &mut Vec<kvm_msr_entry>| m.retain(|e| e.index != 0x10);
-        let mut sm = s.msrs.clone();
-        strip(&mut sm);
-        strip(&mut t.msrs);
-        let key = |m: &[kvm_msr_entry]| m.iter().map(|e| (e.index, e.data)).collect::<Vec<_>>();
-        assert_eq!(key(&t.msrs), key(&sm));
+        // The same MSRs are readable, and the boot MSRs (none of which is a clock, unlike the
+        // TSC or Hyper-V's reference counter) carry the same values.
+        let index = |m: &[kvm_msr_entry]| m.iter().map(|e| e.index).collect::<Vec<_>>();
+        assert_eq!(index(&t.msrs), index(&s.msrs));
+        let value = |m: &[kvm_msr_entry], i: u32| m.iter().find(|e| e.index == i).map(|e| e.data);
+        for boot in msr::boot_msr_entries().iter().filter(|e| e.index != 0x10) {
+            assert_eq!(
+                value(&t.msrs, boot.index),
+                value(&s.msrs, boot.index),
+                "{:#x}",
+                boot.index
+            );
+        }
     }
 
     #[test]

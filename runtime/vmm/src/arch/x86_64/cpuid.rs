@@ -24,6 +24,19 @@ const CLFLUSH_LINE_8_QWORDS: u32 = 8;
 
 const ECX_CX16: u32 = 1 << 13;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Announces the LAPIC TSC-deadline timer. KVM emulates it in the in-kernel LAPIC but leaves the
+/// bit out of KVM_GET_SUPPORTED_CPUID (KVM_CAP_TSC_DEADLINE_TIMER says whether it can);
+/// without it Linux calibrates the LAPIC timer against the PIT, which fails under emulation
+/// ("APIC timer disabled due to verification failure") and leaves the guest without
+/// high-resolution timers.
+pub fn set_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == LEAF_FEATURES) {
+        e.ecx |= ECX_TSC_DEADLINE;
+    }
+}
+
 /// Hides what KVM's instruction emulator cannot emulate, for hosts (PVM) where unmodified
 /// guests run under it (docs/pvm.md): `cmpxchg16b` (CX16), which SLUB's lockless fast path
 /// uses; without it SLUB takes its locked path. (XSAVE cannot be hidden this way: PVM keeps
@@ -171,6 +184,14 @@ mod tests {
         e[0].ecx = ECX_CX16 | 1;
         hide_unemulated(&mut e);
         assert_eq!(e[0].ecx, 1);
+    }
+
+    #[test]
+    fn tsc_deadline_bit_is_set_in_leaf_1() {
+        let mut e = sample();
+        set_tsc_deadline(&mut e);
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(e[1].ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
