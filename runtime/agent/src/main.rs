@@ -28,13 +28,18 @@ use crate::conn::Ctx;
 use crate::identity::IdentityConfig;
 use crate::log::log;
 
-const USAGE: &str = "usage: specc-agent [--listen vsock[:PORT] | --listen unix:PATH]... \
+const USAGE: &str = "usage: specc-agent [--listen vsock[:PORT] | unix:PATH | serial:PATH | virtio-port:NAME]... \
 [--etc DIR] [--no-set-clock] [--version]";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Listen {
     Vsock(u32),
     Unix(PathBuf),
+    /// A virtio-serial port (or any character device): one connection at a time.
+    Serial(PathBuf),
+    /// The virtio-serial port with this name (`/sys/class/virtio-ports/*/name`), wherever the
+    /// kernel numbered it.
+    VirtioPort(String),
 }
 
 #[derive(Debug)]
@@ -54,11 +59,24 @@ fn parse_listen(s: &str) -> anyhow::Result<Listen> {
     if let Some(path) = s.strip_prefix("unix:") {
         return Ok(Listen::Unix(PathBuf::from(path)));
     }
-    bail!("--listen takes vsock[:PORT] or unix:PATH, not {s:?}")
+    if let Some(path) = s.strip_prefix("serial:") {
+        return Ok(Listen::Serial(PathBuf::from(path)));
+    }
+    if let Some(name) = s.strip_prefix("virtio-port:") {
+        return Ok(Listen::VirtioPort(name.to_owned()));
+    }
+    bail!("--listen takes vsock[:PORT], unix:PATH or serial:PATH, not {s:?}")
 }
 
 /// Parses the arguments. `lenient` (PID 1) logs and skips what it does not understand.
-fn parse_args(argv: &[String], lenient: bool) -> anyhow::Result<Option<Args>> {
+/// `env_listen` (`$SPECC_AGENT_LISTEN`, comma-separated `--listen` values) applies when no
+/// `--listen` is given: on a kernel command line `SPECC_AGENT_LISTEN=...` reaches init as an
+/// environment variable, while words after `--` would collide with parameters a VMM appends.
+fn parse_args(
+    argv: &[String],
+    lenient: bool,
+    env_listen: Option<&str>,
+) -> anyhow::Result<Option<Args>> {
     let mut args = Args {
         listen: Vec::new(),
         etc: PathBuf::from("/etc"),
@@ -94,6 +112,19 @@ fn parse_args(argv: &[String], lenient: bool) -> anyhow::Result<Option<Args>> {
                 log!("ignoring argument: {e:#}");
             } else {
                 bail!("{e:#}\n{USAGE}");
+            }
+        }
+    }
+    if args.listen.is_empty() {
+        for l in env_listen
+            .iter()
+            .flat_map(|v| v.split(','))
+            .filter(|v| !v.is_empty())
+        {
+            match parse_listen(l) {
+                Ok(l) => args.listen.push(l),
+                Err(e) if lenient => log!("ignoring SPECC_AGENT_LISTEN entry: {e:#}"),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -175,6 +206,74 @@ fn accept_unix(listener: &UnixListener, ctx: &Arc<Ctx>) -> ! {
     }
 }
 
+/// Makes a tty port transparent (no echo, no line editing, no CR/LF translation).
+fn make_raw(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: isatty only inspects the fd.
+    if unsafe { libc::isatty(f.as_raw_fd()) } != 1 {
+        return;
+    }
+    // SAFETY: termios is plain old data, filled by tcgetattr before use.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr/tcsetattr on an fd we own with a termios we own.
+    unsafe {
+        if libc::tcgetattr(f.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// The device node of the virtio-serial port named `name`, as udev would link it under
+/// `/dev/virtio-ports/` (there is no udev under the agent).
+fn virtio_port(name: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/sys/class/virtio-ports")
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == name))
+        .map(|e| PathBuf::from("/dev").join(e.file_name()))
+}
+
+/// Serves a serial port forever: one connection per open; the host side closing the port
+/// ends it (reads return EOF) and the port is opened again for the next one.
+fn serve_serial(what: &str, resolve: impl Fn() -> Option<PathBuf>, ctx: &Arc<Ctx>) -> ! {
+    let mut attempt: u64 = 0;
+    loop {
+        let opened = resolve()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+            .and_then(|path| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+            });
+        match opened {
+            Ok(f) => {
+                if attempt == 0 {
+                    log!("serving on {what}");
+                }
+                make_raw(&f);
+                let started = std::time::Instant::now();
+                if let Err(e) = conn::serve(f, ctx) {
+                    log!("serial connection ended with an error: {e}");
+                }
+                // A port without a host side reads EOF at once: do not spin on it.
+                if started.elapsed() < Duration::from_millis(50) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                attempt = 1;
+            }
+            Err(e) => {
+                if attempt.is_multiple_of(25) {
+                    log!("{what} not available yet ({e}); retrying");
+                }
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let pid1 = std::process::id() == 1;
     if pid1 {
@@ -182,7 +281,8 @@ fn main() -> anyhow::Result<()> {
     }
     ensure_std_fds();
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let args = match parse_args(&argv, pid1) {
+    let env_listen = std::env::var("SPECC_AGENT_LISTEN").ok();
+    let args = match parse_args(&argv, pid1, env_listen.as_deref()) {
         Ok(Some(a)) => a,
         Ok(None) => return Ok(()),
         Err(e) => return Err(e),
@@ -211,6 +311,20 @@ fn main() -> anyhow::Result<()> {
                 log!("listening on unix socket {}", path.display());
                 let ctx = ctx.clone();
                 threads.push(std::thread::spawn(move || accept_unix(&listener, &ctx)));
+            }
+            Listen::Serial(path) => {
+                let (path, ctx) = (path.clone(), ctx.clone());
+                let what = format!("serial port {}", path.display());
+                threads.push(std::thread::spawn(move || {
+                    serve_serial(&what, || Some(path.clone()), &ctx)
+                }));
+            }
+            Listen::VirtioPort(name) => {
+                let (name, ctx) = (name.clone(), ctx.clone());
+                let what = format!("virtio port {name:?}");
+                threads.push(std::thread::spawn(move || {
+                    serve_serial(&what, || virtio_port(&name), &ctx)
+                }));
             }
             Listen::Vsock(port) => {
                 pending_vsock += 1;
@@ -255,7 +369,7 @@ mod tests {
 
     #[test]
     fn parse_args_defaults_to_vsock_1024() {
-        let a = parse_args(&[], false).unwrap().unwrap();
+        let a = parse_args(&[], false, None).unwrap().unwrap();
         assert_eq!(a.listen, vec![Listen::Vsock(1024)]);
         assert!(a.set_clock);
     }
@@ -267,23 +381,45 @@ mod tests {
                 "--listen",
                 "unix:/tmp/a",
                 "--listen=vsock:5000",
+                "--listen",
+                "serial:/dev/vport0p1",
                 "--no-set-clock",
             ]),
             false,
+            None,
         )
         .unwrap()
         .unwrap();
         assert_eq!(
             a.listen,
-            vec![Listen::Unix("/tmp/a".into()), Listen::Vsock(5000)]
+            vec![
+                Listen::Unix("/tmp/a".into()),
+                Listen::Vsock(5000),
+                Listen::Serial("/dev/vport0p1".into())
+            ]
         );
         assert!(!a.set_clock);
     }
 
     #[test]
     fn parse_args_rejects_unknown_unless_lenient() {
-        assert!(parse_args(&strings(&["quiet"]), false).is_err());
-        let a = parse_args(&strings(&["quiet", "--listen", "bogus"]), true)
+        assert!(parse_args(&strings(&["quiet"]), false, None).is_err());
+        let a = parse_args(&strings(&["quiet", "--listen", "bogus"]), true, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.listen, vec![Listen::Vsock(1024)]);
+    }
+
+    #[test]
+    fn parse_args_takes_listeners_from_the_environment_unless_given() {
+        let a = parse_args(&[], true, Some("serial:/dev/vport0p1,vsock:7"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            a.listen,
+            vec![Listen::Serial("/dev/vport0p1".into()), Listen::Vsock(7)]
+        );
+        let a = parse_args(&strings(&["--listen", "vsock"]), true, Some("vsock:7"))
             .unwrap()
             .unwrap();
         assert_eq!(a.listen, vec![Listen::Vsock(1024)]);
