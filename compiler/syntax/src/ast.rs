@@ -366,3 +366,77 @@ mod tests {
         assert!(diags.iter().all(|d| d.code == Code::KdlSyntax));
     }
 }
+
+#[cfg(test)]
+mod hammer {
+    //! The fuzz target's checks as a proptest, so every `cargo test` hammers the parser with
+    //! KDL-shaped garbage even where cargo-fuzz (nightly) is not available.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::Files;
+
+    fn kdl_ish() -> impl Strategy<Value = String> {
+        let token = prop_oneof![
+            Just("spec".to_owned()),
+            Just("layer".to_owned()),
+            Just("run".to_owned()),
+            Just("\"x\"".to_owned()),
+            Just("#\"raw\"#".to_owned()),
+            Just("\"\"\"\n  multi\n  \"\"\"".to_owned()),
+            Just("{".to_owned()),
+            Just("}".to_owned()),
+            Just("=".to_owned()),
+            Just(";".to_owned()),
+            Just("\n".to_owned()),
+            Just(" ".to_owned()),
+            Just("/-".to_owned()),
+            Just("//c\n".to_owned()),
+            Just("/*".to_owned()),
+            Just("*/".to_owned()),
+            Just("(t)".to_owned()),
+            Just("0o7".to_owned()),
+            Just("1.5e3".to_owned()),
+            Just("#true".to_owned()),
+            Just("é".to_owned()),
+            Just("\\".to_owned()),
+            "[a-z]{1,6}".prop_map(|s| s),
+            any::<char>().prop_map(|c| c.to_string()),
+        ];
+        prop::collection::vec(token, 0..60).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn parse_never_panics_and_spans_stay_in_bounds(text in kdl_ish()) {
+            let (_, diags) = parse(FileId(0), &text);
+            let mut files = Files::new();
+            files.add("t.kdl", text.as_str());
+            for d in &diags {
+                prop_assert!(d.primary.span.end <= text.len());
+                prop_assert!(text.is_char_boundary(d.primary.span.start));
+                prop_assert!(text.is_char_boundary(d.primary.span.end));
+                let _ = d.to_short(&files);
+            }
+        }
+
+        #[test]
+        fn formatting_is_idempotent(text in kdl_ish()) {
+            if let Ok(once) = crate::format::format(FileId(0), &text) {
+                let twice = crate::format::format(FileId(0), &once);
+                prop_assert_eq!(twice.as_ref(), Ok(&once), "input {:?}", text);
+            }
+        }
+
+        #[test]
+        fn value_grammars_never_panic(s in "\\PC{0,24}") {
+            let _ = crate::value::parse_size(&s);
+            let _ = crate::value::parse_duration(&s);
+            let _ = crate::value::parse_port(&s);
+            let _ = crate::value::parse_template(&s);
+        }
+    }
+}
