@@ -35,6 +35,8 @@ enum Command {
     Kernel(cmd::kernel::Args),
     /// Run a command inside the rig (emulated KVM host), or show the detected KVM mode.
     Rig(cmd::rig::Args),
+    /// Boot a spec's VM, run a command in it through the agent, exit with its exit code.
+    Run(cmd::run::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Fmt(args) => cmd::fmt::run(args),
         Command::Kernel(args) => cmd::kernel::run(args),
         Command::Rig(args) => cmd::rig::run(args),
+        Command::Run(args) => cmd::run::run(args),
     };
     match result {
         Ok(code) => code,

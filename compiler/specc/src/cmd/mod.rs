@@ -7,3 +7,4 @@ pub mod graph;
 pub mod kernel;
 pub mod plan;
 pub mod rig;
+pub mod run;

@@ -1,0 +1,3 @@
+//! Layer builds: apply a layer's steps through the guest agent, snapshot, store, export.
+
+pub mod steps;

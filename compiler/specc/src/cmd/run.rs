@@ -1,0 +1,213 @@
+//! `specc run FILE -- CMD ARGS...`: boot the spec's VM, run CMD through the agent, stream its
+//! output and exit with its exit code.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use specc_guestkit::kernel::{self, KernelKind};
+use specc_guestkit::rootfs;
+use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
+use specc_plan::ir;
+use specc_protocol::messages::ExecRequest;
+use specc_rig::{Placement, RigConfig};
+
+use super::common::{CompileArgs, Format, print_diagnostics};
+
+/// Arguments of `specc run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The spec file.
+    pub file: PathBuf,
+    /// Give the guest a network (passt, user mode).
+    #[arg(long)]
+    pub net: bool,
+    /// Seconds to wait for the guest agent after starting the VMM.
+    #[arg(long, default_value_t = 120)]
+    pub agent_timeout: u64,
+    /// Print where the time went (VMM start, agent ready, command) on stderr.
+    #[arg(long)]
+    pub timings: bool,
+    /// Keep the VM's run directory (console log, VMM log, disk diff) and print where it is.
+    #[arg(long)]
+    pub keep: bool,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+    /// The command to run in the guest, and its arguments.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<OsString>,
+}
+
+/// Runs `specc run`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let decision = specc_rig::decide()?;
+    let opts = args.compile.options()?;
+    let compiled = specc_plan::compile(&args.file, &opts)?;
+    print_diagnostics(&compiled.diagnostics, &compiled.files, Format::Human)?;
+    let Some(spec) = compiled.spec else {
+        return Ok(ExitCode::from(1));
+    };
+    let argv = args
+        .cmd
+        .iter()
+        .map(|a| {
+            a.to_str()
+                .map(str::to_owned)
+                .context("the command's arguments must be UTF-8")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let t0 = Instant::now();
+    let kernel_path = match &spec.vm.kernel {
+        Some(p) => p.clone(),
+        None => {
+            let k = kernel::ensure_kernel(KernelKind::Guest, &|line| eprintln!("specc: {line}"))
+                .context("building the guest kernel (`specc kernel build` does it alone)")?;
+            k.vmlinux
+        }
+    };
+    let base = guest_base(&spec.base)?;
+    let agent_path = rootfs::agent_binary().context("finding the guest agent")?;
+    let image = rootfs::ensure_rootfs(
+        &base,
+        &rootfs::RootfsOptions {
+            disk_bytes: spec.vm.disk,
+            agent_path: agent_path.clone(),
+        },
+    )
+    .with_context(|| format!("building the {} root filesystem", base.kind()))?;
+    let prepared = t0.elapsed();
+
+    if decision.placement == Placement::Rig {
+        // The VMM needs hardware-style KVM: run this very command inside the rig. Everything
+        // slow to make (kernel, rootfs, the agent) is made out here at native speed; inside,
+        // the same $SPECC_HOME finds it cached.
+        eprintln!("{}", decision.line);
+        // SAFETY: single-threaded here (no threads started yet), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("SPECC_AGENT_BIN", &agent_path) };
+        let status = specc_rig::run_self_in_rig(RigConfig::default())?;
+        return Ok(exit_code_of(status.code().unwrap_or(1)));
+    }
+
+    let run_dir = tempfile::Builder::new()
+        .prefix("specc-run-")
+        .tempdir()
+        .context("creating the VM's run directory")?;
+    let config = MachineConfig {
+        kernel: kernel_path,
+        cmdline: DEFAULT_CMDLINE.to_owned(),
+        vcpus: u8::try_from(spec.vm.vcpus).context("at most 254 vCPUs")?,
+        mem_bytes: spec.vm.memory,
+        disk: Disk {
+            layers: vec![image.path.clone()],
+            top: run_dir.path().join("disk.diff"),
+        },
+        net: args.net,
+    };
+    let t1 = Instant::now();
+    let mut machine = Machine::start(&config, run_dir.path())?;
+    let mut agent = machine
+        .connect_agent(Duration::from_secs(args.agent_timeout))
+        .context("waiting for the guest agent")?;
+    let ready = t1.elapsed();
+    let t_layers = Instant::now();
+    apply_layers(&spec, &mut agent)?;
+    let layers_took = t_layers.elapsed();
+
+    let t2 = Instant::now();
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let status = agent
+        .exec(
+            &ExecRequest::new(argv),
+            |b| {
+                let _ = out.write_all(b).and_then(|()| out.flush());
+            },
+            |b| {
+                let _ = err.write_all(b).and_then(|()| err.flush());
+            },
+        )
+        .context("running the command in the guest")?;
+    let ran = t2.elapsed();
+    let vm_status = machine.power_off(&mut agent, Duration::from_secs(10))?;
+    if args.timings {
+        eprintln!(
+            "specc: timings: kernel+rootfs {:.0} ms, VMM start to agent ready {:.0} ms, \
+             layers {:.0} ms, command {:.0} ms",
+            prepared.as_secs_f64() * 1e3,
+            ready.as_secs_f64() * 1e3,
+            layers_took.as_secs_f64() * 1e3,
+            ran.as_secs_f64() * 1e3
+        );
+    }
+    if !vm_status.success() {
+        eprintln!("specc: the VM did not power off cleanly ({vm_status})");
+    }
+    if args.keep {
+        let kept = run_dir.keep();
+        eprintln!("specc: VM run directory kept at {}", kept.display());
+    }
+    Ok(match (status.code, status.signal, status.timed_out) {
+        (_, _, true) => ExitCode::from(124),
+        (Some(code), _, _) => exit_code_of(code),
+        (None, Some(sig), _) => exit_code_of(128 + sig),
+        (None, None, _) => ExitCode::from(1),
+    })
+}
+
+/// Applies, in order, every layer the spec's head layer stands on (base specs' layers first).
+/// Without the builder's snapshots that is the whole build, uncached: `specc build` caches it.
+fn apply_layers(spec: &ir::Spec, agent: &mut specc_build::steps::Agent) -> anyhow::Result<()> {
+    if let ir::Base::Spec { spec: parent, .. } = &spec.base {
+        apply_layers(parent, agent)?;
+    }
+    let head = spec.head();
+    let mut needed = vec![false; spec.layers.len()];
+    needed[head.0] = true;
+    // Layers are in topological order: walking backwards marks every ancestor of the head.
+    for i in (0..spec.layers.len()).rev() {
+        if needed[i] {
+            for p in &spec.layers[i].parents {
+                needed[p.0] = true;
+            }
+        }
+    }
+    let mut err = std::io::stderr();
+    for (layer, _) in spec.layers.iter().zip(&needed).filter(|(_, n)| **n) {
+        if layer.steps.is_empty() {
+            continue;
+        }
+        eprintln!("specc: layer {}: {} steps", layer.name, layer.steps.len());
+        let mut out = |_stderr: bool, b: &[u8]| {
+            let _ = err.write_all(b);
+        };
+        specc_build::steps::apply_steps(agent, &layer.steps, &mut out).map_err(|(i, e)| {
+            anyhow::Error::new(e).context(format!("layer `{}`, step {} failed", layer.name, i + 1))
+        })?;
+    }
+    Ok(())
+}
+
+fn exit_code_of(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}
+
+/// The rootfs builder's base for a spec's base.
+fn guest_base(base: &ir::Base) -> anyhow::Result<rootfs::Base> {
+    Ok(match base {
+        ir::Base::Scratch => rootfs::Base::Scratch,
+        ir::Base::Busybox => rootfs::Base::Busybox,
+        ir::Base::Debian { suite } => rootfs::Base::Debian {
+            suite: suite.clone(),
+        },
+        ir::Base::Spec { spec, .. } => guest_base(&spec.base)?,
+        ir::Base::Oci { reference } => {
+            bail!(
+                "base oci=\"{reference}\" is built by `specc build`; `specc run` boots local bases"
+            )
+        }
+    })
+}

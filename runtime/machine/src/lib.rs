@@ -1,0 +1,359 @@
+//! A VM as a supervised `specc-vmm` process: start it, wait for its agent, stop it.
+//!
+//! Every caller that runs a guest (`specc run`, the builder, the daemon, the end-to-end tests)
+//! goes through [`Machine`]: one VMM process per VM (the daemon never shares an address space
+//! with a guest), a private run directory holding the VM's configuration, console log and vsock
+//! socket, and a process that cannot outlive its owner (`PR_SET_PDEATHSIG`, kill on drop).
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use specc_protocol::AGENT_VSOCK_PORT;
+use specc_protocol::client::{Client, ClientError};
+use specc_vmm::VmConfig;
+
+/// The guest context id every VM gets: each VM has its own vsock device and host socket, so
+/// ids need not be unique across VMs.
+pub const GUEST_CID: u64 = 3;
+
+/// The kernel command line for our guest kernel and rootfs images (root on the first
+/// virtio-blk disk; the VMM appends the virtio-mmio device parameters).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 quiet loglevel=4";
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Virtual CPUs.
+    pub vcpus: u8,
+    /// Guest memory in bytes.
+    pub mem_bytes: u64,
+    /// The root disk.
+    pub disk: Disk,
+    /// Give the guest a network through passt.
+    pub net: bool,
+}
+
+/// A layered copy-on-write disk.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Disk {
+    /// Read-only layers, bottom first (the base image, then frozen diffs).
+    pub layers: Vec<PathBuf>,
+    /// The writable diff on top (created empty if missing).
+    pub top: PathBuf,
+}
+
+/// Errors of starting, reaching or stopping a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// The `specc-vmm` binary was not found.
+    #[error(
+        "cannot find the specc-vmm binary (looked at $SPECC_VMM and beside {exe}); \
+         build it with `cargo build -p specc-vmm` or set SPECC_VMM"
+    )]
+    NoVmm {
+        /// The running executable.
+        exe: String,
+    },
+    /// Preparing the run directory or writing the configuration failed.
+    #[error("cannot prepare the VM's run directory {}", dir.display())]
+    RunDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The VMM process could not be started.
+    #[error("cannot start {}", vmm.display())]
+    Spawn {
+        /// The binary.
+        vmm: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The VMM exited before the agent answered.
+    #[error("the VM stopped before its agent answered ({status}); console:\n{console}")]
+    EarlyExit {
+        /// How the VMM ended.
+        status: ExitStatus,
+        /// The last lines of the guest console.
+        console: String,
+    },
+    /// The agent did not answer in time.
+    #[error(
+        "the guest agent did not answer within {timeout:?}; is the kernel right for this \
+         rootfs? console:\n{console}"
+    )]
+    AgentTimeout {
+        /// How long we waited.
+        timeout: Duration,
+        /// The last lines of the guest console.
+        console: String,
+    },
+    /// Talking to the agent failed.
+    #[error("talking to the guest agent failed")]
+    Agent(#[from] ClientError),
+    /// Waiting for or killing the VMM process failed.
+    #[error("supervising the VMM process failed")]
+    Wait(#[source] io::Error),
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Machine {
+    child: Option<Child>,
+    dir: PathBuf,
+    started: Instant,
+}
+
+impl Machine {
+    /// Starts a VMM process for `config`, keeping its configuration, console log and vsock
+    /// socket in `dir` (created; it must be private to this VM).
+    pub fn start(config: &MachineConfig, dir: &Path) -> Result<Machine, MachineError> {
+        let vmm = vmm_binary()?;
+        let run_dir = |source| MachineError::RunDir {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(run_dir)?;
+        let vsock = dir.join("vsock.sock");
+        match std::fs::remove_file(&vsock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(run_dir(e)),
+        }
+        // Built as JSON so that every field this caller does not care about takes the VMM's
+        // own default; parsing it back validates it against the VMM's schema.
+        let mut vm = serde_json::json!({
+            "vcpus": config.vcpus,
+            "mem_bytes": config.mem_bytes,
+            "kernel": config.kernel,
+            "cmdline": config.cmdline,
+            "serial": { "log": dir.join("console.log") },
+            "disks": [config.disk],
+            "vsock": { "guest_cid": GUEST_CID, "uds_path": vsock },
+            "rng": true,
+        });
+        if config.net {
+            vm["net"] = serde_json::json!({ "backend": { "kind": "passt" } });
+        }
+        let vm: VmConfig = serde_json::from_value(vm).map_err(|e| run_dir(io::Error::other(e)))?;
+        let json = serde_json::to_vec_pretty(&vm).map_err(|e| run_dir(io::Error::other(e)))?;
+        let config_path = dir.join("vm.json");
+        std::fs::write(&config_path, json).map_err(run_dir)?;
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(run_dir)?;
+
+        let mut cmd = Command::new(&vmm);
+        cmd.arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(run_dir)?)
+            .stderr(log);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The VMM dies with its owner: no orphaned VMs after a crash or kill -9.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| MachineError::Spawn {
+            vmm: vmm.clone(),
+            source,
+        })?;
+        tracing::debug!(pid = child.id(), dir = %dir.display(), "started specc-vmm");
+        Ok(Machine {
+            child: Some(child),
+            dir: dir.to_owned(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The VM's run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The host side of the VM's vsock device.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The guest console log.
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// When the VMM process was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Connects to the guest agent, waiting up to `timeout` for it to come up. Fails early,
+    /// with the console's last lines, if the VMM exits first.
+    pub fn connect_agent(&mut self, timeout: Duration) -> Result<Client<UnixStream>, MachineError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Err(MachineError::EarlyExit {
+                    status,
+                    console: self.console_tail(40),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MachineError::AgentTimeout {
+                    timeout,
+                    console: self.console_tail(40),
+                });
+            }
+            // Short attempts so a VMM that dies is noticed within a fraction of a second.
+            match Client::connect_uds(
+                &self.vsock_path(),
+                AGENT_VSOCK_PORT,
+                left.min(Duration::from_millis(500)),
+            ) {
+                Ok(client) => return Ok(client),
+                Err(ClientError::Timeout { .. } | ClientError::Connect { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Asks the guest to power off and waits up to `timeout` for the VMM to exit; kills it
+    /// after that.
+    pub fn power_off(
+        mut self,
+        client: &mut Client<UnixStream>,
+        timeout: Duration,
+    ) -> Result<ExitStatus, MachineError> {
+        // The agent may drop the connection as the guest goes down: that is success too.
+        if let Err(e) = client.power_off() {
+            tracing::debug!("power-off request: {e}");
+        }
+        self.wait_timeout(timeout)
+    }
+
+    /// Waits up to `timeout` for the VMM to exit on its own, then kills it.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus, MachineError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return self.kill();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the VMM and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus, MachineError> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| MachineError::Wait(io::Error::other("already reaped")))?;
+        // ESRCH (it exited meanwhile) is fine: wait() reaps it either way.
+        let _ = child.kill();
+        let status = child.wait().map_err(MachineError::Wait)?;
+        self.child = None;
+        Ok(status)
+    }
+
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>, MachineError> {
+        let Some(child) = self.child.as_mut() else {
+            return Err(MachineError::Wait(io::Error::other("already reaped")));
+        };
+        let status = child.try_wait().map_err(MachineError::Wait)?;
+        if status.is_some() {
+            self.child = None;
+        }
+        Ok(status)
+    }
+
+    /// The last `lines` lines of the guest console and of the VMM's own log.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let mut out = tail(&self.console_path(), lines);
+        let vmm = tail(&self.dir.join("vmm.log"), lines);
+        if !vmm.trim().is_empty() {
+            out.push_str("\n--- specc-vmm log ---\n");
+            out.push_str(&vmm);
+        }
+        out
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.kill();
+        }
+    }
+}
+
+/// Where the `specc-vmm` binary is: `$SPECC_VMM`, else beside the running executable (or one
+/// directory up, for test binaries in `target/*/deps`).
+pub fn vmm_binary() -> Result<PathBuf, MachineError> {
+    if let Some(p) = std::env::var_os("SPECC_VMM") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let candidates = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("specc-vmm"))
+        .collect::<Vec<_>>();
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| MachineError::NoVmm {
+            exe: exe.display().to_string(),
+        })
+}
+
+/// The last `lines` lines of a file (at most its last 64 KiB), or an empty string.
+fn tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn tail_returns_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let mut f = std::fs::File::create(&p).unwrap();
+        for i in 0..100 {
+            writeln!(f, "line {i}").unwrap();
+        }
+        assert_eq!(tail(&p, 2), "line 98\nline 99");
+        assert_eq!(tail(&dir.path().join("missing"), 2), "");
+    }
+}
