@@ -11,6 +11,7 @@ pub mod detect;
 pub mod initramfs;
 pub mod run;
 pub mod testing;
+pub mod tsc;
 
 pub use detect::{Decision, Detection, KvmMode, Placement, decide, detect, in_rig};
 pub use run::{

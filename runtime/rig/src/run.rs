@@ -97,6 +97,8 @@ pub struct RigCommand {
     pub timings: bool,
     /// Collect stdout/stderr into the outcome instead of streaming them to this process's.
     pub capture: bool,
+    /// Kill the rig and fail if CMD has not exited after this long (boot included).
+    pub timeout: Option<Duration>,
 }
 
 impl RigCommand {
@@ -112,6 +114,7 @@ impl RigCommand {
             cwd: std::env::current_dir()?,
             timings: false,
             capture: false,
+            timeout: None,
         })
     }
 
@@ -212,6 +215,9 @@ pub enum RigError {
         /// The tail of the rig's console and QEMU's own messages.
         console: String,
     },
+    /// CMD did not exit within the command's timeout; the rig was killed.
+    #[error("the command did not exit within {0:?} in the rig; killed it\n{console}", console = .1)]
+    Timeout(Duration, String),
     /// QEMU went away without an exit status for CMD.
     #[error("the rig stopped ({status}) before the command's exit status arrived\n{console}")]
     NoExitStatus {
@@ -438,7 +444,12 @@ impl Rig {
         let mut guard = QemuGuard { child: Some(child) };
         let host = channels.into_host_side();
 
-        let relay = relay(host, &mut guard, cmd.capture)?;
+        let relay = relay(
+            host,
+            &mut guard,
+            cmd.capture,
+            cmd.timeout.map(|t| t_spawn + t),
+        )?;
         let t_exit = Instant::now();
         let qemu_status = guard.kill_and_wait();
         let teardown = t_exit.elapsed();
@@ -450,6 +461,9 @@ impl Rig {
                     message,
                     console: tail(),
                 });
+            }
+            End::Timeout => {
+                return Err(RigError::Timeout(cmd.timeout.unwrap_or_default(), tail()));
             }
             End::Gone => {
                 return Err(RigError::NoExitStatus {
@@ -495,6 +509,11 @@ impl Rig {
              specc.run={}",
             run_dir.display()
         );
+        // Without its TSC rate the rig's KVM never enters a guest (see `tsc`).
+        let cmdline = match crate::tsc::kernel_arg() {
+            Some(arg) => format!("{cmdline} {arg}"),
+            None => cmdline,
+        };
         // For debugging a rig that does not come up, e.g. SPECC_RIG_APPEND=loglevel=7.
         let cmdline = match std::env::var("SPECC_RIG_APPEND") {
             Ok(extra) if !extra.is_empty() => format!("{cmdline} {extra}"),
@@ -674,6 +693,7 @@ impl Channels {
 enum End {
     Exit(i32),
     Fail(String),
+    Timeout,
     Gone,
 }
 
@@ -690,6 +710,7 @@ fn relay(
     streams: [UnixStream; 3],
     guard: &mut QemuGuard,
     capture: bool,
+    deadline: Option<Instant>,
 ) -> Result<Relay, RigError> {
     for s in &streams {
         s.set_nonblocking(true)
@@ -717,6 +738,10 @@ fn relay(
             })
             .collect();
         if fds.is_empty() {
+            return Ok(r);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            r.end = End::Timeout;
             return Ok(r);
         }
         let nfds = libc::nfds_t::try_from(fds.len()).expect("three fds");
@@ -853,6 +878,7 @@ mod tests {
             cwd: dir.path().to_path_buf(),
             timings: false,
             capture: true,
+            timeout: None,
         };
         let o = Command::new("/bin/sh")
             .arg("-c")

@@ -77,6 +77,11 @@ pub fn run_in_rig_unless_hardware(test_name: &str) -> TestPlace {
     ])
     .expect("the current directory");
     cmd.capture = true;
+    // A hung guest must fail the test, not wedge the suite.
+    let secs = std::env::var("SPECC_RIG_TEST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    cmd.timeout = Some(std::time::Duration::from_secs(secs.unwrap_or(900)));
     let outcome = match Rig::new(config).run(&cmd) {
         Ok(o) => o,
         Err(e) => panic!("cannot run {test_name} inside the rig: {e}"),
