@@ -47,12 +47,14 @@ pub fn host_tsc_khz() -> Option<u64> {
         let (tsc0, t0) = pair();
         std::thread::sleep(SPAN);
         let (tsc1, t1) = pair();
-        let ns = u128::try_from(t1.duration_since(t0).as_nanos()).ok()?;
+        let ns = t1.duration_since(t0).as_nanos();
         let ticks = u128::from(tsc1.checked_sub(tsc0)?);
         if ns == 0 || ticks == 0 {
             return None;
         }
-        u64::try_from(ticks * 1_000_000 / ns).ok().filter(|&k| k > 0)
+        u64::try_from(ticks * 1_000_000 / ns)
+            .ok()
+            .filter(|&k| k > 0)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -77,6 +79,9 @@ mod tests {
         // check of the method, not a timing threshold: the rate is a constant of the host).
         let (lo, hi) = (a.min(b), a.max(b));
         assert!(hi - lo <= hi / 20, "rates {a} and {b} kHz disagree");
-        assert_eq!(kernel_arg().map(|s| s.starts_with("tsc_early_khz=")), Some(true));
+        assert_eq!(
+            kernel_arg().map(|s| s.starts_with("tsc_early_khz=")),
+            Some(true)
+        );
     }
 }
