@@ -181,6 +181,11 @@ impl Machine {
         })
     }
 
+    /// The VMM's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The VM's run directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -5,6 +5,7 @@
 //! (with `--json`), or the same figures as a readable table. Figures are named with their unit
 //! as the suffix (`_ms`, `_count`, `_bytes`) so tools can read them without a schema.
 
+pub mod boot;
 pub mod plan;
 
 use std::collections::BTreeMap;

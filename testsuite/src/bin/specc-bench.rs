@@ -15,10 +15,13 @@ struct Cli {
 enum Scenario {
     /// `specc plan` on a 1000-layer spec with 200 copied files, cold and warm.
     Plan(bench::plan::Args),
+    /// Cold boot of the busybox guest to agent-ready: median and p95, VMM RSS.
+    Boot(bench::boot::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Plan(args) => bench::plan::run(args),
+        Scenario::Boot(args) => bench::boot::run(args),
     }
 }
