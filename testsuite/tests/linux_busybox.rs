@@ -73,7 +73,9 @@ fn busybox_guest_boots_execs_writes_files_and_powers_off() {
 
     let mut req = WriteFileRequest::new("/root/e2e/note.txt");
     req.create_parents = true;
-    agent.write_file(&req, b"written by the host\n").expect("write");
+    agent
+        .write_file(&req, b"written by the host\n")
+        .expect("write");
     assert_eq!(
         agent.read_file("/root/e2e/note.txt").expect("read"),
         b"written by the host\n"
