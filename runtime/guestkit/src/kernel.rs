@@ -26,11 +26,12 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
+
+use crate::lock::FileLock;
 
 /// Bumped whenever the build steps change in a way that changes the output.
 pub const BUILDER_VERSION: &str = "specc-kernel-builder 1";
@@ -308,7 +309,7 @@ pub fn ensure_kernel(
         return Ok(artifacts_in(&dir, &digest));
     }
     fs::create_dir_all(&root).map_err(io_err("creating", &root))?;
-    let _lock = FileLock::acquire(&root.join(format!("{digest}.lock")))?;
+    let _lock = lock(&root.join(format!("{digest}.lock")))?;
     // Another builder may have finished while this one waited for the lock.
     if dir.is_dir() {
         return Ok(artifacts_in(&dir, &digest));
@@ -318,33 +319,9 @@ pub fn ensure_kernel(
     Ok(artifacts_in(&dir, &digest))
 }
 
-/// An exclusive `flock(2)` on a lock file, released on drop (and by the kernel if the process
-/// dies, so a crashed builder never wedges the cache).
-#[derive(Debug)]
-struct FileLock {
-    _file: File,
-}
-
-impl FileLock {
-    fn acquire(path: &Path) -> Result<Self, KernelError> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("opening lock file", path))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own; no memory is passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(FileLock { _file: file });
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err("locking", path)(err));
-            }
-        }
-    }
+/// Takes the builder lock on `path`.
+fn lock(path: &Path) -> Result<FileLock, KernelError> {
+    FileLock::acquire(path).map_err(|(what, e)| io_err(what, path)(e))
 }
 
 fn ensure_source(
@@ -358,7 +335,7 @@ fn ensure_source(
         return Ok(src);
     }
     fs::create_dir_all(&src_root).map_err(io_err("creating", &src_root))?;
-    let _lock = FileLock::acquire(&root.join("src.lock"))?;
+    let _lock = lock(&root.join("src.lock"))?;
     if src.is_dir() {
         return Ok(src);
     }
@@ -663,11 +640,11 @@ mod tests {
     fn file_lock_serializes_holders() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("x.lock");
-        let held = FileLock::acquire(&path).expect("first lock");
+        let held = lock(&path).expect("first lock");
         let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
         let t = std::thread::spawn(move || {
-            let _second = FileLock::acquire(&p).expect("second lock");
+            let _second = lock(&p).expect("second lock");
             tx.send(()).expect("send");
         });
         assert!(

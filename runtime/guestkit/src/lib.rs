@@ -1,6 +1,7 @@
 //! Guest kit: kernel builds from linux-source-6.1 and rootfs images, cached by digest.
 
 pub mod kernel;
+mod lock;
 pub mod rootfs;
 
 pub use kernel::specc_home;

@@ -33,6 +33,8 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
+use crate::lock::FileLock;
+
 use crate::kernel::specc_home;
 
 /// Bumped whenever the build steps change in a way that changes the output.
@@ -185,33 +187,9 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsEr
     move |source| RootfsError::Io { what, path, source }
 }
 
-/// An exclusive `flock(2)` on a lock file, released on drop (and by the kernel if the process
-/// dies, so a crashed builder never wedges the cache).
-#[derive(Debug)]
-struct FileLock {
-    _file: File,
-}
-
-impl FileLock {
-    fn acquire(path: &Path) -> Result<Self, RootfsError> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("opening lock file", path))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own; no memory is passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(FileLock { _file: file });
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err("locking", path)(err));
-            }
-        }
-    }
+/// Takes the builder lock on `path`.
+fn lock(path: &Path) -> Result<FileLock, RootfsError> {
+    FileLock::acquire(path).map_err(|(what, e)| io_err(what, path)(e))
 }
 
 fn tail(bytes: &[u8], max: usize) -> String {
@@ -602,7 +580,7 @@ pub fn ensure_rootfs_in(
         return cached(false);
     }
     fs::create_dir_all(&root).map_err(io_err("creating", &root))?;
-    let _lock = FileLock::acquire(&root.join(format!("{key}.lock")))?;
+    let _lock = lock(&root.join(format!("{key}.lock")))?;
     // Another builder may have finished while this one waited for the lock.
     if dir.is_dir() {
         return cached(false);
@@ -859,7 +837,7 @@ fn ensure_debootstrap(
         return Err(RootfsError::NeedsRoot);
     }
     fs::create_dir_all(&root).map_err(io_err("creating", &root))?;
-    let _lock = FileLock::acquire(&root.join(format!("{key}.lock")))?;
+    let _lock = lock(&root.join(format!("{key}.lock")))?;
     if dir.is_dir() {
         return Ok(dir);
     }
