@@ -106,20 +106,61 @@ pub enum MachineError {
     /// Waiting for or killing the VMM process failed.
     #[error("supervising the VMM process failed")]
     Wait(#[source] io::Error),
+    /// A control request failed.
+    #[error("VMM control request failed")]
+    Control(#[from] specc_vmm::control::Error),
 }
+
+/// How long a control connection may take to come up (a VMM that is still starting).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running VM.
 #[derive(Debug)]
 pub struct Machine {
     child: Option<Child>,
+    /// A fork child: a VMM process that is not our child (the source VMM forked it), known by
+    /// pid only.
+    forked: Option<i32>,
     dir: PathBuf,
     started: Instant,
 }
 
+/// A snapshot request's memory mode and what the VM does afterwards.
+pub use specc_vmm::control::After;
+
+/// What a fork reported about one child, and the child as a [`Machine`].
+#[derive(Debug)]
+pub struct ForkedMachine {
+    /// The child (None if it failed).
+    pub machine: Option<Machine>,
+    /// The VMM's report.
+    pub report: specc_vmm::snapshot::ChildReport,
+}
+
 impl Machine {
-    /// Starts a VMM process for `config`, keeping its configuration, console log and vsock
-    /// socket in `dir` (created; it must be private to this VM).
+    /// Starts a VMM process for `config`, keeping its configuration, console log, vsock and
+    /// control sockets in `dir` (created; it must be private to this VM).
     pub fn start(config: &MachineConfig, dir: &Path) -> Result<Machine, MachineError> {
+        Self::spawn(config, dir, None)
+    }
+
+    /// Starts a VMM process that restores the snapshot in `snapshot` instead of booting:
+    /// `config` gives the run-time settings (the shape comes from the snapshot; the disk's
+    /// layers are the snapshot's when `config.disk.layers` is empty, and its top must be a
+    /// fresh path).
+    pub fn restore(
+        snapshot: &Path,
+        config: &MachineConfig,
+        dir: &Path,
+    ) -> Result<Machine, MachineError> {
+        Self::spawn(config, dir, Some(snapshot))
+    }
+
+    fn spawn(
+        config: &MachineConfig,
+        dir: &Path,
+        restore: Option<&Path>,
+    ) -> Result<Machine, MachineError> {
         let vmm = vmm_binary()?;
         let run_dir = |source| MachineError::RunDir {
             dir: dir.to_owned(),
@@ -143,6 +184,7 @@ impl Machine {
             "disks": [config.disk],
             "vsock": { "guest_cid": GUEST_CID, "uds_path": vsock },
             "rng": true,
+            "control": dir.join("control.sock"),
         });
         if config.net {
             vm["net"] = serde_json::json!({ "backend": { "kind": "passt" } });
@@ -154,6 +196,9 @@ impl Machine {
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(run_dir)?;
 
         let mut cmd = Command::new(&vmm);
+        if let Some(snap) = restore {
+            cmd.arg("--restore").arg(snap);
+        }
         cmd.arg(&config_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(run_dir)?)
@@ -176,6 +221,7 @@ impl Machine {
         tracing::debug!(pid = child.id(), dir = %dir.display(), "started specc-vmm");
         Ok(Machine {
             child: Some(child),
+            forked: None,
             dir: dir.to_owned(),
             started: Instant::now(),
         })
@@ -183,7 +229,86 @@ impl Machine {
 
     /// The VMM's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .or_else(|| self.forked.and_then(|p| u32::try_from(p).ok()))
+    }
+
+    /// The VMM's control socket.
+    pub fn control_path(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// Sends one control request to the VMM.
+    pub fn control(
+        &self,
+        request: &specc_vmm::control::Request,
+    ) -> Result<serde_json::Value, MachineError> {
+        let mut c = specc_vmm::control::Client::connect(&self.control_path(), CONTROL_TIMEOUT)?;
+        Ok(c.call(request)?)
+    }
+
+    /// Pauses the vCPUs; returns how long the VMM took, in microseconds.
+    pub fn pause(&self) -> Result<u64, MachineError> {
+        let r = self.control(&specc_vmm::control::Request::Pause)?;
+        Ok(r["pause_us"].as_u64().unwrap_or(0))
+    }
+
+    /// Resumes the vCPUs; returns how long the VMM took, in microseconds.
+    pub fn resume(&self) -> Result<u64, MachineError> {
+        let r = self.control(&specc_vmm::control::Request::Resume)?;
+        Ok(r["resume_us"].as_u64().unwrap_or(0))
+    }
+
+    /// Writes a snapshot into `dir` (which must not exist).
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        diff: bool,
+        then: After,
+    ) -> Result<specc_vmm::snapshot_dir::SnapshotReport, MachineError> {
+        let r = self.control(&specc_vmm::control::Request::Snapshot {
+            dir: dir.to_owned(),
+            diff,
+            then,
+        })?;
+        serde_json::from_value(r).map_err(|e| MachineError::Control(e.into()))
+    }
+
+    /// Live fork into one child per run directory; returns the source's pause in
+    /// microseconds and the children.
+    pub fn fork(&self, dirs: &[PathBuf]) -> Result<(u64, Vec<ForkedMachine>), MachineError> {
+        let r = self.control(&specc_vmm::control::Request::Fork {
+            children: dirs.to_vec(),
+        })?;
+        let report: specc_vmm::snapshot::ForkReport =
+            serde_json::from_value(r).map_err(|e| MachineError::Control(e.into()))?;
+        let children = report
+            .children
+            .into_iter()
+            .map(|c| ForkedMachine {
+                machine: (c.error.is_none() && c.pid > 0).then(|| Machine {
+                    child: None,
+                    forked: Some(c.pid),
+                    dir: c.dir.clone(),
+                    started: Instant::now(),
+                }),
+                report: c,
+            })
+            .collect();
+        Ok((report.pause_us, children))
+    }
+
+    /// Tells the agent the VM was restored or forked: the host's wall clock, fresh entropy for
+    /// the kernel RNG, and a new hostname and machine id.
+    pub fn announce_restored(
+        client: &mut Client<UnixStream>,
+        hostname: &str,
+    ) -> Result<specc_protocol::messages::RestoredAck, MachineError> {
+        let req = specc_protocol::messages::RestoredRequest::fresh(Some(hostname.to_owned()))
+            .map_err(MachineError::Wait)?;
+        Ok(client.restored(&req)?)
     }
 
     /// The VM's run directory.
@@ -267,6 +392,13 @@ impl Machine {
 
     /// Kills the VMM and reaps it.
     pub fn kill(&mut self) -> Result<ExitStatus, MachineError> {
+        if let Some(pid) = self.forked.take() {
+            // SAFETY: kill(2) on a pid we were told is this VM's VMM; its parent reaps it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Ok(std::os::unix::process::ExitStatusExt::from_raw(
+                libc::SIGKILL,
+            ));
+        }
         let child = self
             .child
             .as_mut()
@@ -279,6 +411,15 @@ impl Machine {
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, MachineError> {
+        if let Some(pid) = self.forked {
+            // Not our child: all we can learn is whether it still exists (its parent reaps
+            // it at once, so a dead one does not linger as a zombie for long).
+            if process_alive(pid) {
+                return Ok(None);
+            }
+            self.forked = None;
+            return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
+        }
         let Some(child) = self.child.as_mut() else {
             return Err(MachineError::Wait(io::Error::other("already reaped")));
         };
@@ -301,9 +442,19 @@ impl Machine {
     }
 }
 
+/// Whether `pid` exists and is not a zombie.
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.child.is_some() || self.forked.is_some() {
             let _ = self.kill();
         }
     }

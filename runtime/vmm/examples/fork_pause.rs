@@ -36,6 +36,7 @@ fn main() {
             memory: MemoryBacking::Anonymous,
             hugepages: std::env::var_os("NO_THP").is_none(),
             timeout_ms: None,
+            control: None,
         };
         let mut vmm = boot(&config).expect("boot");
         let mem = vmm.memory().clone();

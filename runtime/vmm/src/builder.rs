@@ -151,12 +151,18 @@ struct Parts {
     memory: GuestMemoryMmap,
     vm: Vm,
     exit_tx: crate::exit::ExitSender,
-    exit_rx: std::sync::mpsc::Receiver<crate::VmExit>,
+    exit_rx: std::sync::mpsc::Receiver<crate::exit::Event>,
+    waker: crate::exit::Waker,
     devices: DeviceManager,
     backends: Vec<virtio::Attached>,
 }
 
-fn create(config: &VmConfig, t0: Instant, memory: Option<GuestMemoryMmap>) -> Result<Parts, Error> {
+fn create(
+    config: &VmConfig,
+    t0: Instant,
+    memory: Option<GuestMemoryMmap>,
+    saved: Option<&crate::snapshot::Captured>,
+) -> Result<Parts, Error> {
     if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
         return Err(Error::VcpuCount {
             got: config.vcpus,
@@ -172,19 +178,23 @@ fn create(config: &VmConfig, t0: Instant, memory: Option<GuestMemoryMmap>) -> Re
     tracing::debug!("boot: memory mapped {:?}", t0.elapsed());
     let vm = Vm::new(&kvm, memory.clone())?;
     tracing::debug!("boot: memory + VM {:?}", t0.elapsed());
-    let (exit_tx, exit_rx) = channel();
+    let (tx, exit_rx) = channel();
+    let exit_tx = crate::exit::ExitSender(tx.clone());
+    let waker = crate::exit::Waker(tx);
 
     let serial_irq = IrqLine::new()?;
     vm.register_irqfd(&serial_irq.0, SERIAL_GSI)?;
     let out = SerialOut::new(config.serial.log.as_deref(), config.serial.stdout)?;
-    let mut devices = DeviceManager::new(LegacyDevices::new(serial_irq, out, exit_tx.clone()));
-    let backends = virtio::attach(config, &vm, &mut devices)?;
+    let legacy = LegacyDevices::new(serial_irq, out, exit_tx.clone(), saved.map(|s| &s.serial))?;
+    let mut devices = DeviceManager::new(legacy);
+    let backends = virtio::attach(config, &vm, &mut devices, saved.map(|s| &s.devices[..]))?;
     Ok(Parts {
         kvm,
         memory,
         vm,
         exit_tx,
         exit_rx,
+        waker,
         devices,
         backends,
     })
@@ -214,6 +224,7 @@ fn start(
         devices,
         handles,
         parts.exit_rx,
+        parts.waker,
         first_run,
         parts.backends,
         timeout_ms,
@@ -241,52 +252,33 @@ pub enum RestoreError {
     State(#[from] crate::Error),
 }
 
-/// Restores a VM from saved state instead of booting: guest RAM comes from `config.memory`
-/// (normally `MemoryBacking::File`, mapped privately, nothing copied), the vCPUs start paused,
-/// get `vm_state` and `vcpu_states` loaded and then run. No kernel is loaded. The virtio
-/// devices are fresh ones (their saved state is the devices crate's `Persist`).
-pub fn restore(
-    config: &VmConfig,
-    vm_state: &crate::VmState,
-    vcpu_states: &[crate::VcpuState],
-) -> Result<Vmm, RestoreError> {
-    restore_impl(config, None, vm_state, vcpu_states)
-}
-
-/// Like [`restore`], over guest memory that is already mapped: what a `fork(2)` child does
-/// with the `MAP_PRIVATE` mapping it inherited (a fresh KVM VM over copy-on-write pages).
-/// `config.memory` is ignored; `memory` must follow the layout for `config.mem_bytes`.
-pub fn restore_with_memory(
-    config: &VmConfig,
-    memory: GuestMemoryMmap,
-    vm_state: &crate::VmState,
-    vcpu_states: &[crate::VcpuState],
-) -> Result<Vmm, RestoreError> {
-    restore_impl(config, Some(memory), vm_state, vcpu_states)
-}
-
-fn restore_impl(
+/// Restores a VM from captured state instead of booting: guest RAM comes from `config.memory`
+/// (normally `MemoryBacking::File`, mapped privately, nothing copied) or, with `memory`, is a
+/// mapping the caller already holds (what a `fork(2)` child inherited). The vCPUs start
+/// paused, get the VM-wide and vCPU state loaded, and run; the devices are rebuilt from their
+/// saved state over the new backends `config` names (disk tops, vsock socket, net backend).
+/// No kernel is loaded.
+pub fn restore_captured(
     config: &VmConfig,
     memory: Option<GuestMemoryMmap>,
-    vm_state: &crate::VmState,
-    vcpu_states: &[crate::VcpuState],
+    saved: &crate::snapshot::Captured,
 ) -> Result<Vmm, RestoreError> {
-    if vcpu_states.len() != usize::from(config.vcpus) {
+    if saved.vcpus.len() != usize::from(config.vcpus) {
         return Err(RestoreError::VcpuCount {
-            states: vcpu_states.len(),
+            states: saved.vcpus.len(),
             vcpus: config.vcpus,
         });
     }
     let t0 = Instant::now();
-    let parts = create(config, t0, memory)?;
+    let parts = create(config, t0, memory, Some(saved))?;
     let msr_list = Arc::new(parts.kvm.msr_index_list.clone());
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         vcpus.push(Vcpu::new(id, &parts.vm.fd, msr_list.clone()).map_err(Error::from)?);
     }
     let mut vmm = start(parts, vcpus, true, config.timeout_ms)?;
-    vmm.restore_vm_state(vm_state)?;
-    vmm.restore_vcpu_states(vcpu_states)?;
+    vmm.restore_vm_state(&saved.vm)?;
+    vmm.restore_vcpu_states(&saved.vcpus)?;
     tracing::debug!("restore: state loaded {:?}", t0.elapsed());
     vmm.resume()?;
     Ok(vmm)
@@ -301,9 +293,10 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
         vm,
         exit_tx,
         exit_rx,
+        waker,
         devices,
         backends,
-    } = create(config, t0, None)?;
+    } = create(config, t0, None, None)?;
     tracing::debug!("boot: devices {:?}", t0.elapsed());
     let kernel = load_kernel(&memory, &config.kernel)?;
     tracing::debug!("boot: kernel loaded {:?}", t0.elapsed());
@@ -339,6 +332,7 @@ pub fn boot(config: &VmConfig) -> Result<Vmm, Error> {
         vm,
         exit_tx,
         exit_rx,
+        waker,
         devices,
         backends,
     };

@@ -43,6 +43,10 @@ pub struct VmConfig {
     /// Stop the VM after this many milliseconds (exit status 124).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Serve the control API (pause, resume, snapshot, fork; docs/vmm.md) on this unix
+    /// socket.
+    #[serde(default)]
+    pub control: Option<PathBuf>,
 }
 
 /// The guest console (COM1).

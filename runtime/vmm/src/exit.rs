@@ -1,6 +1,6 @@
 //! How a VM ends, and the channel the vCPU threads and devices report it on.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{SendError, Sender};
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -131,8 +131,38 @@ impl std::fmt::Display for InternalErrorReport {
     }
 }
 
+/// What arrives on the VM's event channel: an ending, or a wake-up of whoever waits on it
+/// (the VMM process's control loop, when a request comes in).
+#[derive(Debug)]
+pub(crate) enum Event {
+    Exit(VmExit),
+    Wake,
+}
+
 /// Where vCPU threads and devices report that the VM ended.
-pub type ExitSender = Sender<VmExit>;
+#[derive(Debug, Clone)]
+pub struct ExitSender(pub(crate) Sender<Event>);
+
+impl ExitSender {
+    /// Reports the VM's end.
+    pub fn send(&self, exit: VmExit) -> Result<(), SendError<VmExit>> {
+        self.0
+            .send(Event::Exit(exit.clone()))
+            .map_err(|_| SendError(exit))
+    }
+}
+
+/// Wakes a thread blocked in [`crate::Vmm::wait_timeout`] (which then returns `None`), so a
+/// control loop can serve a request without polling.
+#[derive(Debug, Clone)]
+pub struct Waker(pub(crate) Sender<Event>);
+
+impl Waker {
+    /// Wakes the waiter; false if the VM is gone.
+    pub fn wake(&self) -> bool {
+        self.0.send(Event::Wake).is_ok()
+    }
+}
 
 #[cfg(test)]
 mod tests {

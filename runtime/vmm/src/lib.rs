@@ -15,9 +15,12 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod probe;
+pub mod snapshot;
+pub mod snapshot_dir;
 pub mod virtio;
 pub mod vstate;
 
@@ -25,7 +28,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use builder::{boot, restore, restore_with_memory};
+pub use builder::{boot, restore_captured};
 pub use config::VmConfig;
 pub use exit::VmExit;
 use vm_memory::GuestMemoryMmap;
@@ -70,12 +73,16 @@ pub struct Vmm {
     vm: vstate::vm::Vm,
     devices: Arc<device_manager::DeviceManager>,
     vcpus: Vec<VcpuHandle>,
-    exit_rx: Receiver<VmExit>,
+    exit_rx: Receiver<exit::Event>,
+    waker: exit::Waker,
     first_run: Arc<OnceLock<Instant>>,
     virtio: Vec<virtio::Attached>,
     deadline: Option<Instant>,
     paused: bool,
     ended: Option<VmExit>,
+    freeze_seq: u64,
+    /// The files guest memory was restored from, if it was (what a diff snapshot is against).
+    memory_image: Option<snapshot_dir::MemoryImage>,
 }
 
 impl Vmm {
@@ -85,7 +92,8 @@ impl Vmm {
         vm: vstate::vm::Vm,
         devices: Arc<device_manager::DeviceManager>,
         vcpus: Vec<VcpuHandle>,
-        exit_rx: Receiver<VmExit>,
+        exit_rx: Receiver<exit::Event>,
+        waker: exit::Waker,
         first_run: Arc<OnceLock<Instant>>,
         virtio: Vec<virtio::Attached>,
         timeout_ms: Option<u64>,
@@ -97,11 +105,14 @@ impl Vmm {
             devices,
             vcpus,
             exit_rx,
+            waker,
             first_run,
             virtio,
             deadline,
             paused: false,
             ended: None,
+            freeze_seq: 0,
+            memory_image: None,
         }
     }
 
@@ -130,8 +141,19 @@ impl Vmm {
         self.first_run.get().copied()
     }
 
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// A handle that makes a blocked [`Vmm::wait_timeout`] return `None` early.
+    pub fn waker(&self) -> exit::Waker {
+        self.waker.clone()
+    }
+
     /// Waits until the VM ends (or the configured timeout, or `limit`, whichever is first),
-    /// then stops the vCPU threads. `None` only if `limit` passed first; the VM keeps running.
+    /// then stops the vCPU threads. `None` if `limit` passed first or a [`exit::Waker`] woke
+    /// the caller; the VM keeps running.
     pub fn wait_timeout(&mut self, limit: Option<Duration>) -> Option<VmExit> {
         if let Some(e) = &self.ended {
             return Some(e.clone());
@@ -142,20 +164,25 @@ impl Vmm {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let got = match until {
+        let event = match until {
             None => self.exit_rx.recv().ok(),
             Some(t) => match self.exit_rx.recv_timeout(t.saturating_duration_since(now)) {
                 Ok(e) => Some(e),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.deadline.is_some_and(|d| d <= Instant::now()) {
                         self.log_vcpu_positions();
-                        Some(VmExit::Timeout)
+                        Some(exit::Event::Exit(VmExit::Timeout))
                     } else {
                         return None;
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => None,
             },
+        };
+        let got = match event {
+            Some(exit::Event::Wake) => return None,
+            Some(exit::Event::Exit(e)) => Some(e),
+            None => None,
         };
         let exit = got.unwrap_or(VmExit::VcpuError {
             vcpu: 0,
@@ -310,42 +337,55 @@ impl Vmm {
     }
 }
 
-/// Closes every KVM VM and vCPU fd this process holds. In a `fork(2)` child they belong to the
-/// parent's VM (KVM binds a VM to the process that created it), so the child can only close
-/// them, and must, or the parent's VM outlives the parent.
-fn close_inherited_kvm_fds() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
+/// Serves one control request other than `fork` (which replaces the process's VM in a child,
+/// so the caller's loop handles it): status, pause, resume, snapshot, stop.
+pub fn handle_request(
+    vmm: &mut Vmm,
+    config: &VmConfig,
+    request: control::Request,
+) -> control::Reply {
+    use control::{After, Reply, Request};
+    let t0 = Instant::now();
+    let us = |t: Instant| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let done = |r: Result<serde_json::Value, String>| match r {
+        Ok(v) => Reply::ok(v),
+        Err(e) => Reply::err(e),
     };
-    let fds: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| {
-            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
-            let target = std::fs::read_link(e.path()).ok()?;
-            let t = target.to_string_lossy();
-            (t.starts_with("anon_inode:kvm-vm") || t.starts_with("anon_inode:kvm-vcpu"))
-                .then_some(fd)
-        })
-        .collect();
-    for fd in fds {
-        // SAFETY: the fd is open (just listed) and, in a fork child, owned by nothing that will
-        // use or close it again: the structures holding it are leaked by `into_fork_child`.
-        unsafe { libc::close(fd) };
-    }
-}
-
-impl Vmm {
-    /// For the child of a `fork(2)` taken while this VM was paused: gives up the parent's VM
-    /// without touching it (no vCPU threads exist in the child, so nothing is stopped or
-    /// joined; the parent's KVM fds are closed) and returns guest memory, the child's own
-    /// copy-on-write view of the parent's `MAP_PRIVATE` mapping, for
-    /// [`builder::restore_with_memory`]. Call it only in a fork child.
-    pub fn into_fork_child(self) -> GuestMemoryMmap {
-        let memory = self.vm.memory.clone();
-        // Dropping would signal and join vCPU threads that exist only in the parent.
-        std::mem::forget(self);
-        close_inherited_kvm_fds();
-        memory
+    let chain = |e: &dyn std::error::Error| error_chain(e);
+    match request {
+        Request::Status => Reply::ok(serde_json::json!({
+            "state": if vmm.ended.is_some() { "ended" } else if vmm.paused { "paused" } else { "running" },
+            "vcpus": config.vcpus,
+            "mem_bytes": config.mem_bytes,
+            "restored": vmm.memory_image.is_some(),
+        })),
+        Request::Pause => done(
+            vmm.pause()
+                .map(|()| serde_json::json!({ "pause_us": us(t0) }))
+                .map_err(|e| chain(&e)),
+        ),
+        Request::Resume => done(
+            vmm.resume()
+                .map(|()| serde_json::json!({ "resume_us": us(t0) }))
+                .map_err(|e| chain(&e)),
+        ),
+        Request::Snapshot { dir, diff, then } => {
+            let was_paused = vmm.paused;
+            let r = snapshot_dir::write(vmm, config, &dir, diff);
+            let resume = match then {
+                After::Resume => !was_paused,
+                After::Pause | After::Exit => false,
+            };
+            if resume && let Err(e) = vmm.resume() {
+                return Reply::err(format!("snapshot written, resuming failed: {}", chain(&e)));
+            }
+            done(
+                r.map(|rep| serde_json::to_value(rep).unwrap_or_default())
+                    .map_err(|e| chain(&e)),
+            )
+        }
+        Request::Stop => Reply::ok(serde_json::Value::Null),
+        Request::Fork { .. } => Reply::err("fork is served by the process's main loop"),
     }
 }
 
@@ -413,6 +453,7 @@ mod tests {
             memory: MemoryBacking::Anonymous,
             hugepages: true,
             timeout_ms: Some(20_000),
+            control: None,
         }
     }
 
@@ -531,8 +572,7 @@ mod tests {
         let mut vmm = boot(&c).unwrap();
         wait_for(&vmm, 1, 1);
         vmm.pause().unwrap();
-        let vcpus = vmm.save_vcpu_states().unwrap();
-        let vm_state = vmm.save_vm_state().unwrap();
+        let captured = vmm.capture().unwrap();
         let mem_file = dir.path().join("memory");
         dump_memory(&vmm, &mem_file);
         assert_eq!(result(&vmm, 0), 1000);
@@ -548,7 +588,7 @@ mod tests {
             rc.memory = MemoryBacking::File {
                 path: mem_file.clone(),
             };
-            let mut restored = restore(&rc, &vm_state, &vcpus).unwrap();
+            let mut restored = restore_captured(&rc, None, &captured).unwrap();
             assert_eq!(result(&restored, 0), 1000, "memory came back");
             restored
                 .memory()
@@ -576,8 +616,7 @@ mod tests {
         let mut vmm = boot(&c).unwrap();
         wait_for(&vmm, 1, 1);
         vmm.pause().unwrap();
-        let vcpus = vmm.save_vcpu_states().unwrap();
-        let vm_state = vmm.save_vm_state().unwrap();
+        let captured = vmm.capture().unwrap();
         // Stand-in for the mapping a fork(2) child inherits: a private copy of the pages.
         let mem_file = dir.path().join("memory");
         dump_memory(&vmm, &mem_file);
@@ -587,7 +626,7 @@ mod tests {
             true,
         )
         .unwrap();
-        let mut child = restore_with_memory(&c, copy, &vm_state, &vcpus).unwrap();
+        let mut child = restore_captured(&c, Some(copy), &captured).unwrap();
         child
             .memory()
             .write_obj(1u64, GuestAddress(RESULTS + 16))
@@ -613,18 +652,17 @@ mod tests {
         let mut vmm = boot(&c).unwrap();
         wait_for(&vmm, 1, 1);
         vmm.pause().unwrap();
-        let vcpus = vmm.save_vcpu_states().unwrap();
-        let vm_state = vmm.save_vm_state().unwrap();
+        let captured = vmm.capture().unwrap();
         // SAFETY: the process is quiesced: the only other threads are the paused vCPU (blocked
         // on its channel) and the test harness waiting for this test; the child only runs the
         // restore path and exits with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            let memory = vmm.into_fork_child();
+            let memory = vmm.into_fork_child(&[]);
             let mut rc = c.clone();
             rc.serial.log = Some(dir.path().join("child.log"));
-            let code = match restore_with_memory(&rc, memory, &vm_state, &vcpus) {
+            let code = match restore_captured(&rc, Some(memory), &captured) {
                 Ok(mut child) => {
                     child
                         .memory()
@@ -686,6 +724,270 @@ mod tests {
         );
     }
 
+    fn count_until_ready(dir: &Path, mem: u64) -> (VmConfig, Vmm) {
+        let mut c = config("count", dir);
+        c.mem_bytes = mem;
+        c.rng = true;
+        let vmm = boot(&c).unwrap();
+        wait_for(&vmm, 1, 1);
+        (c, vmm)
+    }
+
+    fn rerun_config(c: &VmConfig, dir: &Path) -> VmConfig {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut rc = c.clone();
+        rc.serial.log = Some(dir.join("serial.log"));
+        rc
+    }
+
+    fn finish_count(mut vmm: Vmm, dir: &Path) {
+        vmm.memory()
+            .write_obj(1u64, GuestAddress(RESULTS + 16))
+            .unwrap();
+        assert_eq!(vmm.wait(), VmExit::PowerOff);
+        assert_eq!(
+            result(&vmm, 0),
+            2000,
+            "counting went on from 1000 with its registers"
+        );
+        assert_eq!(serial(dir), "done\n");
+    }
+
+    #[test]
+    fn a_snapshot_directory_restores_lazily_and_twice_with_its_devices() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 64 << 20);
+        let snap = dir.path().join("snap");
+        let rep = snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        assert!(vmm.is_paused(), "a snapshot leaves the VM paused");
+        assert!(!rep.diff);
+        let saved = snapshot_dir::read(&snap).unwrap();
+        drop(vmm);
+        let mem = std::fs::metadata(snap.join(snapshot_dir::MEMORY_FILE)).unwrap();
+        assert_eq!(mem.len(), 64 << 20);
+        assert!(
+            mem.blocks() * 512 < 8 << 20,
+            "zero and untouched pages are holes ({} bytes allocated)",
+            mem.blocks() * 512
+        );
+        for round in 0..2 {
+            let rdir = dir.path().join(format!("r{round}"));
+            let rc = rerun_config(&c, &rdir);
+            let mut restored = snapshot_dir::restore(&snap, &rc).unwrap();
+            assert_eq!(result(&restored, 0), 1000, "memory came back");
+            restored.pause().unwrap();
+            restored.pause_devices();
+            let again = restored.capture().unwrap();
+            assert_eq!(
+                again.devices, saved.state.devices,
+                "device state round trip"
+            );
+            assert_eq!(again.serial, saved.state.serial, "serial state round trip");
+            restored.resume_devices().unwrap();
+            restored.resume().unwrap();
+            finish_count(restored, &rdir);
+        }
+    }
+
+    #[test]
+    fn ten_diff_snapshot_generations_restore_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 32 << 20);
+        let mut snap = dir.path().join("s0");
+        snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        drop(vmm);
+        let full = std::fs::metadata(snap.join(snapshot_dir::MEMORY_FILE)).unwrap();
+        for gen_no in 1..=10u64 {
+            let rc = rerun_config(&c, &dir.path().join(format!("run{gen_no}")));
+            let mut vmm = snapshot_dir::restore(&snap, &rc).unwrap();
+            for earlier in 1..gen_no {
+                assert_eq!(
+                    result(&vmm, 3 + earlier),
+                    earlier,
+                    "generation {earlier}'s write"
+                );
+            }
+            // One page touched per generation: the diff holds that page, not the guest.
+            vmm.memory()
+                .write_obj(gen_no, GuestAddress(RESULTS + (3 + gen_no) * 8))
+                .unwrap();
+            let next = dir.path().join(format!("s{gen_no}"));
+            let rep = snapshot_dir::write(&mut vmm, &rc, &next, true).unwrap();
+            assert!(rep.diff);
+            assert!(
+                rep.memory_data_bytes < full.len() / 4,
+                "diff of generation {gen_no} wrote {} bytes",
+                rep.memory_data_bytes
+            );
+            snap = next;
+        }
+        let image = snapshot_dir::read(&snap).unwrap().memory;
+        assert_eq!(image.overlays.len(), 10);
+        let last = dir.path().join("last");
+        let vmm = snapshot_dir::restore(&snap, &rerun_config(&c, &last)).unwrap();
+        for g in 1..=10 {
+            assert_eq!(result(&vmm, 3 + g), g);
+        }
+        finish_count(vmm, &last);
+    }
+
+    #[test]
+    fn corrupt_truncated_foreign_or_mismatched_snapshots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 16 << 20);
+        let snap = dir.path().join("snap");
+        snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        drop(vmm);
+        let copy = |name: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            for e in std::fs::read_dir(&snap).unwrap().flatten() {
+                std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+            }
+            d
+        };
+        let fresh = |name: &str| rerun_config(&c, &dir.path().join(name));
+        let refused = |d: &Path, name: &str| {
+            let e = snapshot_dir::restore(d, &fresh(name)).unwrap_err();
+            error_chain(&e)
+        };
+        let state = snap.join(snapshot_dir::VMSTATE_FILE);
+        let bytes = std::fs::read(&state).unwrap();
+
+        let flipped = copy("flipped");
+        let mut b = bytes.clone();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(flipped.join("vmstate"), &b).unwrap();
+        let e = refused(&flipped, "f");
+        assert!(e.contains("vmstate"), "{e}");
+
+        let short = copy("short");
+        std::fs::write(short.join("vmstate"), &bytes[..bytes.len() - 9]).unwrap();
+        refused(&short, "s");
+
+        let memshort = copy("memshort");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(memshort.join("memory"))
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        let e = refused(&memshort, "m");
+        assert!(e.contains("memory"), "{e}");
+
+        let foreign = copy("foreign");
+        let mut s = snapshot_dir::read(&snap).unwrap();
+        s.host_cpu.vendor = "NotARealCPU".into();
+        specc_snapshot::write_state_file(&foreign.join("vmstate"), &s).unwrap();
+        assert!(matches!(
+            snapshot_dir::restore(&foreign, &fresh("x")),
+            Err(snapshot_dir::Error::Cpu(_))
+        ));
+
+        let mut two_disks = fresh("d");
+        two_disks.disks.push(crate::config::DiskConfig {
+            layers: vec![],
+            top: dir.path().join("nope.diff"),
+            read_only: false,
+            id: None,
+        });
+        assert!(matches!(
+            snapshot_dir::restore(&snap, &two_disks),
+            Err(snapshot_dir::Error::Config(_))
+        ));
+        let mut no_rng = fresh("n");
+        no_rng.rng = false;
+        let e = snapshot_dir::restore(&snap, &no_rng).unwrap_err();
+        assert!(error_chain(&e).contains("rng"), "{}", error_chain(&e));
+        // The good snapshot still restores after all that.
+        finish_count(
+            snapshot_dir::restore(&snap, &fresh("ok")).unwrap(),
+            &dir.path().join("ok"),
+        );
+    }
+
+    /// Runs in its own process (see the fork test): forks a counting VM three ways.
+    fn live_fork_probe() -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 64 << 20);
+        let dirs: Vec<PathBuf> = (0..3)
+            .map(|i| dir.path().join(format!("child{i}")))
+            .collect();
+        match vmm.fork(&c, &dirs).unwrap() {
+            snapshot::Forked::Child { config, index } => {
+                let marker = 100 + index as u64;
+                vmm.memory()
+                    .write_obj(marker, GuestAddress(RESULTS + 32))
+                    .unwrap();
+                vmm.memory()
+                    .write_obj(1u64, GuestAddress(RESULTS + 16))
+                    .unwrap();
+                let ok =
+                    vmm.wait() == VmExit::PowerOff
+                        && result(&vmm, 0) == 2000
+                        && result(&vmm, 4) == marker
+                        && config.serial.log.as_deref().is_some_and(|l| {
+                            std::fs::read_to_string(l).is_ok_and(|s| s == "done\n")
+                        });
+                let _ = std::fs::write(dirs[index].join("result"), if ok { "ok" } else { "bad" });
+                // SAFETY: ends the child without running the test harness's destructors.
+                unsafe { libc::_exit(0) }
+            }
+            snapshot::Forked::Source(report) => {
+                let mut code = 0;
+                for (i, ch) in report.children.iter().enumerate() {
+                    if ch.error.is_some() || ch.pid <= 0 || ch.ready_us.is_none() {
+                        eprintln!("child {i}: {ch:?}");
+                        code = 10;
+                    }
+                }
+                let deadline = Instant::now() + Duration::from_secs(20);
+                for d in &dirs {
+                    while !d.join("result").exists() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    if std::fs::read_to_string(d.join("result")).ok().as_deref() != Some("ok") {
+                        eprintln!("{} did not report ok", d.display());
+                        code = 20;
+                    }
+                }
+                // No child's writes reached the source, which still runs where it was.
+                if result(&vmm, 4) != 0 || result(&vmm, 0) != 1000 {
+                    code = 30;
+                }
+                finish_count(vmm, dir.path());
+                eprintln!("fork pause {} us", report.pause_us);
+                code
+            }
+        }
+    }
+
+    #[test]
+    fn live_fork_gives_three_independent_running_children() {
+        if std::env::var_os("SPECC_VMM_LIVE_FORK_PROBE").is_some() {
+            std::process::exit(live_fork_probe());
+        }
+        require_kvm();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::live_fork_gives_three_independent_running_children",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("SPECC_VMM_LIVE_FORK_PROBE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "live fork probe failed (10: a child failed to restore, 20: a child did not finish \
+             with its own marker, 30: a child's write reached the source): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn restore_refuses_a_state_count_that_does_not_match() {
         let dir = tempfile::tempdir().unwrap();
@@ -693,9 +995,10 @@ mod tests {
         let mut vmm = boot(&c).unwrap();
         wait_for(&vmm, 1, 1);
         vmm.pause().unwrap();
-        let vm_state = vmm.save_vm_state().unwrap();
+        let mut captured = vmm.capture().unwrap();
+        captured.vcpus.clear();
         assert!(matches!(
-            restore(&c, &vm_state, &[]),
+            restore_captured(&c, None, &captured),
             Err(builder::RestoreError::VcpuCount {
                 states: 0,
                 vcpus: 1

@@ -1,6 +1,8 @@
-//! `specc-vmm CONFIG.json` (or `-` for stdin): boots one VM and runs it until it ends. The exit
-//! status says how (docs/vmm.md): 0 guest power-off, 1 VMM error, 2 guest crash (triple
-//! fault), 3 KVM could not run the guest, 124 timeout.
+//! `specc-vmm CONFIG.json` (or `-` for stdin): boots one VM (or restores it from a snapshot
+//! with `--restore DIR`) and runs it until it ends, serving the control socket the
+//! configuration names. The exit status says how (docs/vmm.md): 0 guest power-off or stopped
+//! on request, 1 VMM error, 2 guest crash (triple fault), 3 KVM could not run the guest, 124
+//! timeout.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,7 +10,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use specc_vmm::{VmConfig, VmExit, error_chain};
+use specc_vmm::control::{self, After, Pending, Reply, Request};
+use specc_vmm::snapshot::Forked;
+use specc_vmm::{VmConfig, VmExit, Vmm, error_chain};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Boot and run one VM from a JSON configuration.
@@ -20,6 +24,66 @@ struct Args {
     /// Print setup time and RSS figures as one JSON line on stderr when the VM ends.
     #[arg(long)]
     timings: bool,
+    /// Restore the VM from this snapshot directory instead of booting it.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+}
+
+/// How the process ends.
+enum Ending {
+    /// The guest ended.
+    Exit(VmExit),
+    /// A control request ended the VM (stop, or a snapshot with `then: exit`).
+    Stopped,
+}
+
+/// Runs the VM, serving control requests between waits. A fork child continues here with
+/// its own VM and configuration.
+fn serve(mut vmm: Vmm, mut config: VmConfig) -> anyhow::Result<(Vmm, VmConfig, Ending)> {
+    'vm: loop {
+        let (tx, rx) = std::sync::mpsc::channel::<Pending>();
+        if let Some(path) = &config.control {
+            control::serve(path, tx, vmm.waker()).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+        }
+        loop {
+            if let Some(exit) = vmm.wait_timeout(None) {
+                return Ok((vmm, config, Ending::Exit(exit)));
+            }
+            while let Ok(p) = rx.try_recv() {
+                let stop = matches!(
+                    p.request,
+                    Request::Stop
+                        | Request::Snapshot {
+                            then: After::Exit,
+                            ..
+                        }
+                );
+                let reply = match p.request {
+                    Request::Fork { children } => match vmm.fork(&config, &children) {
+                        Ok(Forked::Source(report)) => {
+                            Reply::ok(serde_json::to_value(report).unwrap_or_default())
+                        }
+                        Ok(Forked::Child { config: c, .. }) => {
+                            // The request and its reply channel are the source's.
+                            std::mem::forget(p.reply);
+                            std::mem::forget(rx);
+                            config = *c;
+                            continue 'vm;
+                        }
+                        Err(e) => Reply::err(error_chain(&e)),
+                    },
+                    other => specc_vmm::handle_request(&mut vmm, &config, other),
+                };
+                let failed = !reply.ok;
+                let _ = p.reply.send(reply);
+                if stop && !failed {
+                    // Give the control thread a moment to write the reply out.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    return Ok((vmm, config, Ending::Stopped));
+                }
+            }
+        }
+    }
 }
 
 fn rss_kib() -> Option<u64> {
@@ -59,8 +123,16 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<VmExit> {
             .with_context(|| format!("reading {}", args.config.display()))?
     };
     let config: VmConfig = serde_json::from_str(&text).context("parsing the VM configuration")?;
-    let mut vmm = specc_vmm::boot(&config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let exit = vmm.wait();
+    let vmm = match &args.restore {
+        None => specc_vmm::boot(&config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        Some(dir) => specc_vmm::snapshot_dir::restore(dir, &config)
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    };
+    let (vmm, config, ending) = serve(vmm, config)?;
+    let exit = match ending {
+        Ending::Exit(e) => e,
+        Ending::Stopped => return Ok(VmExit::PowerOff),
+    };
     if args.timings {
         let setup_us = vmm
             .first_kvm_run()

@@ -4,8 +4,10 @@
 use std::sync::{Arc, Mutex};
 
 use specc_devices::Interrupt;
-use specc_devices::virtio::VirtioDevice;
-use specc_devices::virtio::mmio::MmioTransport;
+use specc_devices::persist::Persist;
+use specc_devices::virtio::block::DiskHandle;
+use specc_devices::virtio::mmio::{MmioTransport, MmioTransportArgs, MmioTransportState};
+use specc_devices::virtio::{VirtioDevice, VirtioDeviceState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DEFAULT_MAC, NetBackend, VmConfig, parse_mac};
@@ -36,6 +38,32 @@ pub enum Error {
         &'static str,
         #[source] Box<dyn std::error::Error + Send + Sync>,
     ),
+    /// The snapshot's devices do not match the configuration's.
+    #[error("the snapshot has {saved}, the configuration asks for {configured}")]
+    Mismatch {
+        /// Devices in the snapshot, in order.
+        saved: String,
+        /// Devices the configuration asks for, in order.
+        configured: String,
+    },
+    /// A saved device state was refused.
+    #[error("restoring virtio-{0}")]
+    Restore(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+}
+
+/// One virtio device's saved state, in attach order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceSnapshot {
+    /// Device kind (`blk`, `net`, `vsock`, `rng`).
+    pub kind: String,
+    /// Guest-physical base of its virtio-mmio window (checked on restore: the guest's driver
+    /// knows it).
+    pub mmio_base: u64,
+    /// Transport and device state.
+    pub transport: MmioTransportState,
 }
 
 /// A device's interrupt: an eventfd registered as irqfd on the device's GSI.
@@ -57,37 +85,122 @@ pub struct Attached {
     pub slot: MmioSlot,
     /// The transport (also on the MMIO bus).
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// A block device's disk, for flush and freeze.
+    pub disk: Option<DiskHandle>,
+}
+
+impl Attached {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
+        self.transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The device's state; its worker must be paused.
+    pub fn save(&self) -> DeviceSnapshot {
+        DeviceSnapshot {
+            kind: self.kind.to_owned(),
+            mmio_base: self.slot.base,
+            transport: self.lock().save(),
+        }
+    }
+}
+
+/// A device about to be attached: a fresh one, or one rebuilt from a snapshot.
+enum Source<'a> {
+    Fresh(Box<dyn VirtioDevice>),
+    Saved(Box<dyn VirtioDevice>, &'a DeviceSnapshot),
 }
 
 /// Places `device` at the next free window with its own GSI.
-pub fn add_device(
+fn add_device(
     vm: &Vm,
     devices: &mut DeviceManager,
     kind: &'static str,
-    device: Box<dyn VirtioDevice>,
+    source: Source<'_>,
+    disk: Option<DiskHandle>,
 ) -> Result<Attached, Error> {
     let slot = devices.next_slot()?;
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&evt, slot.gsi)?;
-    let transport = MmioTransport::new(vm.memory.clone(), device, Arc::new(IrqFd(evt)))
-        .map_err(|e| Error::Transport(kind, e))?;
+    let irq = Arc::new(IrqFd(evt));
+    let transport = match source {
+        Source::Fresh(device) => MmioTransport::new(vm.memory.clone(), device, irq)
+            .map_err(|e| Error::Transport(kind, e))?,
+        Source::Saved(device, saved) => {
+            if saved.mmio_base != slot.base {
+                return Err(Error::Mismatch {
+                    saved: format!("virtio-{kind} at {:#x}", saved.mmio_base),
+                    configured: format!("virtio-{kind} at {:#x}", slot.base),
+                });
+            }
+            let args = MmioTransportArgs {
+                mem: vm.memory.clone(),
+                device,
+                irq,
+            };
+            MmioTransport::restore(args, &saved.transport)
+                .map_err(|e| Error::Restore(kind, Box::new(e)))?
+        }
+    };
     let transport = Arc::new(Mutex::new(transport));
     devices.add_mmio(slot, transport.clone())?;
     Ok(Attached {
         kind,
         slot,
         transport,
+        disk,
     })
 }
 
+/// The device kinds `config` asks for, in attach order.
+pub fn configured_kinds(config: &VmConfig) -> Vec<&'static str> {
+    let mut k = vec!["blk"; config.disks.len()];
+    if config.net.is_some() {
+        k.push("net");
+    }
+    if config.vsock.is_some() {
+        k.push("vsock");
+    }
+    if config.rng {
+        k.push("rng");
+    }
+    k
+}
+
+fn restore_err(kind: &'static str) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error {
+    move |e| Error::Restore(kind, e)
+}
+
 /// Attaches every virtio device `config` asks for, in a fixed order (disks, net, vsock, rng)
-/// so device names in the guest are stable (`/dev/vda` is the first disk).
+/// so device names in the guest are stable (`/dev/vda` is the first disk). With `saved` (a
+/// restore or fork) each device is rebuilt from its state over the new backends `config`
+/// names; the kinds must match the snapshot's one for one.
 pub fn attach(
     config: &VmConfig,
     vm: &Vm,
     devices: &mut DeviceManager,
+    saved: Option<&[DeviceSnapshot]>,
 ) -> Result<Vec<Attached>, Error> {
     use specc_devices::virtio::{block, net, rng, vsock};
+    if let Some(saved) = saved {
+        let want = configured_kinds(config);
+        if saved
+            .iter()
+            .map(|d| d.kind.as_str())
+            .ne(want.iter().copied())
+        {
+            return Err(Error::Mismatch {
+                saved: saved
+                    .iter()
+                    .map(|d| d.kind.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                configured: want.join(","),
+            });
+        }
+    }
+    let saved_state = |i: usize| saved.map(|s| (&s[i], &s[i].transport.device));
     let mut out = Vec::new();
     for d in &config.disks {
         let cfg = block::BlockConfig {
@@ -96,8 +209,29 @@ pub fn attach(
             read_only: d.read_only,
             id: d.id.clone().unwrap_or_default(),
         };
-        let dev = block::Block::new(cfg).map_err(|e| Error::Device("blk", Box::new(e)))?;
-        out.push(add_device(vm, devices, "blk", Box::new(dev))?);
+        let i = out.len();
+        let (dev, source_of) = match saved_state(i) {
+            Some((snap, VirtioDeviceState::Block(st))) => {
+                let dev =
+                    block::Block::restore(cfg, st).map_err(|e| restore_err("blk")(Box::new(e)))?;
+                (dev, Some(snap))
+            }
+            Some(_) => {
+                return Err(restore_err("blk")(
+                    "saved state is not a block device's".into(),
+                ));
+            }
+            None => (
+                block::Block::new(cfg).map_err(|e| Error::Device("blk", Box::new(e)))?,
+                None,
+            ),
+        };
+        let disk = dev.disk();
+        let source = match source_of {
+            Some(snap) => Source::Saved(Box::new(dev), snap),
+            None => Source::Fresh(Box::new(dev)),
+        };
+        out.push(add_device(vm, devices, "blk", source, Some(disk))?);
     }
     if let Some(n) = &config.net {
         let mac = match &n.mac {
@@ -121,19 +255,60 @@ pub fn attach(
             mtu: n.mtu.unwrap_or(1500),
             backend,
         };
-        let dev = net::Net::new(cfg).map_err(|e| Error::Device("net", Box::new(e)))?;
-        out.push(add_device(vm, devices, "net", Box::new(dev))?);
+        let source = match saved_state(out.len()) {
+            Some((snap, VirtioDeviceState::Net(st))) => Source::Saved(
+                Box::new(net::Net::restore(cfg, st).map_err(|e| restore_err("net")(Box::new(e)))?),
+                snap,
+            ),
+            Some(_) => {
+                return Err(restore_err("net")(
+                    "saved state is not a net device's".into(),
+                ));
+            }
+            None => Source::Fresh(Box::new(
+                net::Net::new(cfg).map_err(|e| Error::Device("net", Box::new(e)))?,
+            )),
+        };
+        out.push(add_device(vm, devices, "net", source, None)?);
     }
     if let Some(v) = &config.vsock {
         let cfg = vsock::VsockConfig {
             guest_cid: v.guest_cid,
             uds_path: v.uds_path.clone(),
         };
-        let dev = vsock::Vsock::new(cfg).map_err(|e| Error::Device("vsock", Box::new(e)))?;
-        out.push(add_device(vm, devices, "vsock", Box::new(dev))?);
+        let source = match saved_state(out.len()) {
+            Some((snap, VirtioDeviceState::Vsock(st))) => Source::Saved(
+                Box::new(
+                    vsock::Vsock::restore(cfg, st)
+                        .map_err(|e| restore_err("vsock")(Box::new(e)))?,
+                ),
+                snap,
+            ),
+            Some(_) => {
+                return Err(restore_err("vsock")(
+                    "saved state is not a vsock device's".into(),
+                ));
+            }
+            None => Source::Fresh(Box::new(
+                vsock::Vsock::new(cfg).map_err(|e| Error::Device("vsock", Box::new(e)))?,
+            )),
+        };
+        out.push(add_device(vm, devices, "vsock", source, None)?);
     }
     if config.rng {
-        out.push(add_device(vm, devices, "rng", Box::new(rng::Rng::new()))?);
+        let source = match saved_state(out.len()) {
+            Some((snap, VirtioDeviceState::Rng(st))) => Source::Saved(
+                Box::new(rng::Rng::restore((), st).map_err(|e| restore_err("rng")(Box::new(e)))?),
+                snap,
+            ),
+            Some(_) => {
+                return Err(restore_err("rng")(
+                    "saved state is not an rng device's".into(),
+                ));
+            }
+            None => Source::Fresh(Box::new(rng::Rng::new())),
+        };
+        out.push(add_device(vm, devices, "rng", source, None)?);
     }
     Ok(out)
 }

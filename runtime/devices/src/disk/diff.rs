@@ -243,6 +243,10 @@ impl DiffFile {
         })
     }
 
+    pub(crate) fn set_path(&mut self, path: PathBuf) {
+        self.path = path;
+    }
+
     /// The file behind the layer.
     pub fn path(&self) -> &Path {
         &self.path

@@ -37,6 +37,15 @@ pub enum DiskError {
     /// Only the bottom layer may be a raw image.
     #[error("layer {0} above the bottom is not a diff layer")]
     RawAboveBottom(PathBuf),
+    /// Moving the frozen top into place failed.
+    #[error("moving the frozen top diff to {path}")]
+    Move {
+        /// The destination.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// No layer gives the disk a size.
     #[error("no base layer and no existing top diff: the disk has no size")]
     NoSize,
@@ -384,6 +393,20 @@ impl LayeredDisk {
         self.lower.push(Layer::Diff(frozen));
         Ok(path)
     }
+
+    /// Like [`LayeredDisk::freeze`], but the frozen layer moves to `frozen_at` (a snapshot's or
+    /// a fork's directory, on the same file system) and the fresh diff takes the top's old
+    /// path, so the disk's writable path never changes.
+    pub fn freeze_into(&mut self, frozen_at: &Path) -> Result<PathBuf, DiskError> {
+        let top_path = self.top.path().to_owned();
+        std::fs::rename(&top_path, frozen_at).map_err(|source| DiskError::Move {
+            path: frozen_at.to_owned(),
+            source,
+        })?;
+        // The open descriptor follows the rename; only the recorded path changes.
+        self.top.set_path(frozen_at.to_owned());
+        self.freeze(&top_path)
+    }
 }
 
 #[cfg(test)]
@@ -396,6 +419,34 @@ mod tests {
         let data: Vec<u8> = (0..size).map(fill).collect();
         std::fs::write(&p, data).unwrap();
         p
+    }
+
+    #[test]
+    fn freeze_into_moves_the_frozen_layer_and_keeps_the_top_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path(), 64 * 1024, |_| 0);
+        let top = dir.path().join("top");
+        let mut disk = LayeredDisk::open(std::slice::from_ref(&b), &top).unwrap();
+        disk.write_at(0, &[0xaa; 4096]).unwrap();
+        let frozen = dir.path().join("snap.diff");
+        disk.freeze_into(&frozen).unwrap();
+        assert_eq!(disk.top_path(), top);
+        assert_eq!(disk.layer_paths(), vec![b.clone(), frozen.clone()]);
+        disk.write_at(4096, &[0xbb; 4096]).unwrap();
+        drop(disk);
+        // The frozen layer holds the first write only; the top the second.
+        let mut snap =
+            LayeredDisk::open(&[b.clone(), frozen.clone()], &dir.path().join("t2")).unwrap();
+        let mut buf = vec![0u8; 8192];
+        snap.read_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 0xaa) && buf[4096..].iter().all(|&x| x == 0));
+        let mut live = LayeredDisk::open(&[b, frozen], &top).unwrap();
+        live.read_at(0, &mut buf).unwrap();
+        assert!(buf[4096..].iter().all(|&x| x == 0xbb));
+        assert!(matches!(
+            live.freeze_into(&dir.path().join("no/such/dir/x")),
+            Err(DiskError::Move { .. })
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialState;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +37,9 @@ pub enum Error {
     /// Creating an eventfd failed.
     #[error("creating an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A saved serial state was refused.
+    #[error("invalid saved serial state: {0}")]
+    SerialState(String),
 }
 
 /// An interrupt line backed by an irqfd: writing the eventfd raises the GSI in KVM.
@@ -132,13 +136,89 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl LegacyDevices {
-    /// Builds the devices; `serial_irq` must be registered on GSI 4 by the caller.
-    pub fn new(serial_irq: IrqLine, out: SerialOut, exit: ExitSender) -> Self {
-        LegacyDevices {
-            serial: Mutex::new(Serial::new(serial_irq, out)),
-            i8042: Mutex::new(I8042Device::new(ResetLine(exit))),
+/// COM1's registers and receive FIFO, for snapshots (vm-superio's `SerialState` as plain
+/// serde data). The i8042 has no state worth keeping: it only forwards the reset line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl LegacyDevices {
+    /// Builds the devices; `serial_irq` must be registered on GSI 4 by the caller. With `saved`
+    /// (a restore) COM1 continues from that state; an invalid one (overfull FIFO) is refused.
+    pub fn new(
+        serial_irq: IrqLine,
+        out: SerialOut,
+        exit: ExitSender,
+        saved: Option<&SerialSnapshot>,
+    ) -> Result<Self, Error> {
+        let serial = match saved {
+            None => Serial::new(serial_irq, out),
+            Some(s) => Serial::from_state(&SerialState::from(s), serial_irq, NoEvents, out)
+                .map_err(|e| Error::SerialState(format!("{e:?}")))?,
+        };
+        Ok(LegacyDevices {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042Device::new(ResetLine(exit))),
+        })
+    }
+
+    /// COM1's state (vCPUs paused).
+    pub fn save_serial(&self) -> SerialSnapshot {
+        lock(&self.serial).state().into()
     }
 
     /// A port read; returns false if no device is at `port`. Registers are byte wide: a wider
@@ -189,14 +269,46 @@ mod tests {
 
     use super::*;
 
-    fn devices(log: &Path) -> (LegacyDevices, mpsc::Receiver<VmExit>) {
+    fn devices(log: &Path) -> (LegacyDevices, mpsc::Receiver<crate::exit::Event>) {
         let (tx, rx) = mpsc::channel();
         let d = LegacyDevices::new(
             IrqLine::new().unwrap(),
             SerialOut::new(Some(log), false).unwrap(),
-            tx,
-        );
+            ExitSender(tx),
+            None,
+        )
+        .unwrap();
         (d, rx)
+    }
+
+    #[test]
+    fn serial_state_round_trips_and_an_overfull_fifo_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, _rx) = devices(&dir.path().join("s"));
+        assert!(d.pio_write(0x3f8 + 1, &[0x03])); // IER: THR + RDA interrupts
+        assert!(d.pio_write(0x3f8 + 7, &[0x5a])); // scratch
+        let saved = d.save_serial();
+        assert_eq!((saved.interrupt_enable, saved.scratch), (0x03, 0x5a));
+        let (tx, _rx2) = mpsc::channel();
+        let again = LegacyDevices::new(
+            IrqLine::new().unwrap(),
+            SerialOut::new(None, false).unwrap(),
+            ExitSender(tx.clone()),
+            Some(&saved),
+        )
+        .unwrap();
+        assert_eq!(again.save_serial(), saved);
+        let mut bad = saved;
+        bad.in_buffer = vec![0; 1 << 16];
+        assert!(matches!(
+            LegacyDevices::new(
+                IrqLine::new().unwrap(),
+                SerialOut::new(None, false).unwrap(),
+                ExitSender(tx),
+                Some(&bad),
+            ),
+            Err(Error::SerialState(_))
+        ));
     }
 
     #[test]
@@ -215,7 +327,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (d, rx) = devices(&dir.path().join("s"));
         assert!(d.pio_write(0x64, &[0xfe]));
-        assert_eq!(rx.try_recv().unwrap(), VmExit::PowerOff);
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            crate::exit::Event::Exit(VmExit::PowerOff)
+        ));
         assert!(d.pio_write(0x64, &[0x01]));
         assert!(rx.try_recv().is_err());
     }

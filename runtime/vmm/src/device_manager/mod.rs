@@ -181,11 +181,15 @@ mod tests {
 
     fn manager() -> DeviceManager {
         let (tx, _rx) = mpsc::channel();
-        DeviceManager::new(LegacyDevices::new(
-            IrqLine::new().unwrap(),
-            SerialOut::new(None, false).unwrap(),
-            tx,
-        ))
+        DeviceManager::new(
+            LegacyDevices::new(
+                IrqLine::new().unwrap(),
+                SerialOut::new(None, false).unwrap(),
+                crate::exit::ExitSender(tx),
+                None,
+            )
+            .unwrap(),
+        )
     }
 
     #[test]

@@ -594,6 +594,9 @@ impl VcpuThread {
                 // Whatever follows a pause (state reads) is for the paused loop: the controller
                 // may send it the moment it sees this reply.
                 VcpuCommand::Pause => {
+                    // Tell a kvmclock guest it was stopped, so its watchdogs do not report a
+                    // soft lockup for the time it spent paused (EINVAL without kvmclock).
+                    let _ = self.vcpu.fd.kvmclock_ctrl();
                     self.reply(VcpuResponse::Paused);
                     return Drain::Pause;
                 }

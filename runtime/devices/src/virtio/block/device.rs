@@ -66,6 +66,15 @@ impl DiskHandle {
         lock(&self.0).freeze(new_top)
     }
 
+    /// Freeze the top diff into `frozen_at` and continue in a fresh diff at the same top path
+    /// ([`LayeredDisk::freeze_into`]); returns the read-only stack, bottom first. Call with
+    /// the device paused.
+    pub fn freeze_into(&self, frozen_at: &Path) -> Result<Vec<PathBuf>, DiskError> {
+        let mut d = lock(&self.0);
+        d.freeze_into(frozen_at)?;
+        Ok(d.layer_paths())
+    }
+
     /// The read-only layers, bottom first.
     pub fn layer_paths(&self) -> Vec<PathBuf> {
         lock(&self.0).layer_paths()

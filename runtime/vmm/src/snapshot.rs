@@ -1,0 +1,464 @@
+//! Snapshots and live fork of a running VM.
+//!
+//! A [`Captured`] state is everything a restore needs besides guest memory and disk contents:
+//! vCPUs, irqchip/PIT/kvmclock, COM1 and every virtio device. A fork keeps it in memory and
+//! hands it to `fork(2)` children that share the source's memory copy-on-write; a snapshot
+//! writes it to a directory beside the memory file and the frozen disk diffs (see
+//! [`crate::snapshot_dir`]).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::config::VmConfig;
+use crate::device_manager::legacy::SerialSnapshot;
+use crate::virtio::DeviceSnapshot;
+use crate::vstate::memory::MemoryBacking;
+use crate::{Error, VcpuState, VmState, Vmm};
+
+/// A paused VM's state, minus memory and disk contents.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Captured {
+    /// irqchip, PIT, kvmclock.
+    pub vm: VmState,
+    /// Every vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// The virtio devices, in attach order.
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+/// Errors of forking a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    /// Pausing or capturing the source failed (the source was resumed).
+    #[error("capturing the source VM")]
+    Capture(#[source] Error),
+    /// Freezing a disk failed.
+    #[error("freezing disk {index}")]
+    Freeze {
+        /// The disk.
+        index: usize,
+        /// The cause.
+        #[source]
+        source: specc_devices::disk::DiskError,
+    },
+    /// A child's run directory could not be created.
+    #[error("creating the child's run directory {}", .0.display())]
+    ChildDir(PathBuf, #[source] std::io::Error),
+    /// pipe(2) or fork(2) failed.
+    #[error("{0}")]
+    Os(&'static str, #[source] std::io::Error),
+    /// Restarting the source's devices failed.
+    #[error("resuming the source's devices")]
+    Resume(#[source] specc_devices::virtio::ActivateError),
+    /// No child directories were given.
+    #[error("a fork needs at least one child")]
+    NoChildren,
+}
+
+/// What a fork call returns, in each process.
+#[derive(Debug)]
+pub enum Forked {
+    /// In the source's process (the source runs again): what became of the children.
+    Source(ForkReport),
+    /// In a child's process, whose [`Vmm`] is now the child's own VM, already running.
+    Child {
+        /// Its configuration ([`child_config`] of the source's).
+        config: Box<VmConfig>,
+        /// Which of the requested children this is.
+        index: usize,
+    },
+}
+
+/// The outcome of a fork, as the source sees it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ForkReport {
+    /// How long the source's vCPUs were stopped.
+    pub pause_us: u64,
+    /// One entry per requested child, in request order.
+    pub children: Vec<ChildReport>,
+}
+
+/// One fork child.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChildReport {
+    /// Its run directory.
+    pub dir: PathBuf,
+    /// Its VMM process (0 if it never reported).
+    pub pid: i32,
+    /// From the fork request until its vCPUs ran.
+    pub ready_us: Option<u64>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The configuration of a fork child whose run directory is `dir`: the same VM with its own
+/// console log, vsock socket, control socket, passt log and a fresh disk diff per disk over
+/// `disk_stacks` (the source's frozen layers). Paths follow [`child_paths`].
+pub fn child_config(source: &VmConfig, dir: &Path, disk_stacks: &[Vec<PathBuf>]) -> VmConfig {
+    let p = child_paths(dir);
+    let mut c = source.clone();
+    if c.serial.log.is_some() {
+        c.serial.log = Some(p.serial_log);
+    }
+    for (i, d) in c.disks.iter_mut().enumerate() {
+        if let Some(stack) = disk_stacks.get(i) {
+            d.layers = stack.clone();
+        }
+        d.top = dir.join(format!("disk{i}.diff"));
+    }
+    if let Some(v) = &mut c.vsock {
+        v.uds_path = p.vsock;
+    }
+    if let Some(n) = &mut c.net
+        && let crate::config::NetBackend::Passt { log: Some(log), .. } = &mut n.backend
+    {
+        *log = dir.join("passt.log");
+    }
+    if c.control.is_some() {
+        c.control = Some(p.control);
+    }
+    c.memory = MemoryBacking::Anonymous;
+    c
+}
+
+/// Where a fork child (or a restored VM) keeps its sockets and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildPaths {
+    /// Console log (if the source logged its console).
+    pub serial_log: PathBuf,
+    /// vsock host socket.
+    pub vsock: PathBuf,
+    /// VMM control socket.
+    pub control: PathBuf,
+}
+
+/// The fixed file names in a child's run directory.
+pub fn child_paths(dir: &Path) -> ChildPaths {
+    ChildPaths {
+        serial_log: dir.join("console.log"),
+        vsock: dir.join("vsock.sock"),
+        control: dir.join("control.sock"),
+    }
+}
+
+impl Vmm {
+    /// The state of a VM whose vCPUs are paused and whose device workers are stopped.
+    pub fn capture(&self) -> Result<Captured, Error> {
+        Ok(Captured {
+            vm: self.save_vm_state()?,
+            vcpus: self.save_vcpu_states()?,
+            serial: self.devices.legacy.save_serial(),
+            devices: self
+                .virtio
+                .iter()
+                .map(crate::virtio::Attached::save)
+                .collect(),
+        })
+    }
+
+    /// Freezes every disk's top diff into `frozen(i)` and continues on a fresh diff at the old
+    /// path; returns each disk's read-only stack, bottom first.
+    pub(crate) fn freeze_disks(
+        &mut self,
+        frozen: impl Fn(usize) -> PathBuf,
+    ) -> Result<Vec<Vec<PathBuf>>, (usize, specc_devices::disk::DiskError)> {
+        self.virtio
+            .iter()
+            .filter_map(|d| d.disk.as_ref())
+            .enumerate()
+            .map(|(i, disk)| disk.freeze_into(&frozen(i)).map_err(|e| (i, e)))
+            .collect()
+    }
+
+    /// Live fork: `dirs.len()` independent copies of this running VM, each in its own VMM
+    /// process with its run directory `dirs[i]` ([`child_config`]).
+    ///
+    /// The source stops only for the state capture, the disk freeze and one `fork(2)` (the
+    /// page-table copy, small with huge pages), whatever the number of children: the first
+    /// child forks the others before it runs. Children restore over the inherited
+    /// `MAP_PRIVATE` memory, so they share every page nobody writes. Call it from the thread
+    /// that owns the VM while no other thread of this process holds a lock the children would
+    /// need (the VMM process's control loop does).
+    pub fn fork(&mut self, config: &VmConfig, dirs: &[PathBuf]) -> Result<Forked, ForkError> {
+        let t0 = Instant::now();
+        if dirs.is_empty() {
+            return Err(ForkError::NoChildren);
+        }
+        for d in dirs {
+            std::fs::create_dir_all(d).map_err(|e| ForkError::ChildDir(d.clone(), e))?;
+        }
+        let was_paused = self.paused;
+        if !was_paused {
+            self.pause().map_err(ForkError::Capture)?;
+        }
+        self.pause_devices();
+        let seq = self.next_freeze_seq();
+        let frozen = |i: usize| -> PathBuf {
+            let top = config
+                .disks
+                .get(i)
+                .map(|d| d.top.clone())
+                .unwrap_or_default();
+            let mut name = top.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".fork{seq}"));
+            top.with_file_name(name)
+        };
+        let staged = self
+            .freeze_disks(frozen)
+            .map_err(|(index, source)| ForkError::Freeze { index, source })
+            .and_then(|stacks| {
+                self.capture()
+                    .map(|c| (stacks, c))
+                    .map_err(ForkError::Capture)
+            });
+        let (stacks, captured) = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                self.restart(was_paused);
+                return Err(e);
+            }
+        };
+        let (rd, wr) = match pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                self.restart(was_paused);
+                return Err(ForkError::Os("pipe", e));
+            }
+        };
+        // SAFETY: the VM is quiesced: vCPU threads are parked on their command channel and
+        // device workers are joined, so no thread holds a lock the child touches; the child
+        // only restores a VM from the state captured above and never returns into the
+        // caller's stack frames with the parent's objects (it forgets them).
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            self.restart(was_paused);
+            return Err(ForkError::Os("fork", e));
+        }
+        if pid == 0 {
+            drop(rd);
+            return Ok(self.become_children(config, dirs, &stacks, &captured, wr, t0));
+        }
+        drop(wr);
+        if let Err(e) = self.resume_devices() {
+            return Err(ForkError::Resume(e));
+        }
+        if !was_paused && let Err(e) = self.resume() {
+            tracing::error!("resuming the source after a fork: {e}");
+        }
+        let pause_us = micros(t0.elapsed());
+        reap_in_background(vec![pid]);
+        let children = collect_reports(rd, dirs, Duration::from_secs(60));
+        Ok(Forked::Source(ForkReport { pause_us, children }))
+    }
+
+    fn restart(&mut self, was_paused: bool) {
+        if let Err(e) = self.resume_devices() {
+            tracing::error!("resuming devices: {e}");
+        }
+        if !was_paused && let Err(e) = self.resume() {
+            tracing::error!("resuming vCPUs: {e}");
+        }
+    }
+
+    fn next_freeze_seq(&mut self) -> u64 {
+        self.freeze_seq += 1;
+        self.freeze_seq
+    }
+
+    /// In the first fork child: fork the other children (this process is single-threaded
+    /// now, so that is safe), then become child 0.
+    fn become_children(
+        &mut self,
+        config: &VmConfig,
+        dirs: &[PathBuf],
+        stacks: &[Vec<PathBuf>],
+        captured: &Captured,
+        report: std::fs::File,
+        t0: Instant,
+    ) -> Forked {
+        let memory = self.fork_child_memory(&[report.as_raw_fd()]);
+        let mut index = 0;
+        let mut grandchildren = Vec::new();
+        for i in 1..dirs.len() {
+            // SAFETY: this process has a single thread (a fork child), so no lock is held.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                index = i;
+                grandchildren.clear();
+                break;
+            }
+            if pid < 0 {
+                let e = std::io::Error::last_os_error();
+                write_report(&report, i, 0, Err(&format!("fork: {e}")), t0);
+            } else {
+                grandchildren.push(pid);
+            }
+        }
+        let child = child_config(config, &dirs[index], stacks);
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        match crate::builder::restore_captured(&child, Some(memory), captured) {
+            Ok(mut vmm) => {
+                // The child's private pages differ from the same files as the source's.
+                vmm.memory_image = self.memory_image.clone();
+                write_report(&report, index, me, Ok(()), t0);
+                drop(report);
+                reap_in_background(grandchildren);
+                // Dropping the parent's VM would signal and join threads that exist only in
+                // the parent, and close descriptors that are closed already.
+                std::mem::forget(std::mem::replace(self, vmm));
+                Forked::Child {
+                    config: Box::new(child),
+                    index,
+                }
+            }
+            Err(e) => {
+                write_report(&report, index, me, Err(&crate::error_chain(&e)), t0);
+                // SAFETY: ends this child without running destructors over state it shares
+                // with the source.
+                unsafe { libc::_exit(1) }
+            }
+        }
+    }
+
+    /// For a `fork(2)` child: gives up the parent's VM without touching it (no vCPU or worker
+    /// threads exist in the child, so nothing is stopped or joined) and closes every
+    /// descriptor it inherited except stdio, guest memory's files and `keep`: they belong to
+    /// the parent's VM (KVM fds, device backends, sockets), and an inherited passt or vsock
+    /// socket would keep the parent's peers from seeing it close. Returns guest memory, the
+    /// child's own copy-on-write view of the parent's `MAP_PRIVATE` mapping. Call it only in
+    /// a fork child.
+    pub fn into_fork_child(self, keep: &[RawFd]) -> GuestMemoryMmap {
+        let memory = self.fork_child_memory(keep);
+        // Dropping would signal and join threads that exist only in the parent.
+        std::mem::forget(self);
+        memory
+    }
+
+    fn fork_child_memory(&self, keep: &[RawFd]) -> GuestMemoryMmap {
+        let memory = self.vm.memory.clone();
+        let mut keep: Vec<RawFd> = keep.to_vec();
+        keep.extend([0, 1, 2]);
+        keep.extend(
+            memory
+                .iter()
+                .filter_map(|r| r.file_offset().map(|f| f.file().as_raw_fd())),
+        );
+        close_fds_except(&keep);
+        memory
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid out array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two descriptors; nothing else owns them.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// One line per child, written with a single `write` (atomic under PIPE_BUF, so children
+/// may report concurrently): `index pid ready_us ok` or `index pid - error message`.
+fn write_report(to: &std::fs::File, index: usize, pid: i32, r: Result<(), &str>, t0: Instant) {
+    use std::io::Write;
+    let mut line = match r {
+        Ok(()) => format!("{index} {pid} {} ok\n", micros(t0.elapsed())),
+        Err(e) => format!("{index} {pid} - {}\n", e.replace('\n', " ")),
+    };
+    line.truncate(500);
+    if !line.ends_with('\n') {
+        line.push('\n');
+    }
+    let mut f = to;
+    let _ = f.write_all(line.as_bytes());
+}
+
+fn collect_reports(rd: std::fs::File, dirs: &[PathBuf], limit: Duration) -> Vec<ChildReport> {
+    use std::io::BufRead;
+    let mut out: Vec<ChildReport> = dirs
+        .iter()
+        .map(|d| ChildReport {
+            dir: d.clone(),
+            pid: 0,
+            ready_us: None,
+            error: Some("the child never reported (it died before restoring)".into()),
+        })
+        .collect();
+    let deadline = Instant::now() + limit;
+    // Every child holds the write end until it has reported, so EOF means all have.
+    let mut lines = std::io::BufReader::new(rd).lines();
+    let mut seen = 0;
+    while seen < dirs.len() && Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        let mut f = line.splitn(4, ' ');
+        let (Some(i), Some(pid), Some(us), rest) = (f.next(), f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (Ok(i), Ok(pid)) = (i.parse::<usize>(), pid.parse::<i32>()) else {
+            continue;
+        };
+        let Some(slot) = out.get_mut(i) else { continue };
+        slot.pid = pid;
+        if rest == Some("ok") {
+            slot.ready_us = us.parse().ok();
+            slot.error = None;
+        } else {
+            slot.error = Some(rest.unwrap_or("").to_owned());
+        }
+        seen += 1;
+    }
+    out
+}
+
+/// Waits for `pids` on a thread so they do not linger as zombies (the process may also have
+/// children it waits for itself, such as passt, so SIGCHLD cannot simply be ignored).
+fn reap_in_background(pids: Vec<i32>) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("fork-reaper".into())
+        .spawn(move || {
+            for pid in pids {
+                let mut status = 0;
+                // SAFETY: waits for our own child; status is a valid out pointer.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+            }
+        });
+}
+
+fn close_fds_except(keep: &[RawFd]) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if !keep.contains(&fd) {
+            // SAFETY: in a fork child, every descriptor not kept belongs to objects of the
+            // parent that were forgotten (never used or closed again); closing one that is
+            // already closed (the listing's own) fails harmlessly.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
