@@ -11,6 +11,7 @@
 
 #![deny(missing_docs)]
 
+mod atomic;
 pub mod cpu;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -21,6 +21,8 @@ use vm_memory::{
     Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
+use crate::atomic::AtomicFile;
+
 /// The page size of memory and diff files (and of the KVM dirty log on x86_64).
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -75,8 +77,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Syncing the output file failed.
-    #[error("syncing memory file {path}")]
+    /// Syncing the output file or renaming it into place failed.
+    #[error("syncing memory file {path} and renaming it into place")]
     Sync {
         /// The file.
         path: PathBuf,
@@ -493,20 +495,14 @@ impl<'a> RunWriter<'a> {
     }
 }
 
-/// A sparse output file of `total` bytes, all holes.
-fn create_sparse(path: &Path, total: u64) -> Result<File, Error> {
+/// A sparse output file of `total` bytes, all holes, that replaces `path` when committed.
+fn create_sparse(path: &Path, total: u64) -> Result<AtomicFile, Error> {
     let cerr = |source| Error::Create {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(cerr)?;
-    file.set_len(total).map_err(cerr)?;
+    let file = AtomicFile::create(path).map_err(cerr)?;
+    file.file().set_len(total).map_err(cerr)?;
     Ok(file)
 }
 
@@ -527,9 +523,10 @@ fn read_pagemap(pagemap: &File, addr: usize, pages: u64, out: &mut Vec<u64>) -> 
     Ok(())
 }
 
-/// Writes all of guest memory to a sparse memory file at `path` (created or truncated): zero
-/// pages become holes, non-zero runs are written with large `pwrite`s, the file is fsynced.
-/// The VM must be paused.
+/// Writes all of guest memory to a sparse memory file at `path`: zero pages become holes,
+/// non-zero runs are written with large `pwrite`s. The file is written under a temporary name,
+/// fsynced and renamed over `path`, so a crash never leaves a torn file and a VM still mapping
+/// an older `path` keeps its pages. The VM must be paused.
 pub fn write_memory(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -537,13 +534,13 @@ pub fn write_memory(
 ) -> Result<MemoryStats, Error> {
     let start = Instant::now();
     let (views, total) = regions(mem)?;
-    let file = create_sparse(path, total)?;
+    let out = create_sparse(path, total)?;
     let pagemap = if opts.skip_unpopulated && views.iter().any(|v| v.anonymous) {
         Some(File::open("/proc/self/pagemap").map_err(Error::Pagemap)?)
     } else {
         None
     };
-    let mut writer = RunWriter::new(&file, path);
+    let mut writer = RunWriter::new(out.file(), path);
     let mut scanned = 0u64;
     let mut entries = Vec::new();
     for view in &views {
@@ -573,22 +570,24 @@ pub fn write_memory(
         }
         writer.flush()?;
     }
-    file.sync_all().map_err(|source| Error::Sync {
+    let (data_bytes, pages_written) = (writer.data_bytes, writer.pages_written);
+    out.commit().map_err(|source| Error::Sync {
         path: path.to_path_buf(),
         source,
     })?;
     Ok(MemoryStats {
         total_bytes: total,
-        data_bytes: writer.data_bytes,
+        data_bytes,
         pages_scanned: scanned,
-        pages_written: writer.pages_written,
+        pages_written,
         elapsed: start.elapsed(),
     })
 }
 
 /// Writes the `dirty` pages of guest memory to a sparse diff file at `path` of full memory
-/// length, each at its memory-file offset (zero dirty pages stay holes), fsyncs it, and
-/// returns the coalesced ranges the diff covers. The VM must be paused.
+/// length, each at its memory-file offset (zero dirty pages stay holes), and returns the
+/// coalesced ranges the diff covers. Replaces `path` atomically like [`write_memory`]. The VM
+/// must be paused.
 pub fn write_memory_diff(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -597,8 +596,8 @@ pub fn write_memory_diff(
     let start = Instant::now();
     let (views, total) = regions(mem)?;
     dirty.check_shape(&views)?;
-    let file = create_sparse(path, total)?;
-    let mut writer = RunWriter::new(&file, path);
+    let out = create_sparse(path, total)?;
+    let mut writer = RunWriter::new(out.file(), path);
     let mut ranges: Vec<PageRange> = Vec::new();
     let mut scanned = 0u64;
     for (view, bitmap) in views.iter().zip(&dirty.bitmaps) {
@@ -626,15 +625,16 @@ pub fn write_memory_diff(
         }
         writer.flush()?;
     }
-    file.sync_all().map_err(|source| Error::Sync {
+    let (data_bytes, pages_written) = (writer.data_bytes, writer.pages_written);
+    out.commit().map_err(|source| Error::Sync {
         path: path.to_path_buf(),
         source,
     })?;
     let stats = MemoryStats {
         total_bytes: total,
-        data_bytes: writer.data_bytes,
+        data_bytes,
         pages_scanned: scanned,
-        pages_written: writer.pages_written,
+        pages_written,
         elapsed: start.elapsed(),
     };
     Ok((ranges, stats))
@@ -976,6 +976,29 @@ mod tests {
         .unwrap();
         assert_eq!(stats.pages_written, 2);
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&base).unwrap());
+    }
+
+    #[test]
+    fn rewriting_the_file_memory_is_mapped_from_keeps_the_mapping_intact() {
+        let src = anon_mem(&[MIB]);
+        fill_page(&src, 0x3000, 0x33);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        write_memory(&src, &path, &WriteOptions::default()).unwrap();
+        let restored = file_mem(&path, &src);
+        fill_page(&restored, 0x5000, 0x55);
+        // Snapshot the restored VM to the very file it maps (nothing of it faulted in yet but
+        // page 5): the new file has both pages, and the mapping still reads the old inode.
+        write_memory(&restored, &path, &WriteOptions::default()).unwrap();
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!((file[0x3000], file[0x5000]), (0x33, 0x55));
+        fill_page(&src, 0x3000, 0x44);
+        write_memory(&src, &path, &WriteOptions::default()).unwrap();
+        assert_eq!(
+            restored.read_obj::<u8>(gpa(&restored, 0x3000)).unwrap(),
+            0x33
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -19,11 +19,12 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crc::{CRC_64_XZ, Crc, Table};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::atomic::AtomicFile;
 
 /// The first eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"SPECCVMS";
@@ -289,45 +290,14 @@ pub fn write_state_file<T: Serialize>(path: &Path, value: &T) -> Result<(), Erro
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let werr = |source| Error::Write {
         path: path.to_path_buf(),
         source,
     };
-    let name = path.file_name().ok_or_else(|| {
-        werr(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path has no file name",
-        ))
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(
-        ".tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(werr)?;
-        f.write_all(bytes).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(werr)
-    })();
-    if result.is_err() {
-        // Best effort: the temporary name is ours alone; a leftover is harmless but untidy.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let f = AtomicFile::create(path).map_err(werr)?;
+    let mut out = f.file();
+    out.write_all(bytes).map_err(werr)?;
+    f.commit().map_err(werr)
 }
 
 /// Reads and decodes the state file at `path`, refusing it before reading if it is larger
