@@ -163,6 +163,18 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A region cannot be read (for writing a file) or written (for a copied overlay).
+    #[error(
+        "guest memory region at {guest_base:#x} is mapped with protection {prot:#x}, needs {needs}"
+    )]
+    Protection {
+        /// The region's guest address.
+        guest_base: u64,
+        /// Its protection.
+        prot: i32,
+        /// What the operation needs.
+        needs: &'static str,
+    },
     /// The region an overlay would replace is not a private mapping.
     #[error(
         "guest memory region at {guest_base:#x} is not MAP_PRIVATE (or is hugetlbfs); a diff cannot be overlaid on it"
@@ -395,6 +407,13 @@ fn regions(mem: &GuestMemoryMmap) -> Result<(Vec<RegionView>, u64), Error> {
                 && region.is_hugetlbfs() != Some(true),
             prot: region.prot(),
         });
+        if region.prot() & libc::PROT_READ == 0 {
+            return Err(Error::Protection {
+                guest_base,
+                prot: region.prot(),
+                needs: "PROT_READ",
+            });
+        }
         file_base += len;
     }
     Ok((views, file_base))
@@ -690,6 +709,7 @@ pub fn map_overlay(mem: &GuestMemoryMmap, diff: &Path, ranges: &[PageRange]) -> 
 
 /// A piece of a diff range inside one region.
 struct Piece {
+    guest_base: u64,
     host: *mut u8,
     prot: i32,
     offset: u64,
@@ -745,6 +765,7 @@ fn map_overlay_bounded(
                 });
             }
             pieces.push(Piece {
+                guest_base: view.guest_base,
                 // SAFETY: `lo - file_base < view.len`, inside the region's mapping.
                 host: unsafe { view.host.add(us(lo - view.file_base)) },
                 prot: view.prot,
@@ -758,6 +779,14 @@ fn map_overlay_bounded(
             map_piece(&file, p)?;
         }
     } else {
+        // The copy writes through the mapping.
+        if let Some(p) = pieces.iter().find(|p| p.prot & libc::PROT_WRITE == 0) {
+            return Err(Error::Protection {
+                guest_base: p.guest_base,
+                prot: p.prot,
+                needs: "PROT_WRITE",
+            });
+        }
         for p in &pieces {
             copy_piece(&file, diff, p)?;
         }
@@ -1209,6 +1238,53 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, Error::NotPrivate { guest_base: 0 }), "{err}");
+    }
+
+    fn anon_with_prot(prot: i32) -> GuestMemoryMmap {
+        let region = MmapRegionBuilder::new(MIB)
+            .with_mmap_prot(prot)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .unwrap();
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()])
+            .unwrap()
+    }
+
+    #[test]
+    fn unreadable_memory_and_copy_into_read_only_memory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let none = anon_with_prot(libc::PROT_NONE);
+        let err = write_memory(&none, &path, &WriteOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Protection {
+                    needs: "PROT_READ",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let ro = anon_with_prot(libc::PROT_READ);
+        write_memory(&ro, &path, &WriteOptions::default()).unwrap();
+        let range = [PageRange {
+            offset: 0,
+            len: 0x1000,
+        }];
+        let err = map_overlay_bounded(&ro, &path, &range, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Protection {
+                    needs: "PROT_WRITE",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Mapping keeps the region's protection, so it needs no write access.
+        map_overlay(&ro, &path, &range).unwrap();
     }
 
     #[test]
