@@ -985,6 +985,32 @@ mod tests {
     }
 
     #[test]
+    fn skip_unpopulated_with_huge_pages_writes_the_same_file() {
+        // 8 MiB with MADV_HUGEPAGE: a touched page may fault in its whole 2 MiB, every 4 KiB
+        // part of which pagemap reports present; the output must not depend on it.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB)]).unwrap();
+        let r = mem.iter().next().unwrap();
+        // SAFETY: exactly the region's own mapping; only changes how it is backed.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.size(), libc::MADV_HUGEPAGE) };
+        assert_eq!(rc, 0, "MADV_HUGEPAGE: {}", std::io::Error::last_os_error());
+        fill_page(&mem, 0x1000, 1);
+        fill_page(&mem, 5 * MIB as u64 + 0x3000, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let skip = dir.path().join("skip");
+        let stats = write_memory(
+            &mem,
+            &skip,
+            &WriteOptions {
+                skip_unpopulated: true,
+            },
+        )
+        .unwrap();
+        assert!((2..=1024).contains(&stats.pages_scanned), "{stats:?}");
+        assert_eq!(stats.pages_written, 2);
+        assert!(std::fs::read(&skip).unwrap() == contents(&mem));
+    }
+
+    #[test]
     fn skip_unpopulated_still_copies_unfaulted_pages_of_a_file_mapping() {
         let src = anon_mem(&[MIB, MIB]);
         fill_page(&src, 0x2000, 0x11);
