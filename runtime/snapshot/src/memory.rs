@@ -1343,7 +1343,64 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Range lists from an untrusted vmstate: accepted exactly when they are valid, and then
+        /// applied exactly; refused ones leave memory untouched.
+        #[test]
+        fn any_range_list_is_applied_exactly_or_refused_untouched(
+            raw in prop::collection::vec((0u64..36, 0u64..6, 0u64..4), 0..6),
+            cumulative in any::<bool>(),
+            copy in any::<bool>(),
+        ) {
+            const PAGES: u64 = 32; // two regions of 16 pages
+            let layout = anon_mem(&[us(16 * PAGE_SIZE), us(16 * PAGE_SIZE)]);
+            let dir = tempfile::tempdir().unwrap();
+            for page in 0..PAGES {
+                fill_page(&layout, page * PAGE_SIZE, u8::try_from(page).unwrap() + 1);
+            }
+            write_memory(&layout, &dir.path().join("base"), &WriteOptions::default()).unwrap();
+            for page in 0..PAGES {
+                fill_page(&layout, page * PAGE_SIZE, u8::try_from(page).unwrap() + 0x80);
+            }
+            write_memory(&layout, &dir.path().join("diff"), &WriteOptions::default()).unwrap();
+            // Third field: 1 = offset off by 512, 2 = length off by 512, else aligned.
+            // `cumulative` makes most lists ordered (each range a small gap after the last).
+            let mut next = 0;
+            let ranges: Vec<PageRange> = raw
+                .iter()
+                .map(|&(page, count, skew)| {
+                    let page = if cumulative { next + page % 3 } else { page };
+                    next = page + count;
+                    PageRange {
+                        offset: page * PAGE_SIZE + if skew == 1 { 512 } else { 0 },
+                        len: count * PAGE_SIZE + if skew == 2 { 512 } else { 0 },
+                    }
+                })
+                .collect();
+            let mut valid = true;
+            let mut prev_end = 0;
+            for r in &ranges {
+                let end = r.offset + r.len;
+                valid &= r.len > 0
+                    && r.offset % PAGE_SIZE == 0
+                    && r.len % PAGE_SIZE == 0
+                    && end <= PAGES * PAGE_SIZE
+                    && r.offset >= prev_end;
+                prev_end = end;
+            }
+            let mem = file_mem(&dir.path().join("base"), &layout);
+            let max = if copy { 0 } else { MAX_OVERLAY_MAPPINGS };
+            let result = map_overlay_bounded(&mem, &dir.path().join("diff"), &ranges, max);
+            prop_assert_eq!(result.is_ok(), valid, "{:?} {:?}", ranges, result);
+            let bytes = contents(&mem);
+            for page in 0..PAGES {
+                let off = page * PAGE_SIZE;
+                let overlaid = valid && ranges.iter().any(|r| (r.offset..r.offset + r.len).contains(&off));
+                let want = u8::try_from(page).unwrap() + if overlaid { 0x80 } else { 1 };
+                prop_assert_eq!(bytes[us(off)], want, "page {}", page);
+            }
+        }
 
         /// Any sequence of page writes split into any number of diffs restores exactly.
         #[test]
