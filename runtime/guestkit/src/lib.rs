@@ -2,6 +2,7 @@
 
 pub mod kernel;
 mod lock;
+pub mod oci;
 pub mod rootfs;
 
 pub use kernel::specc_home;

@@ -76,12 +76,12 @@ pub const DEBIAN_MASKED_UNITS: &[&str] = &[
     "systemd-timesyncd.service",
 ];
 
-const AGENT_UNIT: &str = include_str!("../../agent/specc-agent.service");
-const PASSWD: &str = include_str!("../rootfs/minimal/passwd");
-const GROUP: &str = include_str!("../rootfs/minimal/group");
+pub(crate) const AGENT_UNIT: &str = include_str!("../../agent/specc-agent.service");
+pub(crate) const PASSWD: &str = include_str!("../rootfs/minimal/passwd");
+pub(crate) const GROUP: &str = include_str!("../rootfs/minimal/group");
 const SHADOW: &str = include_str!("../rootfs/minimal/shadow");
-const HOSTS: &str = include_str!("../rootfs/minimal/hosts");
-const DHCP_NETWORK: &str = include_str!("../rootfs/debian/80-specc-dhcp.network");
+pub(crate) const HOSTS: &str = include_str!("../rootfs/minimal/hosts");
+pub(crate) const DHCP_NETWORK: &str = include_str!("../rootfs/debian/80-specc-dhcp.network");
 
 /// The base of a root filesystem (`base "..."` in a spec).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -95,6 +95,13 @@ pub enum Base {
         /// Debian suite, e.g. `bookworm`.
         suite: String,
     },
+    /// An OCI image (`base oci="REF"`): its linux/amd64 layers unpacked with whiteouts, the
+    /// agent as PID 1 or, if the image boots systemd, a systemd service. `reference` is read
+    /// by [`crate::oci::ImageRef::parse`].
+    Oci {
+        /// `oci-layout:DIR[:TAG|@DIGEST]`, a path to a layout, or a registry reference.
+        reference: String,
+    },
 }
 
 impl Base {
@@ -104,6 +111,7 @@ impl Base {
             Base::Scratch => "scratch",
             Base::Busybox => "busybox",
             Base::Debian { .. } => "debian",
+            Base::Oci { .. } => "oci",
         }
     }
 }
@@ -180,6 +188,9 @@ pub enum RootfsError {
     /// Building a debian base needs root (debootstrap chroots).
     #[error("base \"debian\" needs root: debootstrap runs chroot and creates device nodes")]
     NeedsRoot,
+    /// Reading or unpacking an OCI base failed.
+    #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsError {
@@ -504,8 +515,30 @@ fn digest_of(inputs: &[(String, String)]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Everything the image of `base` depends on, in a fixed order.
+/// Everything the image of `base` depends on, in a fixed order. For an OCI base this reads
+/// the image (or pulls it into `$SPECC_HOME`) to learn its manifest digest.
 pub fn key_inputs(base: &Base, opts: &RootfsOptions) -> Result<Vec<(String, String)>, RootfsError> {
+    let oci = open_oci(&specc_home(), base, &|_| {})?;
+    key_inputs_with(base, opts, oci.as_ref())
+}
+
+/// The resolved image of an OCI base (`None` for the other bases).
+fn open_oci(
+    home: &Path,
+    base: &Base,
+    progress: &dyn Fn(&str),
+) -> Result<Option<crate::oci::OciImage>, RootfsError> {
+    match base {
+        Base::Oci { reference } => Ok(Some(crate::oci::open(home, reference, progress)?)),
+        _ => Ok(None),
+    }
+}
+
+fn key_inputs_with(
+    base: &Base,
+    opts: &RootfsOptions,
+    oci: Option<&crate::oci::OciImage>,
+) -> Result<Vec<(String, String)>, RootfsError> {
     let mut inputs = vec![
         ("builder".into(), BUILDER_VERSION.into()),
         ("kind".into(), base.kind().into()),
@@ -530,6 +563,10 @@ pub fn key_inputs(base: &Base, opts: &RootfsOptions) -> Result<Vec<(String, Stri
             inputs.push(("unit".into(), AGENT_UNIT.into()));
             inputs.push(("network".into(), DHCP_NETWORK.into()));
             inputs.push(("masked".into(), DEBIAN_MASKED_UNITS.join(",")));
+        }
+        Base::Oci { .. } => {
+            let image = oci.ok_or_else(|| RootfsError::Invalid("OCI base not resolved".into()))?;
+            inputs.extend(image.key_inputs());
         }
     }
     Ok(inputs)
@@ -562,7 +599,8 @@ pub fn ensure_rootfs_in(
         )));
     }
     check_static_elf(&opts.agent_path)?;
-    let inputs = key_inputs(base, opts)?;
+    let oci = open_oci(home, base, progress)?;
+    let inputs = key_inputs_with(base, opts, oci.as_ref())?;
     let key = digest_of(&inputs);
     let root = home.join("rootfs");
     let dir = root.join(&key);
@@ -590,7 +628,7 @@ pub fn ensure_rootfs_in(
         remove_tree(&tmp)?;
     }
     fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
-    let result = build_image(home, base, opts, &key, &tmp, progress);
+    let result = build_image(home, base, opts, oci.as_ref(), &key, &tmp, progress);
     if let Err(e) = result {
         let _ = remove_tree(&tmp);
         return Err(e);
@@ -621,6 +659,7 @@ fn build_image(
     home: &Path,
     base: &Base,
     opts: &RootfsOptions,
+    oci: Option<&crate::oci::OciImage>,
     key: &str,
     out: &Path,
     progress: &dyn Fn(&str),
@@ -647,6 +686,10 @@ fn build_image(
             progress("linking the debootstrap tree");
             run(Command::new("cp").arg("-al").arg(&tree).arg(&staging))?;
             debian_additions(&staging, opts)?;
+        }
+        Base::Oci { .. } => {
+            let image = oci.ok_or_else(|| RootfsError::Invalid("OCI base not resolved".into()))?;
+            crate::oci::stage(image, out, &staging, opts, progress)?;
         }
     }
     progress("rendering ext4 with mkfs.ext4 -d");

@@ -3,11 +3,11 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use specc_guestkit::kernel::{self, KernelKind};
 use specc_guestkit::rootfs;
 use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
@@ -69,7 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             k.vmlinux
         }
     };
-    let base = guest_base(&spec.base)?;
+    let base = guest_base(&spec.base, args.file.parent().unwrap_or(Path::new(".")))?;
     let agent_path = rootfs::agent_binary().context("finding the guest agent")?;
     let image = rootfs::ensure_rootfs(
         &base,
@@ -195,19 +195,22 @@ fn exit_code_of(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }
 
-/// The rootfs builder's base for a spec's base.
-fn guest_base(base: &ir::Base) -> anyhow::Result<rootfs::Base> {
+/// The rootfs builder's base for a spec's base; a relative OCI layout path is relative to the
+/// directory of the spec that names it.
+fn guest_base(base: &ir::Base, spec_dir: &Path) -> anyhow::Result<rootfs::Base> {
     Ok(match base {
         ir::Base::Scratch => rootfs::Base::Scratch,
         ir::Base::Busybox => rootfs::Base::Busybox,
         ir::Base::Debian { suite } => rootfs::Base::Debian {
             suite: suite.clone(),
         },
-        ir::Base::Spec { spec, .. } => guest_base(&spec.base)?,
-        ir::Base::Oci { reference } => {
-            bail!(
-                "base oci=\"{reference}\" is built by `specc build`; `specc run` boots local bases"
-            )
+        ir::Base::Spec { spec, path } => {
+            guest_base(&spec.base, path.parent().unwrap_or(Path::new(".")))?
         }
+        ir::Base::Oci { reference } => rootfs::Base::Oci {
+            reference: specc_guestkit::oci::ImageRef::parse(reference)?
+                .relative_to(spec_dir)
+                .to_reference(),
+        },
     })
 }
