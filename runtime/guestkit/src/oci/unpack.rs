@@ -399,6 +399,22 @@ impl Tree {
             return Ok(());
         }
 
+        if !matches!(
+            kind,
+            T::Directory
+                | T::Regular
+                | T::Continuous
+                | T::GNUSparse
+                | T::Symlink
+                | T::Link
+                | T::Char
+                | T::Block
+                | T::Fifo
+        ) {
+            // PAX global headers, sockets, GNU volume labels: nothing an image needs.
+            stats.skipped += 1;
+            return Ok(());
+        }
         let dir = self
             .resolve_dir(&path, parents, Some(written))?
             .expect("created when missing");
@@ -494,10 +510,7 @@ impl Tree {
                 fs::set_permissions(&host, fs::Permissions::from_mode(meta.mode))
                     .map_err(io_err("chmod", &rel))?;
             }
-            _ => {
-                stats.skipped += 1;
-                return Ok(());
-            }
+            _ => unreachable!("filtered above"),
         }
         written.insert(rel);
         Ok(())
