@@ -37,6 +37,14 @@ enum Command {
     Rig(cmd::rig::Args),
     /// Boot a spec's VM, run a command in it through the agent, exit with its exit code.
     Run(cmd::run::Args),
+    /// Upload an OCI layout's snapshot to a registry (blobs it has are skipped).
+    Push(cmd::push::Args),
+    /// Download a snapshot from a registry into the store, or into an OCI layout with -o.
+    Pull(cmd::pull::Args),
+    /// Remove leftovers and unreferenced blobs; evict least recently used layers to a budget.
+    Gc(cmd::gc::Args),
+    /// Inspect the local store: list layers, verify blobs.
+    Store(cmd::store::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +57,10 @@ fn main() -> ExitCode {
         Command::Kernel(args) => cmd::kernel::run(args),
         Command::Rig(args) => cmd::rig::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Push(args) => cmd::push::run(args),
+        Command::Pull(args) => cmd::pull::run(args),
+        Command::Gc(args) => cmd::gc::run(args),
+        Command::Store(args) => cmd::store::run(args),
     };
     match result {
         Ok(code) => code,

@@ -8,7 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod oci;
-//pub mod registry;
+pub mod registry;
 pub mod sparse;
 pub mod store;
 

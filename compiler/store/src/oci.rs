@@ -930,3 +930,231 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> OciError {
         source,
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use specc_plan::store::LayerStore;
+
+    use super::*;
+    use crate::sparse::tests::make_sparse;
+
+    /// A store with a base layer (disk diff + memory + vmstate + kernel) and a child layer
+    /// (disk diff + memory + vmstate); returns the child's key. The memory files are `mem_len`
+    /// bytes with a few MiB of data.
+    pub(crate) fn synthetic_store(store: &Store, scratch: &Path, mem_len: u64) -> Digest {
+        let mut parents = vec![];
+        let mut head = Digest::default();
+        for (i, key) in [[0x11u8; 32], [0x22; 32]].into_iter().enumerate() {
+            let seed = u64::try_from(i).expect("small") + 2;
+            let mem = scratch.join(format!("mem{i}"));
+            make_sparse(&mem, mem_len, 4 * seed, 256 << 10);
+            let disk = scratch.join(format!("disk{i}"));
+            make_sparse(&disk, 64 << 20, seed, 128 << 10);
+            let mut parts = vec![];
+            for (role, path) in [(Role::Memory, &mem), (Role::DiskDiff, &disk)] {
+                let info = store.put_file(path).expect("put");
+                parts.push(Part {
+                    role,
+                    digest: info.digest,
+                    size: info.size,
+                });
+            }
+            let vm = store
+                .put_bytes(format!("vmstate of layer {i}").as_bytes())
+                .expect("vmstate");
+            parts.push(Part {
+                role: Role::Vmstate,
+                digest: vm.digest,
+                size: vm.size,
+            });
+            if i == 0 {
+                let k = store.put_bytes(&[0x7f; 3000]).expect("kernel");
+                parts.push(Part {
+                    role: Role::Kernel,
+                    digest: k.digest,
+                    size: k.size,
+                });
+            }
+            let mut rec = LayerRecord::new(Digest(key), parents.clone(), parts);
+            rec.timings_ms.insert("steps".into(), 1234);
+            rec.info = serde_json::json!({"steps": i});
+            store.commit_layer(&rec).expect("commit");
+            parents = vec![rec.key];
+            head = rec.key;
+        }
+        head
+    }
+
+    pub(crate) fn meta() -> ArtifactMeta {
+        ArtifactMeta {
+            vm: VmShape {
+                vcpus: 2,
+                memory_mib: 256,
+                disk_bytes: 64 << 20,
+                kernel_cmdline: "console=ttyS0".into(),
+            },
+            spec_digest: Some(Digest([0x5e; 32])),
+            cpu_fingerprint: serde_json::json!({"vendor": "GenuineIntel", "cpuid": [1, 2, 3]}),
+            ref_name: Some("latest".into()),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn export_then_import_restores_identical_sparse_parts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = Store::open(dir.path().join("a")).expect("store a");
+        let head = synthetic_store(&src, dir.path(), 256 << 20);
+        let out = dir.path().join("oci");
+        let desc = export_artifact(&src, &head, &meta(), &out).expect("export");
+        assert_eq!(
+            desc.artifact_type()
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some(ARTIFACT_TYPE)
+        );
+        let manifest = read_manifest(&out, &desc).expect("manifest");
+        assert_eq!(manifest.layers().len(), 7);
+        let config = read_config(&out, &desc).expect("config");
+        assert_eq!(config.head, head);
+        assert_eq!(config.layers.len(), 2);
+        assert_eq!(config.cpu_fingerprint, meta().cpu_fingerprint);
+
+        let dst = Store::open(dir.path().join("b")).expect("store b");
+        let got = import_artifact(&out, &dst).expect("import");
+        assert_eq!(got, head);
+        for key in [Digest([0x11; 32]), head] {
+            assert!(dst.has_layer(&key));
+            let a = src.layer(&key).expect("a").expect("layer a");
+            let b = dst.layer(&key).expect("b").expect("layer b");
+            assert_eq!(a.parts, b.parts);
+            assert_eq!(a.parents, b.parents);
+            assert_eq!(a.info, b.info);
+            for p in &b.parts {
+                dst.verify_blob(&p.digest).expect("bytes identical");
+                let ma = fs::metadata(src.blob_path(&p.digest)).expect("meta a");
+                let mb = fs::metadata(dst.blob_path(&p.digest)).expect("meta b");
+                assert_eq!(ma.len(), mb.len());
+                assert!(
+                    mb.blocks() <= ma.blocks() + 8,
+                    "holes survived for {}",
+                    p.role
+                );
+            }
+        }
+        // The memory file is 256 MiB long but only a few MiB are allocated after the trip.
+        let mem = dst
+            .layer(&head)
+            .expect("read")
+            .expect("layer")
+            .part(Role::Memory)
+            .expect("memory part")
+            .clone();
+        let m = fs::metadata(dst.blob_path(&mem.digest)).expect("meta");
+        assert_eq!(m.len(), 256 << 20);
+        assert!(m.blocks() * 512 < 8 << 20, "{} allocated", m.blocks() * 512);
+
+        // Re-exporting from the imported store gives the very same manifest.
+        let out2 = dir.path().join("oci2");
+        let desc2 = export_artifact(&dst, &head, &meta(), &out2).expect("export again");
+        assert_eq!(desc.digest(), desc2.digest());
+    }
+
+    fn corrupt_one_layer_blob(out: &Path, desc: &Descriptor, role: &str) -> String {
+        let manifest = read_manifest(out, desc).expect("manifest");
+        let d = manifest
+            .layers()
+            .iter()
+            .find(|d| {
+                d.annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_ROLE))
+                    .map(String::as_str)
+                    == Some(role)
+            })
+            .expect("layer of role");
+        let digest = from_oci_digest(d.digest()).expect("sha256");
+        let p = blob_path(out, &digest);
+        let mut bytes = fs::read(&p).expect("read");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::write(&p, bytes).expect("write");
+        digest.to_prefixed()
+    }
+
+    #[test]
+    fn corrupt_blob_is_one_clear_error_and_registers_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = Store::open(dir.path().join("a")).expect("store a");
+        let head = synthetic_store(&src, dir.path(), 32 << 20);
+        let out = dir.path().join("oci");
+        let desc = export_artifact(&src, &head, &meta(), &out).expect("export");
+        let bad = corrupt_one_layer_blob(&out, &desc, "memory");
+        let dst = Store::open(dir.path().join("b")).expect("store b");
+        let err = import_artifact(&out, &dst).expect_err("corrupt");
+        let msg = err.to_string();
+        assert!(matches!(err, OciError::BlobDigest { .. }), "{err:?}");
+        assert!(msg.contains(&bad) && msg.contains("corrupt"), "{msg}");
+        assert!(dst.layers().expect("list").is_empty());
+        assert_eq!(dst.usage().expect("usage"), 0, "nothing was unpacked");
+    }
+
+    #[test]
+    fn wrong_config_version_and_media_type_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = Store::open(dir.path().join("a")).expect("store a");
+        let head = synthetic_store(&src, dir.path(), 8 << 20);
+        let out = dir.path().join("oci");
+        let desc = export_artifact(&src, &head, &meta(), &out).expect("export");
+        let manifest = read_manifest(&out, &desc).expect("manifest");
+
+        // A config of version 2, properly re-digested, in a new manifest.
+        let mut config: serde_json::Value = serde_json::from_slice(
+            &read_small_blob(&out, manifest.config(), "config").expect("config"),
+        )
+        .expect("json");
+        config["schema_version"] = 2.into();
+        let cfg = canonical_json(&config).expect("json");
+        let cfg_digest = write_blob_bytes(&out, &cfg).expect("blob");
+        let mut m2 = manifest.clone();
+        m2.set_config(Descriptor::new(
+            MediaType::Other(CONFIG_MEDIA_TYPE.into()),
+            cfg.len() as u64,
+            oci_digest(&cfg_digest),
+        ));
+        let m2_bytes = canonical_json(&m2).expect("json");
+        let m2_digest = write_blob_bytes(&out, &m2_bytes).expect("blob");
+        let d2 = Descriptor::new(
+            MediaType::ImageManifest,
+            m2_bytes.len() as u64,
+            oci_digest(&m2_digest),
+        );
+        let dst = Store::open(dir.path().join("b")).expect("store b");
+        let err = import_manifest(&out, &d2, &dst).expect_err("version 2");
+        assert!(
+            matches!(err, OciError::ConfigVersion { found: 2 }),
+            "{err:?}"
+        );
+
+        // A memory layer relabelled as raw vmstate.
+        let mut m3 = manifest.clone();
+        for d in m3.layers_mut() {
+            if d.media_type().to_string() == media_type(Role::Memory) {
+                d.set_media_type(MediaType::Other(media_type(Role::Vmstate).into()));
+            }
+        }
+        let m3_bytes = canonical_json(&m3).expect("json");
+        let m3_digest = write_blob_bytes(&out, &m3_bytes).expect("blob");
+        let d3 = Descriptor::new(
+            MediaType::ImageManifest,
+            m3_bytes.len() as u64,
+            oci_digest(&m3_digest),
+        );
+        let err = import_manifest(&out, &d3, &dst).expect_err("media type");
+        assert!(matches!(err, OciError::MediaType { .. }), "{err:?}");
+        assert!(dst.layers().expect("list").is_empty());
+    }
+}

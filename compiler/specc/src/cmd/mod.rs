@@ -3,8 +3,12 @@
 pub mod check;
 pub mod common;
 pub mod fmt;
+pub mod gc;
 pub mod graph;
 pub mod kernel;
 pub mod plan;
+pub mod pull;
+pub mod push;
 pub mod rig;
 pub mod run;
+pub mod store;
