@@ -6,7 +6,12 @@
 //! as the suffix (`_ms`, `_count`, `_bytes`) so tools can read them without a schema.
 
 pub mod boot;
+pub mod count;
+pub mod density;
+pub mod fork;
+pub mod pause;
 pub mod plan;
+pub mod restore;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -98,6 +103,20 @@ pub fn median(samples: &mut [Duration]) -> Duration {
     }
 }
 
+/// The `p`th percentile (nearest rank) of `samples`.
+pub fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    assert!(!samples.is_empty(), "percentile of no samples");
+    samples.sort();
+    let rank = (samples.len() * p).div_ceil(100).max(1);
+    samples[rank - 1]
+}
+
+/// Adds `<name>_p50_ms` and `<name>_p95_ms` of `samples` to `report`.
+pub fn p50_p95(report: &mut Report, name: &str, samples: &mut [Duration]) {
+    report.figure(&format!("{name}_p50_ms"), ms(median(samples)));
+    report.figure(&format!("{name}_p95_ms"), ms(percentile(samples, 95)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +129,15 @@ mod tests {
             median(&mut [d(4), d(1), d(3), d(2)]),
             Duration::from_micros(2500)
         );
+    }
+
+    #[test]
+    fn p50_p95_names_both_figures_with_their_unit() {
+        let mut v: Vec<Duration> = (1..=20).map(Duration::from_millis).collect();
+        let mut r = Report::new("pause", Mode::Pvm);
+        p50_p95(&mut r, "pause", &mut v);
+        assert_eq!(r.figures["pause_p50_ms"], 10.5);
+        assert_eq!(r.figures["pause_p95_ms"], 19.0);
     }
 
     #[test]

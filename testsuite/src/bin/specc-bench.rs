@@ -17,11 +17,30 @@ enum Scenario {
     Plan(bench::plan::Args),
     /// Cold boot of the busybox guest to agent-ready: median and p95, VMM RSS.
     Boot(bench::boot::Args),
+    /// Snapshot restore of a count guest: VMM side and until the guest runs (p50/p95).
+    Restore(bench::restore::Args),
+    /// Live fork: source pause at 256 MiB and 2 GiB, child ready/running, 20 children.
+    Fork(bench::fork::Args),
+    /// Pause and resume of a running count guest, 100 cycles (p50/p95).
+    Pause(bench::pause::Args),
+    /// Host memory per additional forked VM of an idle 512 MiB guest.
+    Density(bench::density::Args),
 }
 
 fn main() -> anyhow::Result<()> {
+    // The in-process scenarios run the VMM library, whose debug log has per-step timings.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("SPECC_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().scenario {
         Scenario::Plan(args) => bench::plan::run(args),
         Scenario::Boot(args) => bench::boot::run(args),
+        Scenario::Restore(args) => bench::restore::run(args),
+        Scenario::Fork(args) => bench::fork::run(args),
+        Scenario::Pause(args) => bench::pause::run(args),
+        Scenario::Density(args) => bench::density::run(args),
     }
 }

@@ -1,0 +1,244 @@
+//! `specc-bench fork`: live fork of a running count guest, at several guest memory sizes.
+//!
+//! In process, with the specc-vmm library (`Vmm::fork`). For each `--sizes-mib` size a count
+//! guest boots, counts to 1000 and spins; the host then writes every 4 KiB page of its RAM, so
+//! the fork copies the page tables of a guest that used all of its memory. `--runs` single
+//! forks follow, then (at the first size) one fork to `--children` children at once. Figures:
+//! - **pause**: how long the source's vCPUs were stopped (`ForkReport::pause_us`: state
+//!   capture, disk freeze, `fork(2)`, resume), the figure that must not grow with memory;
+//! - **child ready**: fork request → the child's vCPUs run (`ChildReport::ready_us`);
+//! - **child running**: fork request → the child's guest has visibly run (the child sets
+//!   `go` and sees its counter pass 1000, then writes the time into its run directory and
+//!   exits).
+//!
+//! The bench process is single-threaded apart from the VM's own threads (paused during the
+//! fork) and the VMM's reaper threads (blocked in `waitpid`), the quiesced process
+//! `Vmm::fork` asks for. Every child ends itself with `_exit` right after it has run; the
+//! source must still count on to 2000 afterwards, unaffected by its children.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use specc_vmm::snapshot::Forked;
+use specc_vmm::{VmConfig, Vmm};
+use vm_memory::Bytes;
+
+use super::{Mode, Report, count, median, ms, p50_p95};
+
+/// Arguments of `specc-bench fork`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Single-child forks per size.
+    #[arg(long, default_value_t = 7)]
+    pub runs: usize,
+    /// Guest memory sizes in MiB (all of it written by the host before forking).
+    #[arg(long, value_delimiter = ',', default_values_t = [256u64, 2048])]
+    pub sizes_mib: Vec<u64>,
+    /// Children of the one many-children fork (at the first size; 0 skips it).
+    #[arg(long, default_value_t = 20)]
+    pub children: usize,
+}
+
+/// The file a child writes into its run directory once its guest has run.
+const RUNNING_FILE: &str = "bench-running";
+
+/// What one fork call gave.
+struct Outcome {
+    pause: Duration,
+    ready: Vec<Duration>,
+    running: Vec<Duration>,
+}
+
+/// Runs the scenario.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(!args.sizes_mib.is_empty(), "--sizes-mib names no size");
+    let mode = Mode::detect();
+    count::require_kvm()?;
+    let elf = count::guest_elf("count")?;
+    let dir = tempfile::tempdir()?;
+    let mut report = Report::new("fork", mode);
+    let mut pause_p50 = Vec::new();
+    for (k, &mib) in args.sizes_mib.iter().enumerate() {
+        let label = size_label(mib);
+        let config = count::config(&elf, mib << 20, None);
+        let mut vmm = count::boot_ready(&config)?;
+        let touched = count::touch(vmm.memory(), u64::MAX)?;
+        report.figure(&format!("touched_{label}_bytes"), touched as f64);
+        let mut pauses = Vec::with_capacity(args.runs);
+        let mut ready = Vec::with_capacity(args.runs);
+        let mut running = Vec::with_capacity(args.runs);
+        for r in 0..args.runs {
+            let dirs = vec![dir.path().join(format!("{label}-run{r}"))];
+            let o = fork_once(&mut vmm, &config, &dirs)
+                .with_context(|| format!("fork {r} at {mib} MiB"))?;
+            pauses.push(o.pause);
+            ready.extend(o.ready);
+            running.extend(o.running);
+        }
+        pause_p50.push((mib, median(&mut pauses), pauses.iter().min().copied()));
+        p50_p95(&mut report, &format!("fork_pause_{label}"), &mut pauses);
+        // The least of the runs: the fork's own cost with the least interference from the
+        // other work on a shared machine.
+        if let Some(min) = pauses.iter().min() {
+            report.figure(&format!("fork_pause_{label}_min_ms"), ms(*min));
+        }
+        p50_p95(&mut report, &format!("child_ready_{label}"), &mut ready);
+        p50_p95(&mut report, &format!("child_running_{label}"), &mut running);
+        if k == 0 && args.children > 0 {
+            let n = args.children;
+            let dirs: Vec<PathBuf> = (0..n)
+                .map(|i| dir.path().join(format!("{label}-many{i}")))
+                .collect();
+            let o = fork_once(&mut vmm, &config, &dirs)
+                .with_context(|| format!("fork to {n} children at {mib} MiB"))?;
+            report.figure(&format!("fork{n}_pause_ms"), ms(o.pause));
+            let last = |v: &[Duration]| v.iter().max().copied().unwrap_or_default();
+            report.figure(&format!("fork{n}_all_ready_ms"), ms(last(&o.ready)));
+            report.figure(&format!("fork{n}_all_running_ms"), ms(last(&o.running)));
+        }
+        count::finish(&mut vmm).context("the source after its forks")?;
+    }
+    if let (Some((small, a, amin)), Some((big, b, bmin))) = (pause_p50.first(), pause_p50.last())
+        && small != big
+    {
+        let name = format!("fork_pause_{}_to_{}", size_label(*big), size_label(*small));
+        let ratio = |x: &Duration, y: &Duration| x.as_secs_f64() / y.as_secs_f64().max(1e-9);
+        report.figure(&format!("{name}_p50_ratio"), ratio(b, a));
+        if let (Some(amin), Some(bmin)) = (amin, bmin) {
+            report.figure(&format!("{name}_min_ratio"), ratio(bmin, amin));
+        }
+    }
+    report.figure("runs_count", args.runs as f64);
+    report.print(args.json)
+}
+
+/// `256mib`, `2gib`.
+fn size_label(mib: u64) -> String {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
+        format!("{}gib", mib / 1024)
+    } else {
+        format!("{mib}mib")
+    }
+}
+
+/// Forks `vmm` into one child per directory and waits until every child's guest has run.
+/// In a child this never returns.
+fn fork_once(vmm: &mut Vmm, config: &VmConfig, dirs: &[PathBuf]) -> anyhow::Result<Outcome> {
+    let t0 = Instant::now();
+    let forked = vmm
+        .fork(config, dirs)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))?;
+    let report = match forked {
+        Forked::Child { index, .. } => child(vmm, &dirs[index], t0),
+        Forked::Source(report) => report,
+    };
+    let mut ready = Vec::with_capacity(dirs.len());
+    for (i, c) in report.children.iter().enumerate() {
+        if let Some(e) = &c.error {
+            anyhow::bail!("child {i} failed: {e}");
+        }
+        let us = c
+            .ready_us
+            .with_context(|| format!("child {i} reported no ready time"))?;
+        ready.push(Duration::from_micros(us));
+    }
+    let mut running = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        running.push(wait_running(d)?);
+    }
+    // A child tearing down its copy of guest memory contends with the source's next fork
+    // (shared anon_vma locks, page refcounts); measure each fork on a quiet source.
+    for c in &report.children {
+        wait_gone(c.pid)?;
+    }
+    Ok(Outcome {
+        pause: Duration::from_micros(report.pause_us),
+        ready,
+        running,
+    })
+}
+
+/// In a fork child: run the guest on, record when it visibly ran, end the process.
+fn child(vmm: &Vmm, dir: &Path, t0: Instant) -> ! {
+    let outcome = (|| -> anyhow::Result<Duration> {
+        vmm.memory().write_obj(1u64, count::GO)?;
+        count::wait_until(vmm.memory(), count::COUNTER, "count past 1000", |v| {
+            v > 1000
+        })?;
+        Ok(t0.elapsed())
+    })();
+    let text = match &outcome {
+        Ok(d) => format!("ok {}", d.as_micros()),
+        Err(e) => format!("error {e:#}"),
+    };
+    // Written under a temporary name and renamed: the source never reads half a line.
+    let tmp = dir.join(format!("{RUNNING_FILE}.tmp"));
+    let _ = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, dir.join(RUNNING_FILE)));
+    // SAFETY: ends the child at once, without running destructors or atexit handlers over
+    // state (the bench's temporary directory, stdout) that belongs to the source process.
+    unsafe { libc::_exit(i32::from(outcome.is_err())) }
+}
+
+/// Waits for a child's [`RUNNING_FILE`] and returns the time it recorded.
+fn wait_running(dir: &Path) -> anyhow::Result<Duration> {
+    let path = dir.join(RUNNING_FILE);
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return match text.strip_prefix("ok ") {
+                Some(us) => Ok(Duration::from_micros(us.trim().parse()?)),
+                None => Err(anyhow::anyhow!("child in {}: {text}", dir.display())),
+            };
+        }
+        anyhow::ensure!(
+            start.elapsed() < count::GUEST_TIMEOUT + Duration::from_secs(5),
+            "the child in {} never reported that its guest ran",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits until process `pid` has ended and been reaped (its `/proc` entry is gone).
+fn wait_gone(pid: i32) -> anyhow::Result<()> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let start = Instant::now();
+    while proc.exists() {
+        anyhow::ensure!(
+            start.elapsed() < count::GUEST_TIMEOUT,
+            "fork child {pid} did not end after its guest ran"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_labelled_in_their_largest_whole_unit() {
+        assert_eq!(size_label(256), "256mib");
+        assert_eq!(size_label(2048), "2gib");
+        assert_eq!(size_label(1536), "1536mib");
+    }
+
+    #[test]
+    fn a_child_report_is_read_back_or_its_error_surfaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(RUNNING_FILE), "ok 1500").expect("write");
+        assert_eq!(
+            wait_running(dir.path()).expect("ok"),
+            Duration::from_micros(1500)
+        );
+        std::fs::write(dir.path().join(RUNNING_FILE), "error guest stuck").expect("write");
+        let e = wait_running(dir.path()).expect_err("error").to_string();
+        assert!(e.contains("guest stuck"), "{e}");
+    }
+}

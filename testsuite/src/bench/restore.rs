@@ -1,0 +1,260 @@
+//! `specc-bench restore`: one full snapshot of a running count guest, then repeated restores.
+//!
+//! In process, with the specc-vmm library: a count guest of `--memory-mib` boots, counts to
+//! 1000 and spins; the host writes every page of `--touched-mib` of its RAM (so the memory
+//! file holds data, not only holes) and writes a full snapshot. Each run then restores it with
+//! `snapshot_dir::restore` and times
+//! - **vmm**: the call until it returns (state read and checked, memory mapped `MAP_PRIVATE`,
+//!   KVM VM and vCPUs created with their state, vCPUs running);
+//! - **running**: until the restored guest has visibly run: the host sets `go` and waits until
+//!   the counter moves past 1000 (the test guest's stand-in for "the agent answers").
+//!
+//! Runs come in two sets: with the memory file in the page cache (as right after the snapshot
+//! was written, or with a popular snapshot), and cold, with the file's pages evicted first
+//! (`fsync` + `POSIX_FADV_DONTNEED` on that file alone, so other users of the machine keep
+//! their cache). Every restored guest must finish at 2000 and power off, or the run fails.
+//! A third set times the steps of a restore one by one (`restore_part_*`), to show where the
+//! VMM-side time goes.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use specc_vmm::VmConfig;
+use specc_vmm::snapshot_dir;
+use vm_memory::Bytes;
+
+use super::{Mode, Report, count, median, ms, p50_p95};
+
+/// Arguments of `specc-bench restore`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Timed restores per set (warm and cold page cache).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u64,
+    /// Guest memory the host writes before the snapshot, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub touched_mib: u64,
+}
+
+/// Runs the scenario.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let mode = Mode::detect();
+    count::require_kvm()?;
+    let elf = count::guest_elf("count")?;
+    let dir = tempfile::tempdir()?;
+    let config = count::config(
+        &elf,
+        args.memory_mib << 20,
+        Some(dir.path().join("source.log")),
+    );
+    let mut vmm = count::boot_ready(&config)?;
+    let touched = count::touch(vmm.memory(), args.touched_mib << 20)?;
+    let snap = dir.path().join("snap");
+    let t0 = Instant::now();
+    let written = snapshot_dir::write(&mut vmm, &config, &snap, false)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
+        .context("writing the snapshot")?;
+    let write_time = t0.elapsed();
+    drop(vmm);
+    let memory_file = snap.join(snapshot_dir::MEMORY_FILE);
+    let allocated = std::fs::metadata(&memory_file)?.blocks() * 512;
+
+    let mut report = Report::new("restore", mode);
+    for cold in [false, true] {
+        let mut vmm_side = Vec::with_capacity(args.runs);
+        let mut running = Vec::with_capacity(args.runs);
+        for i in 0..args.runs {
+            if cold {
+                evict(&memory_file)?;
+                let left = resident_bytes(&memory_file)?;
+                anyhow::ensure!(
+                    left == 0,
+                    "{left} bytes of {} stayed in the page cache after eviction (is TMPDIR \
+                     on tmpfs?), so a cold restore cannot be measured here",
+                    memory_file.display()
+                );
+            }
+            let run_dir = dir
+                .path()
+                .join(format!("{}{i}", if cold { "cold" } else { "warm" }));
+            let (v, r) = restore_once(&snap, &config, &run_dir)
+                .with_context(|| format!("restore {i} (cold: {cold})"))?;
+            vmm_side.push(v);
+            running.push(r);
+        }
+        let set = if cold { "restore_cold" } else { "restore" };
+        p50_p95(&mut report, &format!("{set}_vmm"), &mut vmm_side);
+        p50_p95(&mut report, &format!("{set}_running"), &mut running);
+    }
+    let mut parts: [Vec<Duration>; 4] = Default::default();
+    for i in 0..args.runs {
+        let run_dir = dir.path().join(format!("parts{i}"));
+        let p = restore_in_parts(&snap, &config, &run_dir)
+            .with_context(|| format!("restore in parts {i}"))?;
+        for (all, one) in parts.iter_mut().zip(p) {
+            all.push(one);
+        }
+    }
+    for (name, samples) in ["state_read", "cpu_check", "map_memory", "vm"]
+        .iter()
+        .zip(&mut parts)
+    {
+        report.figure(&format!("restore_part_{name}_p50_ms"), ms(median(samples)));
+    }
+    report.figure("runs_count", args.runs as f64);
+    report.figure("guest_memory_mib", args.memory_mib as f64);
+    report.figure("touched_bytes", touched as f64);
+    report.figure("snapshot_write_ms", ms(write_time));
+    report.figure(
+        "snapshot_pause_ms",
+        ms(Duration::from_micros(written.pause_us)),
+    );
+    report.figure("memory_data_bytes", written.memory_data_bytes as f64);
+    report.figure("memory_file_allocated_bytes", allocated as f64);
+    report.print(args.json)
+}
+
+/// One restore of `snap` into a fresh run directory: (until `restore` returned, until the
+/// guest counted past 1000). The guest is then run to its end and checked.
+fn restore_once(
+    snap: &Path,
+    config: &VmConfig,
+    run_dir: &Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    std::fs::create_dir_all(run_dir)?;
+    let mut rc = config.clone();
+    rc.serial.log = Some(run_dir.join("console.log"));
+    let t0 = Instant::now();
+    let mut vmm = snapshot_dir::restore(snap, &rc)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))?;
+    let vmm_side = t0.elapsed();
+    vmm.memory().write_obj(1u64, count::GO)?;
+    count::wait_until(vmm.memory(), count::COUNTER, "count past 1000", |v| {
+        v > 1000
+    })?;
+    let running = t0.elapsed();
+    count::finish(&mut vmm)?;
+    Ok((vmm_side, running))
+}
+
+/// The steps of `snapshot_dir::restore`, timed one by one through the same public pieces:
+/// reading and checking `vmstate`, the CPU compatibility check, mapping the memory file, and
+/// `restore_captured` (KVM VM and vCPUs created, state loaded, vCPUs running).
+fn restore_in_parts(
+    snap: &Path,
+    config: &VmConfig,
+    run_dir: &Path,
+) -> anyhow::Result<[Duration; 4]> {
+    std::fs::create_dir_all(run_dir)?;
+    let mut rc = config.clone();
+    rc.serial.log = Some(run_dir.join("console.log"));
+    let t0 = Instant::now();
+    let saved =
+        snapshot_dir::read(snap).map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))?;
+    let t1 = Instant::now();
+    specc_snapshot::CpuFingerprint::host().check_compatible(&saved.host_cpu)?;
+    let t2 = Instant::now();
+    let image = snapshot_dir::resolved_memory(snap, &saved);
+    let mem = snapshot_dir::map_image(&image, saved.mem_bytes, rc.hugepages)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))?;
+    let t3 = Instant::now();
+    let mut vmm = specc_vmm::restore_captured(&rc, Some(mem), &saved.state)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))?;
+    let t4 = Instant::now();
+    count::finish(&mut vmm)?;
+    Ok([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+}
+
+/// Drops `path`'s pages from the page cache (written back first, as dirty pages stay).
+fn evict(path: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    // SAFETY: fadvise on a descriptor we own; it only changes caching.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    anyhow::ensure!(
+        rc == 0,
+        "posix_fadvise: {}",
+        std::io::Error::from_raw_os_error(rc)
+    );
+    Ok(())
+}
+
+/// How much of `path` is in the page cache (mincore over a read-only mapping).
+fn resident_bytes(path: &Path) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    let len = usize::try_from(f.metadata()?.len())?;
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a fresh read-only shared mapping of a file we opened; unmapped below, never
+    // dereferenced (mincore only reads the page tables' view of it).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    anyhow::ensure!(
+        p != libc::MAP_FAILED,
+        "mmap {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: p..p+len is the mapping above; vec has one byte per page of it.
+    let rc = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping created above.
+    unsafe { libc::munmap(p, len) };
+    anyhow::ensure!(rc == 0, "mincore {}: {err}", path.display());
+    Ok(vec.iter().filter(|b| **b & 1 != 0).count() as u64 * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn one_restore_of_each_kind_runs_the_guest_to_its_end() {
+        run(Args {
+            json: true,
+            runs: 1,
+            memory_mib: 16,
+            touched_mib: 2,
+        })
+        .expect("restore scenario");
+    }
+
+    #[test]
+    fn evict_leaves_a_written_file_out_of_the_page_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        let mut f = std::fs::File::create(&p).expect("create");
+        f.write_all(&vec![7u8; 1 << 20]).expect("write");
+        drop(f);
+        assert_eq!(resident_bytes(&p).expect("resident"), 1 << 20);
+        evict(&p).expect("evict");
+        assert_eq!(
+            resident_bytes(&p).expect("resident"),
+            0,
+            "evicted (a TMPDIR on tmpfs cannot drop a file's only copy: use a disk-backed one)"
+        );
+        assert_eq!(std::fs::read(&p).expect("read back"), vec![7u8; 1 << 20]);
+    }
+}
