@@ -88,7 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("{}", decision.line);
         // SAFETY: single-threaded here (no threads started yet), so nothing reads the
         // environment concurrently.
-        unsafe { std::env::set_var("SPECC_AGENT_BIN", &agent_path) };
+        unsafe {
+            std::env::set_var("SPECC_AGENT_BIN", &agent_path);
+            // The rig has no route to a registry; an OCI base was pulled just now, out here.
+            std::env::set_var(specc_guestkit::oci::OFFLINE_ENV, "1");
+        }
         let status = specc_rig::run_self_in_rig(RigConfig::default())?;
         return Ok(exit_code_of(status.code().unwrap_or(1)));
     }

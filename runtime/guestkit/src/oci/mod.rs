@@ -160,15 +160,22 @@ pub enum OciError {
     /// Creating the unpack tree failed.
     #[error("creating the unpack tree")]
     Tree(#[source] UnpackError),
-    /// A registry reference was given but no registry client is available.
-    #[error(
-        "cannot pull `{reference}`: {why} (use a local image layout: oci-layout:/path/to/dir[:tag])"
-    )]
-    Registry {
+    /// Pulling a registry reference failed.
+    #[error("pulling `{reference}` ({PLATFORM})")]
+    Pull {
         /// The reference.
         reference: String,
-        /// What is missing.
-        why: String,
+        /// The cause.
+        #[source]
+        source: specc_store::registry::RegistryError,
+    },
+    /// `SPECC_OCI_OFFLINE` is set and the reference was never pulled.
+    #[error(
+        "`{reference}` has not been pulled and {OFFLINE_ENV} forbids pulling it (run once without it)"
+    )]
+    NotPulled {
+        /// The reference.
+        reference: String,
     },
 }
 
@@ -234,10 +241,15 @@ impl ImageRef {
         {
             reference
         } else {
-            if !reference.contains('/') {
+            // As docker reads names: the first component is a host only if it looks like one.
+            let host = reference.split('/').next().unwrap_or_default();
+            let looks_like_host = reference.contains('/')
+                && (host.contains('.') || host.contains(':') || host == "localhost");
+            if !looks_like_host {
                 return Err(bad(
-                    "a registry reference needs a host and a repository (host[:port]/repo:tag); \
-                     a layout directory needs oci-layout: or a path starting with / or ./",
+                    "a registry reference needs a host and a repository (host[:port]/repo:tag, \
+                     there is no default registry); a layout directory needs oci-layout: or a \
+                     path starting with / or ./",
                 ));
             }
             return Ok(ImageRef::Registry(reference.to_owned()));
@@ -941,34 +953,83 @@ impl OciImage {
     }
 }
 
-/// Where registry pulls go: `<home>/oci/pulls/<sha256 of the reference>`.
+/// Set (to anything but empty or `0`) to use registry images as last pulled, without asking
+/// the registry: `specc run` sets it for its re-run inside the rig, which has no route to the
+/// registry but sees the host's `$SPECC_HOME`.
+pub const OFFLINE_ENV: &str = "SPECC_OCI_OFFLINE";
+
+/// In a pull directory: the manifest digest the last pull resolved the reference to.
+const PULLED_FILE: &str = "specc-pulled";
+
+/// Where registry pulls go: `<home>/oci/pulls/<sha256 of the reference>`, an OCI layout.
 pub fn pull_dir(home: &Path, reference: &str) -> PathBuf {
     home.join("oci/pulls")
         .join(hex::encode(Sha256::digest(reference.as_bytes())))
 }
 
+fn offline() -> bool {
+    std::env::var_os(OFFLINE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Finds the image a `base oci=` reference names: reads a layout, or pulls a registry
-/// reference into `<home>/oci/pulls/` first.
+/// reference (with specc-store's registry client) into [`pull_dir`] first. Blobs already in
+/// the pull directory are not fetched again, but the registry is asked every time what the
+/// tag names now, unless [`OFFLINE_ENV`] is set.
 pub fn open(home: &Path, reference: &str, progress: &dyn Fn(&str)) -> Result<OciImage, OciError> {
+    open_with(home, reference, offline(), progress)
+}
+
+fn open_with(
+    home: &Path,
+    reference: &str,
+    offline: bool,
+    progress: &dyn Fn(&str),
+) -> Result<OciImage, OciError> {
     match ImageRef::parse(reference)? {
         ImageRef::Layout { dir, selector } => Layout::open(&dir)?.resolve(&selector),
         ImageRef::Registry(r) => {
             let dir = pull_dir(home, &r);
-            progress(&format!("pulling {r}"));
-            pull(&r, &dir)?;
-            Layout::open(&dir)?.resolve(&Selector::Default)
+            let digest = if offline {
+                let p = dir.join(PULLED_FILE);
+                match fs::read_to_string(&p) {
+                    Ok(d) => d.trim().to_owned(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(OciError::NotPulled { reference: r });
+                    }
+                    Err(e) => return Err(io_err("reading", &p)(e)),
+                }
+            } else {
+                progress(&format!("pulling {r} ({PLATFORM}) into {}", dir.display()));
+                pull(&r, &dir)?
+            };
+            Layout::open(&dir)?.resolve(&Selector::Digest(digest))
         }
     }
 }
 
-/// Pulls a registry image into the layout directory `dest`.
-fn pull(reference: &str, _dest: &Path) -> Result<(), OciError> {
-    Err(OciError::Registry {
+/// Pulls a registry image into the layout directory `dest`; returns the manifest digest.
+/// Concurrent pulls of one reference serialize on `<dest>.lock`.
+fn pull(reference: &str, dest: &Path) -> Result<String, OciError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+    let lock_path = dest.with_extension("lock");
+    let _lock = crate::lock::FileLock::acquire(&lock_path)
+        .map_err(|(what, e)| io_err(what, &lock_path)(e))?;
+    let pulled = specc_store::registry::pull_image(
+        reference,
+        dest,
+        PLATFORM,
+        &specc_store::registry::Options::default(),
+    )
+    .map_err(|source| OciError::Pull {
         reference: reference.to_owned(),
-        why: "this build has no registry client (specc_store::registry::pull_image is not \
-              in the workspace yet)"
-            .into(),
-    })
+        source,
+    })?;
+    let digest = pulled.manifest.digest().to_string();
+    let tmp = dest.join(format!(".{PULLED_FILE}.tmp"));
+    fs::write(&tmp, format!("{digest}\n")).map_err(io_err("writing", &tmp))?;
+    fs::rename(&tmp, dest.join(PULLED_FILE)).map_err(io_err("renaming", &tmp))?;
+    Ok(digest)
 }
 
 /// How the agent was installed.
@@ -1260,6 +1321,16 @@ mod tests {
             f("opaque/sub/deep", "deep"),
             E::Dir("srv/".into()),
             E::Dir("srv/many/".into()),
+            E::Char("dev/zero".into(), 1, 5),
+            E::Pax(
+                "usr/bin/ping".into(),
+                b"elf".to_vec(),
+                vec![
+                    ("SCHILY.xattr.user.specc", b"kept".to_vec()),
+                    ("SCHILY.xattr.trusted.overlay.opaque", b"y".to_vec()),
+                    ("uid", b"3000000".to_vec()),
+                ],
+            ),
         ];
         // Some bulk, so the timings mean something.
         let page = vec![b'x'; 4096];
@@ -1373,6 +1444,16 @@ mod tests {
             "{bin}"
         );
         assert_eq!(ls_names(p, "/srv/many").len(), 400);
+        let zero = debugfs(p, "stat /dev/zero");
+        assert!(zero.contains("Type: character special"), "{zero}");
+        let ping = debugfs(p, "stat /usr/bin/ping");
+        assert!(ping.contains("User: 3000000"), "PAX uid: {ping}");
+        let xattrs = debugfs(p, "ea_list /usr/bin/ping");
+        assert!(
+            xattrs.contains("user.specc") && xattrs.contains("kept"),
+            "{xattrs}"
+        );
+        assert!(!xattrs.contains("trusted."), "{xattrs}");
 
         // The agent as PID 1, where the busybox builder puts it.
         let init = debugfs(p, "stat /sbin/init");
@@ -1488,6 +1569,11 @@ mod tests {
         let layers = three_layers();
         let layer0 = sha(&layers[0].1);
         let desc = layout.image(OCI_MANIFEST, OCI_CONFIG, "amd64", &layers);
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &fs::read(layout.blob_path(desc["digest"].as_str().unwrap())).unwrap(),
+        )
+        .unwrap();
+        let config_digest = manifest["config"]["digest"].as_str().unwrap().to_owned();
         layout.index(&[desc]);
         let home = tmp.path().join("home");
         let opts = opts(tmp.path());
@@ -1522,13 +1608,18 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
 
-        // A tampered config (the manifest's digest no longer matches) is caught as well.
+        // With the layer repaired, a tampered config (same size) is caught while resolving.
         fs::write(&blob, &good).unwrap();
-        let image = Layout::open(&layout.dir)
-            .unwrap()
-            .resolve(&Selector::Default)
-            .unwrap();
-        assert_eq!(image.layers.len(), 3);
+        let l = Layout::open(&layout.dir).unwrap();
+        assert_eq!(l.resolve(&Selector::Default).unwrap().layers.len(), 3);
+        let config = layout.blob_path(&config_digest);
+        let text = fs::read_to_string(&config).unwrap();
+        fs::write(&config, text.replace("/srv", "/tmp")).unwrap();
+        let err = l.resolve(&Selector::Default).unwrap_err();
+        assert!(
+            matches!(&err, OciError::BlobCorrupt { digest, .. } if *digest == config_digest),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1714,6 +1805,7 @@ mod tests {
             "",
             "oci-layout:",
             "alpine",
+            "library/alpine:3",
             "/img@sha256:zz",
             "a b/c",
             "oci-layout::tag",
@@ -1733,12 +1825,136 @@ mod tests {
         );
     }
 
+    /// Debian's `docker-registry` on a free loopback port, killed on drop.
+    struct Registry {
+        child: std::process::Child,
+        port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl Registry {
+        fn start() -> Registry {
+            let bin = "/usr/bin/docker-registry";
+            assert!(
+                Path::new(bin).is_file(),
+                "{bin} is missing: install Debian's docker-registry (testsuite/scripts/setup-host.sh does)"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let config = dir.path().join("config.yml");
+            fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    dir.path().join("data").display()
+                ),
+            )
+            .unwrap();
+            let log = File::create(dir.path().join("registry.log")).unwrap();
+            let child = Command::new(bin)
+                .arg("serve")
+                .arg(&config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("starting docker-registry");
+            let mut reg = Registry { child, port, dir };
+            let deadline = Instant::now() + std::time::Duration::from_secs(60);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Some(st) = reg.child.try_wait().unwrap() {
+                    panic!("docker-registry exited ({st}): {}", reg.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "docker-registry never listened: {}",
+                    reg.log()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            reg
+        }
+
+        fn log(&self) -> String {
+            fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Registry {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     #[test]
-    fn registry_references_without_a_client_say_what_is_missing() {
+    fn registry_images_are_pulled_into_a_layout_and_built() {
+        let reg = Registry::start();
         let tmp = tempfile::tempdir().unwrap();
-        let err = open(tmp.path(), "localhost:5000/specc/base:1", &|_| {}).unwrap_err();
-        assert!(matches!(err, OciError::Registry { .. }), "{err}");
-        assert!(err.to_string().contains("oci-layout:"), "{err}");
+        let layout = TestLayout::new(&tmp.path().join("layout"));
+        let desc = layout.image(OCI_MANIFEST, OCI_CONFIG, "amd64", &three_layers());
+        let manifest_digest = desc["digest"].as_str().unwrap().to_owned();
+        layout.index(&[tagged(desc, "v1")]);
+        let reference = format!("127.0.0.1:{}/specc/three:v1", reg.port);
+        let pushed = specc_store::registry::push(
+            &layout.dir,
+            &reference,
+            &specc_store::registry::Options::default(),
+        )
+        .unwrap_or_else(|e| panic!("push: {e:?}\n{}", reg.log()));
+        assert_eq!(pushed.manifest_digest, manifest_digest);
+
+        let home = tmp.path().join("home");
+        let opts = opts(tmp.path());
+        let base = Base::Oci {
+            reference: reference.clone(),
+        };
+        let img = ensure_rootfs_in(&home, &base, &opts, &|m| eprintln!("rootfs: {m}"))
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", reg.log()));
+        assert!(img.built);
+        assert_eq!(ls_names(&img.path, "/opaque"), ["new"]);
+        assert_eq!(
+            debugfs(&img.path, "cat /etc/os-release"),
+            "ID=speccos\nVERSION=2\n"
+        );
+        let inputs = fs::read_to_string(img.path.parent().unwrap().join("inputs")).unwrap();
+        assert!(
+            inputs.contains(&format!("oci-manifest={manifest_digest}")),
+            "{inputs}"
+        );
+        let pulled = pull_dir(&home, &reference);
+        assert!(pulled.join("index.json").is_file());
+
+        // The same image from the local layout is the same cache entry.
+        let local = Base::Oci {
+            reference: format!("oci-layout:{}:v1", layout.dir.display()),
+        };
+        let same = ensure_rootfs_in(&home, &local, &opts, &|_| {}).unwrap();
+        assert_eq!((same.built, &same.key), (false, &img.key));
+
+        // Offline (inside the rig), the last pull is used without the registry.
+        drop(reg);
+        let image = open_with(&home, &reference, true, &|_| {}).unwrap();
+        assert_eq!(image.manifest_digest, manifest_digest);
+        let err = open(&home, &reference, &|_| {}).unwrap_err();
+        assert!(matches!(err, OciError::Pull { .. }), "{err}");
+        let err = open_with(&home, "127.0.0.1:1/specc/never:1", true, &|_| {}).unwrap_err();
+        assert!(matches!(err, OciError::NotPulled { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_one_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = open_with(tmp.path(), "127.0.0.1:1/specc/base:1", false, &|_| {}).unwrap_err();
+        assert!(matches!(err, OciError::Pull { .. }), "{err}");
+        assert!(
+            err.to_string().contains("127.0.0.1:1/specc/base:1"),
+            "{err}"
+        );
     }
 
     #[test]

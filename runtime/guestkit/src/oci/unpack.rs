@@ -800,6 +800,8 @@ pub(crate) mod tests {
         Hardlink(String, String),
         Char(String, u32, u32),
         Fifo(String),
+        /// A file preceded by a PAX header with these records.
+        Pax(String, Vec<u8>, Vec<(&'static str, Vec<u8>)>),
     }
 
     fn header(name: &str, kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
@@ -852,6 +854,11 @@ pub(crate) mod tests {
                     (h, &[])
                 }
                 E::Fifo(p) => (header(p, tar::EntryType::Fifo, 0, 0o600), &[]),
+                E::Pax(p, d, records) => {
+                    b.append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_slice())))
+                        .unwrap();
+                    (header(p, tar::EntryType::Regular, d.len() as u64, 0o755), d)
+                }
             };
             h.set_cksum();
             b.append(&h, data).unwrap();
