@@ -194,6 +194,36 @@ pub fn finish(vmm: &mut Vmm) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For tests of scenarios that fork: runs `body` in a fresh process (this test binary again,
+/// running only `test` with `probe_env` set) so that no other test's threads exist when the
+/// scenario forks, and fails with the probe's output unless it succeeded. In the re-executed
+/// process (`probe_env` set) it runs `body` and exits.
+#[cfg(test)]
+pub fn in_own_process(test: &str, probe_env: &str, body: impl FnOnce() -> anyhow::Result<()>) {
+    if std::env::var_os(probe_env).is_some() {
+        let code = match body() {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .env(probe_env, "1")
+        .output()
+        .expect("re-running the test binary");
+    assert!(
+        out.status.success(),
+        "{test} in its own process: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

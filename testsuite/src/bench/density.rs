@@ -130,7 +130,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let meminfo_after = meminfo()?;
     let source_after = rollup(source_pid)?;
+    let pids = children.0.clone();
     drop(children);
+    for pid in pids {
+        wait_dead(pid)?;
+    }
     let n = args.children as f64;
 
     let mut out = Report::new("density", mode);
@@ -196,6 +200,32 @@ fn rollup(pid: u32) -> anyhow::Result<Rollup> {
     Ok(parse_rollup(&text))
 }
 
+/// Waits until `pid` has died (its `/proc` entry is gone or a zombie); the children are not
+/// this process's to wait for (the VMM's reaper thread or child 0 reaps them).
+fn wait_dead(pid: i32) -> anyhow::Result<()> {
+    let path = format!("/proc/{pid}/stat");
+    let start = Instant::now();
+    loop {
+        match std::fs::read_to_string(&path) {
+            Err(_) => return Ok(()),
+            Ok(stat)
+                if stat
+                    .rfind(')')
+                    .and_then(|i| stat[i + 1..].split_whitespace().next())
+                    == Some("Z") =>
+            {
+                return Ok(());
+            }
+            Ok(_) => {}
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "fork child {pid} still runs 10 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// User plus system CPU time of process `pid` (all its threads), in clock ticks.
 fn cpu_ticks(pid: i32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/stat");
@@ -245,6 +275,22 @@ fn kib_lines(text: &str) -> Vec<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_children_are_measured_and_killed() {
+        count::in_own_process(
+            "bench::density::tests::idle_children_are_measured_and_killed",
+            "SPECC_BENCH_DENSITY_PROBE",
+            || {
+                run(Args {
+                    json: true,
+                    children: 2,
+                    memory_mib: 32,
+                    touched_mib: 8,
+                })
+            },
+        );
+    }
 
     #[test]
     fn smaps_rollup_private_is_clean_plus_dirty() {

@@ -223,6 +223,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn forks_at_two_sizes_and_to_several_children_all_run() {
+        count::in_own_process(
+            "bench::fork::tests::forks_at_two_sizes_and_to_several_children_all_run",
+            "SPECC_BENCH_FORK_PROBE",
+            || {
+                run(Args {
+                    json: true,
+                    runs: 2,
+                    sizes_mib: vec![16, 32],
+                    children: 3,
+                })
+            },
+        );
+    }
+
+    #[test]
     fn sizes_are_labelled_in_their_largest_whole_unit() {
         assert_eq!(size_label(256), "256mib");
         assert_eq!(size_label(2048), "2gib");
