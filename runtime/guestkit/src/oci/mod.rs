@@ -11,8 +11,8 @@
 //! host[:port]/repo[:tag][@sha256:HEX]                a registry (pulled by specc-store)
 //! ```
 //!
-//! Both OCI and Docker (schema 2) media types are read; zstd layers are refused as
-//! unsupported. The image config's `Env`, `WorkingDir`, `User`, `Entrypoint` and `Cmd` are
+//! Both OCI and Docker (schema 2) media types are read; layers may be tar, tar+gzip or
+//! tar+zstd (any number of frames, skippable ones skipped). The image config's `Env`, `WorkingDir`, `User`, `Entrypoint` and `Cmd` are
 //! returned ([`ImageConfig`]) and kept beside a built image ([`RootfsImage::oci_config`]).
 
 pub mod unpack;
@@ -139,7 +139,7 @@ pub enum OciError {
         /// The platforms it has.
         found: String,
     },
-    /// Something this reader does not handle (zstd layers, schema 1 manifests, non-sha256
+    /// Something this reader does not handle (unknown layer types, schema 1 manifests, non-sha256
     /// digests, artifacts that are not container images).
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -382,6 +382,8 @@ pub enum Compression {
     None,
     /// tar+gzip.
     Gzip,
+    /// tar+zstd.
+    Zstd,
 }
 
 fn layer_compression(media_type: &str) -> Result<Compression, OciError> {
@@ -393,9 +395,8 @@ fn layer_compression(media_type: &str) -> Result<Compression, OciError> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
-        m if m.contains("zstd") => Err(OciError::Unsupported(format!(
-            "zstd-compressed layers ({m}); re-export the image with gzip layers"
-        ))),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Ok(Compression::Zstd),
         m => Err(OciError::Unsupported(format!("layer media type {m}"))),
     }
 }
@@ -462,6 +463,70 @@ pub struct UnpackReport {
     pub layers: usize,
     /// Totals over the layers.
     pub totals: LayerStats,
+}
+
+/// A zstd stream of any number of frames, skippable frames skipped: zstd:chunked layers are
+/// many frames, and ruzstd's own streaming reader stops after the first.
+struct ZstdFrames<R> {
+    src: R,
+    frame: ruzstd::decoding::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: Read> ZstdFrames<R> {
+    fn new(src: R) -> Self {
+        ZstdFrames {
+            src,
+            frame: ruzstd::decoding::FrameDecoder::new(),
+            in_frame: false,
+        }
+    }
+}
+
+impl<R: Read> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if !self.in_frame {
+                let mut first = [0u8; 1];
+                if self.src.read(&mut first)? == 0 {
+                    return Ok(0);
+                }
+                match self.frame.reset((&first[..]).chain(&mut self.src)) {
+                    Ok(()) => self.in_frame = true,
+                    Err(FrameDecoderError::ReadFrameHeaderError(
+                        ReadFrameHeaderError::SkipFrame { length, .. },
+                    )) => {
+                        let want = u64::from(length);
+                        let skipped = io::copy(&mut (&mut self.src).take(want), &mut io::sink())?;
+                        if skipped != want {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(io::Error::other(format!("zstd: {e}"))),
+                }
+            }
+            while self.frame.can_collect() < buf.len() && !self.frame.is_finished() {
+                let need = buf.len() - self.frame.can_collect();
+                self.frame
+                    .decode_blocks(
+                        &mut self.src,
+                        ruzstd::decoding::BlockDecodingStrategy::UptoBytes(need),
+                    )
+                    .map_err(|e| io::Error::other(format!("zstd: {e}")))?;
+            }
+            let n = self.frame.read(buf)?;
+            if n == 0 && self.frame.is_finished() {
+                self.in_frame = false;
+                continue;
+            }
+            return Ok(n);
+        }
+    }
 }
 
 /// An OCI image layout directory.
@@ -894,6 +959,7 @@ impl OciImage {
             let mt = match layer.compression {
                 Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
                 Compression::None => "application/vnd.oci.image.layer.v1.tar",
+                Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
             };
             let desc = Descriptor::new(mt.into(), layer.size, digest);
             let file = layout.open_blob(&desc)?;
@@ -902,6 +968,7 @@ impl OciImage {
                 let decoded: Box<dyn Read + '_> = match layer.compression {
                     Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut raw)),
                     Compression::None => Box::new(&mut raw),
+                    Compression::Zstd => Box::new(ZstdFrames::new(&mut raw)),
                 };
                 let mut diff = Verifying::new(decoded, None);
                 tree.apply_layer(&mut diff).and_then(|stats| {
@@ -1648,8 +1715,43 @@ mod tests {
         );
     }
 
+    fn zstd(bytes: &[u8]) -> Vec<u8> {
+        ruzstd::encoding::compress_to_vec(bytes, ruzstd::encoding::CompressionLevel::Fastest)
+    }
+
     #[test]
-    fn zstd_layers_and_traversing_entries_are_refused() {
+    fn zstd_layers_of_several_frames_and_skippable_frames_unpack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = TestLayout::new(&tmp.path().join("layout"));
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let t = tar_of(&[f("a", "1"), E::File("big".into(), big.clone()), f("z", "2")]);
+        // As zstd:chunked writes them: several frames, with a skippable frame between.
+        let (head, rest) = t.split_at(1536);
+        let mut blob = zstd(head);
+        blob.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        blob.extend_from_slice(&5u32.to_le_bytes());
+        blob.extend_from_slice(b"skip!");
+        blob.extend_from_slice(&zstd(rest));
+        let desc = layout.image(
+            OCI_MANIFEST,
+            OCI_CONFIG,
+            "amd64",
+            &[("application/vnd.oci.image.layer.v1.tar+zstd", blob, t)],
+        );
+        layout.index(&[desc]);
+        let image = Layout::open(&layout.dir)
+            .unwrap()
+            .resolve(&Selector::Default)
+            .unwrap();
+        assert_eq!(image.layers[0].compression, Compression::Zstd);
+        let mut tree = Tree::create(&tmp.path().join("root"), 1 << 20).unwrap();
+        image.unpack_into(&mut tree, &|_| {}).unwrap();
+        assert_eq!(fs::read(tree.root().join("big")).unwrap(), big);
+        assert_eq!(fs::read_to_string(tree.root().join("z")).unwrap(), "2");
+    }
+
+    #[test]
+    fn unknown_layer_types_and_traversing_entries_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = TestLayout::new(&tmp.path().join("layout"));
         let t = tar_of(&[f("a", "1")]);
@@ -1657,7 +1759,7 @@ mod tests {
             OCI_MANIFEST,
             OCI_CONFIG,
             "amd64",
-            &[("application/vnd.oci.image.layer.v1.tar+zstd", t.clone(), t)],
+            &[("application/vnd.example.layer.v1.tar+lz4", t.clone(), t)],
         );
         layout.index(&[desc]);
         let err = Layout::open(&layout.dir)
@@ -1665,7 +1767,7 @@ mod tests {
             .resolve(&Selector::Default)
             .unwrap_err();
         assert!(
-            matches!(&err, OciError::Unsupported(m) if m.contains("zstd")),
+            matches!(&err, OciError::Unsupported(m) if m.contains("lz4")),
             "{err}"
         );
 
