@@ -790,6 +790,72 @@ mod tests {
         }
     }
 
+    /// Sums one field (in KiB) of /proc/self/smaps over the mappings that start at `starts`.
+    fn smaps_kib(starts: &[u64], field: &str) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut total = 0;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, _)) = first.split_once('-')
+                && let Ok(lo) = u64::from_str_radix(lo, 16)
+            {
+                inside = starts.contains(&lo);
+            } else if inside && line.starts_with(field) {
+                total += line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+        total
+    }
+
+    fn ram_starts(vmm: &Vmm) -> Vec<u64> {
+        use vm_memory::GuestMemoryBackend;
+        vmm.memory().iter().map(|r| r.as_ptr() as u64).collect()
+    }
+
+    #[test]
+    fn vms_restored_from_one_snapshot_read_its_data_and_share_its_clean_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 64 << 20);
+        // 16 MiB of data written from the host, every page distinct, so the snapshot's
+        // populated-page scan and zero-page holes are exercised on real content.
+        let pages = (0x40_0000u64..0x140_0000).step_by(4096);
+        for a in pages.clone() {
+            vmm.memory()
+                .write_obj(a ^ 0x5a5a_5a5a, GuestAddress(a))
+                .unwrap();
+        }
+        let snap = dir.path().join("snap");
+        let rep = snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        assert!(rep.memory_data_bytes >= 16 << 20, "{rep:?}");
+        drop(vmm);
+        let a = snapshot_dir::restore(&snap, &rerun_config(&c, &dir.path().join("a"))).unwrap();
+        let b = snapshot_dir::restore(&snap, &rerun_config(&c, &dir.path().join("b"))).unwrap();
+        for vm in [&a, &b] {
+            for p in pages.clone() {
+                assert_eq!(
+                    vm.memory().read_obj::<u64>(GuestAddress(p)).unwrap(),
+                    p ^ 0x5a5a_5a5a
+                );
+            }
+        }
+        // Both mappings hold the same page-cache pages: clean and shared, not copies.
+        for vm in [&a, &b] {
+            let starts = ram_starts(vm);
+            let shared = smaps_kib(&starts, "Shared_Clean:");
+            let private = smaps_kib(&starts, "Private_Dirty:");
+            assert!(shared >= 16 << 10, "shared clean {shared} KiB");
+            assert!(private < 4 << 10, "private dirty {private} KiB");
+        }
+        finish_count(a, &dir.path().join("a"));
+        finish_count(b, &dir.path().join("b"));
+    }
+
     #[test]
     fn ten_diff_snapshot_generations_restore_every_write() {
         let dir = tempfile::tempdir().unwrap();

@@ -166,12 +166,13 @@ impl Vmm {
     pub(crate) fn freeze_disks(
         &mut self,
         frozen: impl Fn(usize) -> PathBuf,
+        durable: bool,
     ) -> Result<Vec<Vec<PathBuf>>, (usize, specc_devices::disk::DiskError)> {
         self.virtio
             .iter()
             .filter_map(|d| d.disk.as_ref())
             .enumerate()
-            .map(|(i, disk)| disk.freeze_into(&frozen(i)).map_err(|e| (i, e)))
+            .map(|(i, disk)| disk.freeze_into(&frozen(i), durable).map_err(|e| (i, e)))
             .collect()
     }
 
@@ -185,13 +186,14 @@ impl Vmm {
     /// that owns the VM while no other thread of this process holds a lock the children would
     /// need (the VMM process's control loop does).
     pub fn fork(&mut self, config: &VmConfig, dirs: &[PathBuf]) -> Result<Forked, ForkError> {
-        let t0 = Instant::now();
         if dirs.is_empty() {
             return Err(ForkError::NoChildren);
         }
         for d in dirs {
             std::fs::create_dir_all(d).map_err(|e| ForkError::ChildDir(d.clone(), e))?;
         }
+        // The source's pause starts here.
+        let t0 = Instant::now();
         let was_paused = self.paused;
         if !was_paused {
             self.pause().map_err(ForkError::Capture)?;
@@ -209,7 +211,8 @@ impl Vmm {
             top.with_file_name(name)
         };
         let staged = self
-            .freeze_disks(frozen)
+            // Not synced: the frozen layer is live, shared through the page cache.
+            .freeze_disks(frozen, false)
             .map_err(|(index, source)| ForkError::Freeze { index, source })
             .and_then(|stacks| {
                 self.capture()
@@ -245,15 +248,16 @@ impl Vmm {
             return Ok(self.become_children(config, dirs, &stacks, &captured, wr, t0));
         }
         drop(wr);
-        if let Err(e) = self.resume_devices() {
-            return Err(ForkError::Resume(e));
-        }
+        // The children exist whatever happens to the source now: resume it as far as
+        // possible, reap and hear from them, then report a device failure.
+        let devices = self.resume_devices();
         if !was_paused && let Err(e) = self.resume() {
             tracing::error!("resuming the source after a fork: {e}");
         }
         let pause_us = micros(t0.elapsed());
         reap_in_background(vec![pid]);
         let children = collect_reports(rd, dirs, Duration::from_secs(60));
+        devices.map_err(ForkError::Resume)?;
         Ok(Forked::Source(ForkReport { pause_us, children }))
     }
 

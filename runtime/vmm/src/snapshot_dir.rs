@@ -176,8 +176,14 @@ fn write_paused(
     t0: Instant,
 ) -> Result<SnapshotReport, Error> {
     let stacks = vmm
-        .freeze_disks(|i| dir.join(format!("disk{i}.diff")))
+        .freeze_disks(|i| dir.join(format!("disk{i}.diff")), true)
         .map_err(|(i, e)| Error::Freeze(i, e))?;
+    // Lower layers a live fork froze without syncing become part of a durable snapshot now.
+    for layer in stacks.iter().flat_map(|s| s.iter().skip(1)) {
+        File::open(layer)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| file_err(layer, e))?;
+    }
     let state = vmm.capture()?;
     let mem = vmm.memory();
     let restored_from = vmm.memory_image.clone();

@@ -422,14 +422,30 @@ impl DiffFile {
     }
 
     /// Flush, mark the layer frozen on disk, and return it read-only.
-    pub fn freeze(mut self) -> Result<DiffFile, DiffError> {
-        self.flush()?;
+    pub fn freeze(self) -> Result<DiffFile, DiffError> {
+        self.freeze_with(true)
+    }
+
+    /// Like [`DiffFile::freeze`]; without `durable` the bitmap and header are written but not
+    /// synced (a live fork's shared layer: the data is in the page cache for every reader, and
+    /// whoever persists a snapshot over it syncs it then).
+    pub fn freeze_with(mut self, durable: bool) -> Result<DiffFile, DiffError> {
+        if durable {
+            self.flush()?;
+        } else if self.writable && self.bitmap_dirty {
+            self.file
+                .write_all_at(&self.bitmap, HEADER_SIZE)
+                .map_err(|e| self.io(e))?;
+            self.bitmap_dirty = false;
+        }
         self.frozen = true;
         if self.writable {
             self.file
                 .write_all_at(&self.header(), 0)
                 .map_err(|e| self.io(e))?;
-            self.file.sync_all().map_err(|e| self.io(e))?;
+            if durable {
+                self.file.sync_all().map_err(|e| self.io(e))?;
+            }
         }
         self.writable = false;
         Ok(self)

@@ -386,9 +386,13 @@ impl LayeredDisk {
     /// `new_top`. Returns the path of the frozen layer, which now belongs to the layer stack
     /// (and may be shared with a fork or packed into an artifact).
     pub fn freeze(&mut self, new_top: &Path) -> Result<PathBuf, DiskError> {
+        self.freeze_with(new_top, true)
+    }
+
+    fn freeze_with(&mut self, new_top: &Path, durable: bool) -> Result<PathBuf, DiskError> {
         let fresh = DiffFile::create(new_top, self.size)?;
         let old = std::mem::replace(&mut self.top, fresh);
-        let frozen = old.freeze()?;
+        let frozen = old.freeze_with(durable)?;
         let path = frozen.path().to_owned();
         self.lower.push(Layer::Diff(frozen));
         Ok(path)
@@ -396,8 +400,9 @@ impl LayeredDisk {
 
     /// Like [`LayeredDisk::freeze`], but the frozen layer moves to `frozen_at` (a snapshot's or
     /// a fork's directory, on the same file system) and the fresh diff takes the top's old
-    /// path, so the disk's writable path never changes.
-    pub fn freeze_into(&mut self, frozen_at: &Path) -> Result<PathBuf, DiskError> {
+    /// path, so the disk's writable path never changes. Without `durable` nothing is synced
+    /// ([`DiffFile::freeze_with`]).
+    pub fn freeze_into(&mut self, frozen_at: &Path, durable: bool) -> Result<PathBuf, DiskError> {
         let top_path = self.top.path().to_owned();
         std::fs::rename(&top_path, frozen_at).map_err(|source| DiskError::Move {
             path: frozen_at.to_owned(),
@@ -405,7 +410,7 @@ impl LayeredDisk {
         })?;
         // The open descriptor follows the rename; only the recorded path changes.
         self.top.set_path(frozen_at.to_owned());
-        self.freeze(&top_path)
+        self.freeze_with(&top_path, durable)
     }
 }
 
@@ -429,7 +434,7 @@ mod tests {
         let mut disk = LayeredDisk::open(std::slice::from_ref(&b), &top).unwrap();
         disk.write_at(0, &[0xaa; 4096]).unwrap();
         let frozen = dir.path().join("snap.diff");
-        disk.freeze_into(&frozen).unwrap();
+        disk.freeze_into(&frozen, true).unwrap();
         assert_eq!(disk.top_path(), top);
         assert_eq!(disk.layer_paths(), vec![b.clone(), frozen.clone()]);
         disk.write_at(4096, &[0xbb; 4096]).unwrap();
@@ -444,7 +449,7 @@ mod tests {
         live.read_at(0, &mut buf).unwrap();
         assert!(buf[4096..].iter().all(|&x| x == 0xbb));
         assert!(matches!(
-            live.freeze_into(&dir.path().join("no/such/dir/x")),
+            live.freeze_into(&dir.path().join("no/such/dir/x"), false),
             Err(DiskError::Move { .. })
         ));
     }

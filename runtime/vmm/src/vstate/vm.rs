@@ -2,9 +2,8 @@
 //! the VM-wide state a snapshot needs (irqchip, PIT, kvmclock).
 
 use kvm_bindings::{
-    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_PIT_SPEAKER_DUMMY, kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
-    kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -146,8 +145,15 @@ impl Vm {
             .fd
             .get_clock()
             .map_err(|e| Error::SaveState("clock", e))?;
-        // Restoring with KVM_CLOCK_TSC_STABLE set is refused; only the value matters.
-        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        // Only the value is kept. KVM_CLOCK_TSC_STABLE is refused by KVM_SET_CLOCK, and with
+        // KVM_CLOCK_REALTIME/HOST_TSC (Linux >= 5.16) KVM_SET_CLOCK advances the clock by the
+        // host time elapsed since the save while the restored TSC does not move: the guest's
+        // kvmclock and TSC then disagree by the whole gap, and a restored Linux guest stalled
+        // (timers, vsock) in the rig. The guest's monotonic clock continues from the
+        // snapshot; the agent's `Restored` sets the wall clock.
+        clock.flags = 0;
+        clock.realtime = 0;
+        clock.host_tsc = 0;
         Ok(VmState {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)
                 .map_err(|e| Error::SaveState("pic master", e))?,

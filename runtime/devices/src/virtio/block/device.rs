@@ -68,10 +68,10 @@ impl DiskHandle {
 
     /// Freeze the top diff into `frozen_at` and continue in a fresh diff at the same top path
     /// ([`LayeredDisk::freeze_into`]); returns the read-only stack, bottom first. Call with
-    /// the device paused.
-    pub fn freeze_into(&self, frozen_at: &Path) -> Result<Vec<PathBuf>, DiskError> {
+    /// the device paused. `durable` syncs the frozen layer.
+    pub fn freeze_into(&self, frozen_at: &Path, durable: bool) -> Result<Vec<PathBuf>, DiskError> {
         let mut d = lock(&self.0);
-        d.freeze_into(frozen_at)?;
+        d.freeze_into(frozen_at, durable)?;
         Ok(d.layer_paths())
     }
 
