@@ -341,6 +341,54 @@ impl Store {
         self.seal(tmp, hasher, None)
     }
 
+    /// Moves the file at `path` into the store without copying it when it is on the store's
+    /// file system (hash in place, fsync, rename); otherwise copies it and removes the source.
+    /// For the builder's freshly written snapshot files: the caller must not touch `path` again.
+    pub fn adopt_file(&self, path: &Path) -> Result<BlobInfo> {
+        let src = File::open(path).map_err(|e| io_err("open", path, e))?;
+        let meta = src.metadata().map_err(|e| io_err("stat", path, e))?;
+        let tmp_dir = self.root.join("tmp");
+        let same_fs = fs::metadata(&tmp_dir)
+            .map(|m| {
+                std::os::unix::fs::MetadataExt::dev(&m)
+                    == std::os::unix::fs::MetadataExt::dev(&meta)
+            })
+            .unwrap_or(false);
+        if !same_fs {
+            let info = self.put_file(path)?;
+            fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
+            return Ok(info);
+        }
+        let mut hasher = sha2::Sha256::new();
+        let len = meta.len();
+        let mut pos = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, elen) in sparse::data_extents(&src).map_err(|e| io_err("map", path, e))? {
+            sparse::observe_zeros(start - pos, &mut |b: &[u8]| hasher.update(b));
+            let mut off = start;
+            while off < start + elen {
+                let n = sparse::clamp(start + elen - off, buf.len());
+                std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf[..n], off)
+                    .map_err(|e| io_err("read", path, e))?;
+                hasher.update(&buf[..n]);
+                off += n as u64;
+            }
+            pos = start + elen;
+        }
+        sparse::observe_zeros(len - pos, &mut |b: &[u8]| hasher.update(b));
+        src.sync_all().map_err(|e| io_err("sync", path, e))?;
+        let digest = Digest(hasher.finalize().into());
+        let dest = self.blob_path(&digest);
+        if dest.exists() {
+            fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
+        } else {
+            fs::rename(path, &dest).map_err(|e| self.io_err("rename into place", &dest, e))?;
+            let dir = self.root.join("blobs/sha256");
+            sync_dir(&dir).map_err(|e| self.io_err("sync", &dir, e))?;
+        }
+        Ok(BlobInfo { digest, size: len })
+    }
+
     /// Puts `bytes` into the store.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<BlobInfo> {
         let mut w = self.blob_writer()?;
@@ -938,6 +986,22 @@ mod tests {
             "the blob is sparse: {} bytes allocated",
             meta.blocks() * 512
         );
+        assert_eq!(store.verify_blob(&info.digest).expect("verify"), info);
+    }
+
+    #[test]
+    fn adopt_file_moves_a_file_on_the_same_file_system() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path().join("store")).expect("open");
+        let src = dir.path().join("snap");
+        make_sparse(&src, 32 << 20, 2, 64 << 10);
+        let bytes = fs::read(&src).expect("read");
+        let ino = fs::metadata(&src).expect("meta").ino();
+        let info = store.adopt_file(&src).expect("adopt");
+        assert_eq!(info.digest, sha(&bytes));
+        assert!(!src.exists());
+        let meta = fs::metadata(store.blob_path(&info.digest)).expect("blob");
+        assert_eq!(meta.ino(), ino, "moved, not copied");
         assert_eq!(store.verify_blob(&info.digest).expect("verify"), info);
     }
 
