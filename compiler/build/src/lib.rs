@@ -1,3 +1,4 @@
 //! Layer builds: apply a layer's steps through the guest agent, snapshot, store, export.
 
+pub mod builder;
 pub mod steps;

@@ -80,6 +80,31 @@ pub fn apply_steps(
     Ok(())
 }
 
+/// A step in a few words, for error messages (`run "make install"`, `copy a -> /b`).
+pub fn describe(step: &StepKind) -> String {
+    let short = |s: &str| {
+        let line = s.lines().next().unwrap_or("");
+        if line.chars().count() > 60 || s.lines().count() > 1 {
+            format!("{}…", line.chars().take(60).collect::<String>())
+        } else {
+            line.to_owned()
+        }
+    };
+    match step {
+        StepKind::Run { cmd, .. } => format!("run {:?}", short(cmd)),
+        StepKind::Copy { src, dst, .. } => format!("copy {} -> {dst}", src.display()),
+        StepKind::File { path, .. } => format!("file {path}"),
+        StepKind::Env { .. } => "env".into(),
+        StepKind::Workdir(w) => format!("workdir {w}"),
+        StepKind::User(u) => format!("user {u}"),
+        StepKind::AddGroup(_) => "group".into(),
+        StepKind::AddUser(_) => "user".into(),
+        StepKind::Service(_) => "service".into(),
+        StepKind::Repo { url, .. } => format!("repo {url}"),
+        StepKind::Use { .. } => "use".into(),
+    }
+}
+
 /// Applies one step.
 pub fn apply_step(
     agent: &mut Agent,

@@ -37,6 +37,8 @@ enum Command {
     Rig(cmd::rig::Args),
     /// Boot a spec's VM, run a command in it through the agent, exit with its exit code.
     Run(cmd::run::Args),
+    /// Build every uncached layer of a spec into snapshots in the store.
+    Build(cmd::build::Args),
     /// Upload an OCI layout's snapshot to a registry (blobs it has are skipped).
     Push(cmd::push::Args),
     /// Download a snapshot from a registry into the store, or into an OCI layout with -o.
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Kernel(args) => cmd::kernel::run(args),
         Command::Rig(args) => cmd::rig::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Build(args) => cmd::build::run(args),
         Command::Push(args) => cmd::push::run(args),
         Command::Pull(args) => cmd::pull::run(args),
         Command::Gc(args) => cmd::gc::run(args),

@@ -153,13 +153,24 @@ impl Machine {
         config: &MachineConfig,
         dir: &Path,
     ) -> Result<Machine, MachineError> {
-        Self::spawn(config, dir, Some(snapshot))
+        Self::spawn(config, dir, Some((snapshot, None)))
+    }
+
+    /// Like [`Machine::restore`], from a state file with guest memory given as `memory`
+    /// (absolute paths): a layer whose snapshot files are blobs in the store.
+    pub fn restore_image(
+        vmstate: &Path,
+        memory: &specc_vmm::snapshot_dir::MemoryImage,
+        config: &MachineConfig,
+        dir: &Path,
+    ) -> Result<Machine, MachineError> {
+        Self::spawn(config, dir, Some((vmstate, Some(memory))))
     }
 
     fn spawn(
         config: &MachineConfig,
         dir: &Path,
-        restore: Option<&Path>,
+        restore: Option<(&Path, Option<&specc_vmm::snapshot_dir::MemoryImage>)>,
     ) -> Result<Machine, MachineError> {
         let vmm = vmm_binary()?;
         let run_dir = |source| MachineError::RunDir {
@@ -196,8 +207,14 @@ impl Machine {
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(run_dir)?;
 
         let mut cmd = Command::new(&vmm);
-        if let Some(snap) = restore {
+        if let Some((snap, memory)) = restore {
             cmd.arg("--restore").arg(snap);
+            if let Some(image) = memory {
+                let path = dir.join("memory-image.json");
+                let json = serde_json::to_vec(image).map_err(|e| run_dir(io::Error::other(e)))?;
+                std::fs::write(&path, json).map_err(run_dir)?;
+                cmd.arg("--memory-image").arg(path);
+            }
         }
         cmd.arg(&config_path)
             .stdin(Stdio::null())

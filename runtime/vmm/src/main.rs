@@ -24,9 +24,13 @@ struct Args {
     /// Print setup time and RSS figures as one JSON line on stderr when the VM ends.
     #[arg(long)]
     timings: bool,
-    /// Restore the VM from this snapshot directory instead of booting it.
-    #[arg(long, value_name = "DIR")]
+    /// Restore the VM from this snapshot directory (or state file) instead of booting it.
+    #[arg(long, value_name = "DIR|VMSTATE")]
     restore: Option<PathBuf>,
+    /// With --restore: guest memory from this memory image (JSON: base file and overlays,
+    /// absolute paths) instead of the one the snapshot records.
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    memory_image: Option<PathBuf>,
 }
 
 /// How the process ends.
@@ -125,8 +129,24 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<VmExit> {
     let config: VmConfig = serde_json::from_str(&text).context("parsing the VM configuration")?;
     let vmm = match &args.restore {
         None => specc_vmm::boot(&config).map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
-        Some(dir) => specc_vmm::snapshot_dir::restore(dir, &config)
-            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        Some(path) => {
+            let vmstate = if path.is_dir() {
+                path.join(specc_vmm::snapshot_dir::VMSTATE_FILE)
+            } else {
+                path.clone()
+            };
+            let memory = match &args.memory_image {
+                None => None,
+                Some(f) => Some(
+                    serde_json::from_slice(
+                        &std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+                    )
+                    .with_context(|| format!("parsing the memory image {}", f.display()))?,
+                ),
+            };
+            specc_vmm::snapshot_dir::restore_with(&vmstate, &config, memory)
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?
+        }
     };
     let (vmm, config, ending) = serve(vmm, config)?;
     let exit = match ending {

@@ -285,8 +285,22 @@ pub fn resolved_memory(dir: &Path, snap: &VmSnapshot) -> MemoryImage {
 /// the snapshot's; a disk whose `layers` are empty in `config` gets the snapshot's stack.
 /// Memory is mapped privately from the snapshot's files: nothing is read up front.
 pub fn restore(dir: &Path, config: &VmConfig) -> Result<Vmm, Error> {
+    restore_with(&dir.join(VMSTATE_FILE), config, None)
+}
+
+/// Like [`restore`], from a state file anywhere (a store blob), with the memory image given
+/// explicitly (`memory`, absolute paths) instead of the one the state file records: how the
+/// builder restores a layer whose files live in the content-addressed store. Relative paths
+/// recorded in the state file are relative to its directory.
+pub fn restore_with(
+    vmstate: &Path,
+    config: &VmConfig,
+    memory: Option<MemoryImage>,
+) -> Result<Vmm, Error> {
     let t0 = Instant::now();
-    let snap = read(dir)?;
+    let dir = vmstate.parent().unwrap_or(Path::new("."));
+    let snap: VmSnapshot = specc_snapshot::read_state_file(vmstate, VMSTATE_LIMIT)
+        .map_err(|e| file_err(vmstate, e))?;
     CpuFingerprint::host()
         .check_compatible(&snap.host_cpu)
         .map_err(Error::Cpu)?;
@@ -311,7 +325,7 @@ pub fn restore(dir: &Path, config: &VmConfig) -> Result<Vmm, Error> {
             )));
         }
     }
-    let image = resolved_memory(dir, &snap);
+    let image = memory.unwrap_or_else(|| resolved_memory(dir, &snap));
     let mem = map_image(&image, snap.mem_bytes, config.hugepages)?;
     tracing::debug!("restore: state read, memory mapped {:?}", t0.elapsed());
     let mut vmm = crate::builder::restore_captured(&config, Some(mem), &snap.state)?;

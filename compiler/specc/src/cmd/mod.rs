@@ -1,5 +1,6 @@
 //! One module per subcommand; each exposes `Args` and `run`.
 
+pub mod build;
 pub mod check;
 pub mod common;
 pub mod fmt;

@@ -61,40 +61,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let t0 = Instant::now();
-    let kernel_path = match &spec.vm.kernel {
-        Some(p) => p.clone(),
-        None => {
-            let k = kernel::ensure_kernel(KernelKind::Guest, &|line| eprintln!("specc: {line}"))
-                .context("building the guest kernel (`specc kernel build` does it alone)")?;
-            k.vmlinux
-        }
-    };
-    let base = guest_base(&spec.base, args.file.parent().unwrap_or(Path::new(".")))?;
-    let agent_path = rootfs::agent_binary().context("finding the guest agent")?;
-    let image = rootfs::ensure_rootfs(
-        &base,
-        &rootfs::RootfsOptions {
-            disk_bytes: spec.vm.disk,
-            agent_path: agent_path.clone(),
-        },
-    )
-    .with_context(|| format!("building the {} root filesystem", base.kind()))?;
+    let guest = prepare_guest(&spec, &args.file)?;
     let prepared = t0.elapsed();
-
     if decision.placement == Placement::Rig {
-        // The VMM needs hardware-style KVM: run this very command inside the rig. Everything
-        // slow to make (kernel, rootfs, the agent) is made out here at native speed; inside,
-        // the same $SPECC_HOME finds it cached.
-        eprintln!("{}", decision.line);
-        // SAFETY: single-threaded here (no threads started yet), so nothing reads the
-        // environment concurrently.
-        unsafe {
-            std::env::set_var("SPECC_AGENT_BIN", &agent_path);
-            // The rig has no route to a registry; an OCI base was pulled just now, out here.
-            std::env::set_var(specc_guestkit::oci::OFFLINE_ENV, "1");
-        }
-        let status = specc_rig::run_self_in_rig(RigConfig::default())?;
-        return Ok(exit_code_of(status.code().unwrap_or(1)));
+        return rerun_in_rig(&decision, &guest);
     }
 
     let run_dir = tempfile::Builder::new()
@@ -102,12 +72,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .tempdir()
         .context("creating the VM's run directory")?;
     let config = MachineConfig {
-        kernel: kernel_path,
+        kernel: guest.kernel,
         cmdline: DEFAULT_CMDLINE.to_owned(),
         vcpus: u8::try_from(spec.vm.vcpus).context("at most 254 vCPUs")?,
         mem_bytes: spec.vm.memory,
         disk: Disk {
-            layers: vec![image.path.clone()],
+            layers: vec![guest.rootfs.path.clone()],
             top: run_dir.path().join("disk.diff"),
         },
         net: args.net,
@@ -195,7 +165,63 @@ fn apply_layers(spec: &ir::Spec, agent: &mut specc_build::steps::Agent) -> anyho
     Ok(())
 }
 
-fn exit_code_of(code: i32) -> ExitCode {
+/// What a guest of `spec` needs, made on the host at native speed.
+pub(crate) struct Guest {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The base root filesystem.
+    pub rootfs: rootfs::RootfsImage,
+    /// The static agent inside it.
+    pub agent: PathBuf,
+}
+
+/// Builds (or finds cached) the kernel, the agent and the base root filesystem of `spec`.
+pub(crate) fn prepare_guest(spec: &ir::Spec, file: &Path) -> anyhow::Result<Guest> {
+    let kernel = match &spec.vm.kernel {
+        Some(p) => p.clone(),
+        None => {
+            let k = kernel::ensure_kernel(KernelKind::Guest, &|line| eprintln!("specc: {line}"))
+                .context("building the guest kernel (`specc kernel build` does it alone)")?;
+            k.vmlinux
+        }
+    };
+    let base = guest_base(&spec.base, file.parent().unwrap_or(Path::new(".")))?;
+    let agent = rootfs::agent_binary().context("finding the guest agent")?;
+    let image = rootfs::ensure_rootfs(
+        &base,
+        &rootfs::RootfsOptions {
+            disk_bytes: spec.vm.disk,
+            agent_path: agent.clone(),
+        },
+    )
+    .with_context(|| format!("building the {} root filesystem", base.kind()))?;
+    Ok(Guest {
+        kernel,
+        rootfs: image,
+        agent,
+    })
+}
+
+/// Re-runs this very command inside the rig (the VMM needs hardware-style KVM) and exits
+/// with its status. Everything slow to make was made out here; inside, the same $SPECC_HOME
+/// finds it cached.
+pub(crate) fn rerun_in_rig(
+    decision: &specc_rig::Decision,
+    guest: &Guest,
+) -> anyhow::Result<ExitCode> {
+    eprintln!("{}", decision.line);
+    // SAFETY: single-threaded here (no threads started yet), so nothing reads the environment
+    // concurrently.
+    unsafe {
+        std::env::set_var("SPECC_AGENT_BIN", &guest.agent);
+        // The rig has no route to a registry; an OCI base was pulled just now, out here.
+        std::env::set_var(specc_guestkit::oci::OFFLINE_ENV, "1");
+    }
+    let status = specc_rig::run_self_in_rig(RigConfig::default())?;
+    Ok(exit_code_of(status.code().unwrap_or(1)))
+}
+
+pub(crate) fn exit_code_of(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }
 

@@ -1,0 +1,487 @@
+//! `specc build`: every uncached layer of a spec becomes a snapshot in the store.
+//!
+//! A layer is built by restoring its first parent's snapshot (the base layer boots the root
+//! filesystem instead), applying the layer's steps through the agent, and snapshotting the VM:
+//! the base layer keeps a full memory file, every other layer only the pages that changed
+//! over its parent's (a copy-on-write diff, docs/vmm.md) and the block-level disk diff. The
+//! snapshot files are moved into the store as blobs, and the layer record is committed last, so
+//! an interrupted build leaves at most unreferenced temporary files and the next build resumes
+//! from the last complete layer. Independent branches of the layer DAG build in parallel, up
+//! to `jobs` VMs at a time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use specc_machine::{After, Disk, Machine, MachineConfig};
+use specc_plan::ir::{self, Digest, LayerId};
+use specc_store::{LayerRecord, Part, Role, Store};
+use specc_vmm::snapshot_dir::{self, MemoryImage, Overlay};
+
+use crate::steps::{self, StepOutput};
+
+/// What the builder reports as it goes (`specc build --json` prints one per line).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The layer is in the store already.
+    Cached {
+        /// Layer name.
+        layer: String,
+        /// Cache key.
+        key: String,
+    },
+    /// A VM for the layer is starting.
+    Started {
+        /// Layer name.
+        layer: String,
+        /// Cache key.
+        key: String,
+    },
+    /// Output of one of the layer's steps.
+    Output {
+        /// Layer name.
+        layer: String,
+        /// From stderr.
+        stderr: bool,
+        /// The bytes, lossily decoded.
+        text: String,
+    },
+    /// The layer is built and committed.
+    Finished {
+        /// Layer name.
+        layer: String,
+        /// Cache key.
+        key: String,
+        /// Milliseconds per phase: `vm` (boot or restore until the agent answers), `steps`,
+        /// `snapshot`, `store`.
+        timings_ms: BTreeMap<String, u64>,
+        /// Bytes of memory data the snapshot wrote.
+        memory_bytes: u64,
+    },
+    /// The layer failed.
+    Failed {
+        /// Layer name.
+        layer: String,
+        /// Cache key.
+        key: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A step failed.
+    #[error("layer `{layer}`, step {} ({what}) failed", step + 1)]
+    Step {
+        /// Layer name.
+        layer: String,
+        /// Step index.
+        step: usize,
+        /// The step, briefly.
+        what: String,
+        /// Its span in the spec.
+        source_ref: ir::SourceRef,
+        /// The cause.
+        #[source]
+        source: Box<steps::StepError>,
+    },
+    /// Running the VM failed.
+    #[error("layer `{layer}`: the VM failed")]
+    Machine {
+        /// Layer name.
+        layer: String,
+        /// The cause.
+        #[source]
+        source: Box<specc_machine::MachineError>,
+    },
+    /// The store refused or failed.
+    #[error("layer `{layer}`: storing the snapshot failed")]
+    Store {
+        /// Layer name.
+        layer: String,
+        /// The cause.
+        #[source]
+        source: Box<specc_store::StoreError>,
+    },
+    /// The snapshot just written cannot be read back.
+    #[error("layer `{layer}`: reading the snapshot back failed")]
+    Snapshot {
+        /// Layer name.
+        layer: String,
+        /// The cause.
+        #[source]
+        source: Box<snapshot_dir::Error>,
+    },
+    /// A parent's stored record lacks a part the restore needs.
+    #[error("layer {key} in the store has no {role} part; remove it with `specc gc`")]
+    Incomplete {
+        /// The layer.
+        key: String,
+        /// The missing part.
+        role: &'static str,
+    },
+    /// Scratch space for the VM could not be made.
+    #[error("creating the build's scratch directory")]
+    Scratch(#[source] std::io::Error),
+}
+
+/// How to build: the guest and where things go.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The base layer's root filesystem image.
+    pub rootfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs of the build VMs.
+    pub vcpus: u8,
+    /// Guest memory of the build VMs.
+    pub mem_bytes: u64,
+    /// Give build VMs a network (passt).
+    pub net: bool,
+    /// VMs at a time.
+    pub jobs: usize,
+    /// How long a VM may take to answer (boot or restore).
+    pub agent_timeout: Duration,
+}
+
+/// What a build did.
+#[derive(Debug, Clone, Default)]
+pub struct BuildReport {
+    /// Layers found in the store.
+    pub cached: Vec<String>,
+    /// Layers built now.
+    pub built: Vec<String>,
+}
+
+struct Output<'a> {
+    layer: &'a str,
+    events: &'a (dyn Fn(Event) + Sync),
+}
+
+impl StepOutput for Output<'_> {
+    fn output(&mut self, stderr: bool, bytes: &[u8]) {
+        (self.events)(Event::Output {
+            layer: self.layer.to_owned(),
+            stderr,
+            text: String::from_utf8_lossy(bytes).into_owned(),
+        });
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Builder {
+    /// Builds every layer of `spec` that the store lacks; `events` hears about each.
+    pub fn build(
+        &self,
+        spec: &ir::Spec,
+        store: &Store,
+        events: &(dyn Fn(Event) + Sync),
+    ) -> Result<BuildReport, BuildError> {
+        let n = spec.layers.len();
+        let mut report = BuildReport::default();
+        let mut done = vec![false; n];
+        for (i, l) in spec.layers.iter().enumerate() {
+            if store.layer(&l.key).ok().flatten().is_some() {
+                done[i] = true;
+                let _ = store.touch_layer(&l.key);
+                report.cached.push(l.name.clone());
+                events(Event::Cached {
+                    layer: l.name.clone(),
+                    key: l.key.to_hex(),
+                });
+            }
+        }
+        let mut running = vec![false; n];
+        let jobs = self.jobs.max(1);
+        let mut first_error = None;
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<(usize, Result<(), BuildError>)>();
+            let mut active = 0;
+            loop {
+                if first_error.is_none() {
+                    for i in 0..n {
+                        if active >= jobs {
+                            break;
+                        }
+                        let ready = !done[i]
+                            && !running[i]
+                            && spec.layers[i].parents.iter().all(|p| done[p.0]);
+                        if ready {
+                            running[i] = true;
+                            active += 1;
+                            let tx = tx.clone();
+                            scope.spawn(move || {
+                                let r = self.build_layer(spec, LayerId(i), store, events);
+                                let _ = tx.send((i, r));
+                            });
+                        }
+                    }
+                }
+                if active == 0 {
+                    break;
+                }
+                let Ok((i, r)) = rx.recv() else { break };
+                active -= 1;
+                running[i] = false;
+                let layer = &spec.layers[i];
+                match r {
+                    Ok(()) => {
+                        done[i] = true;
+                        report.built.push(layer.name.clone());
+                    }
+                    Err(e) => {
+                        events(Event::Failed {
+                            layer: layer.name.clone(),
+                            key: layer.key.to_hex(),
+                            error: error_chain(&e),
+                        });
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        });
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    fn config(&self, layers: Vec<PathBuf>, top: PathBuf) -> MachineConfig {
+        MachineConfig {
+            kernel: self.kernel.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            mem_bytes: self.mem_bytes,
+            disk: Disk { layers, top },
+            net: self.net,
+        }
+    }
+
+    fn build_layer(
+        &self,
+        spec: &ir::Spec,
+        id: LayerId,
+        store: &Store,
+        events: &(dyn Fn(Event) + Sync),
+    ) -> Result<(), BuildError> {
+        let layer = &spec.layers[id.0];
+        let name = layer.name.as_str();
+        let machine_err = |source| BuildError::Machine {
+            layer: name.to_owned(),
+            source: Box::new(source),
+        };
+        let store_err = |source| BuildError::Store {
+            layer: name.to_owned(),
+            source: Box::new(source),
+        };
+        events(Event::Started {
+            layer: name.to_owned(),
+            key: layer.key.to_hex(),
+        });
+        // Scratch space on the store's file system, so snapshot files move into it by rename.
+        let scratch = tempfile::Builder::new()
+            .prefix(&format!("build-{}-", &layer.key.to_hex()[..12]))
+            .tempdir_in(store.root().join("tmp"))
+            .map_err(BuildError::Scratch)?;
+        // Sockets and logs live apart, in the system's temporary directory: the store may be on
+        // a file system without unix sockets (9p inside the rig).
+        let run = tempfile::Builder::new()
+            .prefix("specc-build-vm-")
+            .tempdir()
+            .map_err(BuildError::Scratch)?;
+        let vm_dir = run.path().to_owned();
+        let top = scratch.path().join("disk.diff");
+        let t0 = Instant::now();
+        let (mut machine, base_disk) = match layer.parents.first() {
+            None => {
+                let disk = store.put_file(&self.rootfs).map_err(store_err)?;
+                let path = store.blob_path(&disk.digest);
+                let m =
+                    Machine::start(&self.config(vec![path], top), &vm_dir).map_err(machine_err)?;
+                (m, Some(disk))
+            }
+            Some(parent) => {
+                let (vmstate, memory, disks) = restore_sources(store, &spec.layers[parent.0].key)?;
+                let m =
+                    Machine::restore_image(&vmstate, &memory, &self.config(disks, top), &vm_dir)
+                        .map_err(machine_err)?;
+                (m, None)
+            }
+        };
+        let mut agent = machine
+            .connect_agent(self.agent_timeout)
+            .map_err(machine_err)?;
+        if base_disk.is_none() {
+            Machine::announce_restored(&mut agent, &spec.name).map_err(machine_err)?;
+        }
+        let t_vm = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut out = Output {
+            layer: name,
+            events,
+        };
+        steps::apply_steps(&mut agent, &layer.steps, &mut out).map_err(|(i, source)| {
+            BuildError::Step {
+                layer: name.to_owned(),
+                step: i,
+                what: steps::describe(&layer.steps[i].kind),
+                source_ref: layer.steps[i].source,
+                source: Box::new(source),
+            }
+        })?;
+        // Durable guest file system state before the disk is frozen.
+        let _ = agent.exec_output(&specc_protocol::ExecRequest::new(["sync"]));
+        let t_steps = t1.elapsed();
+
+        let t2 = Instant::now();
+        let snap = scratch.path().join("snap");
+        let shot = machine
+            .snapshot(&snap, base_disk.is_none(), After::Exit)
+            .map_err(machine_err)?;
+        drop(agent);
+        let _ = machine.wait_timeout(Duration::from_secs(30));
+        let t_snap = t2.elapsed();
+
+        let t3 = Instant::now();
+        let saved = snapshot_dir::read(&snap).map_err(|source| BuildError::Snapshot {
+            layer: name.to_owned(),
+            source: Box::new(source),
+        })?;
+        let adopt = |role: Role, file: &str| -> Result<Part, BuildError> {
+            let info = store.adopt_file(&snap.join(file)).map_err(store_err)?;
+            Ok(Part {
+                role,
+                digest: info.digest,
+                size: info.size,
+            })
+        };
+        let mut parts = vec![adopt(Role::DiskDiff, "disk0.diff")?];
+        let mut info = serde_json::Map::new();
+        if let Some(disk) = &base_disk {
+            parts.push(Part {
+                role: Role::Disk,
+                digest: disk.digest,
+                size: disk.size,
+            });
+            parts.push(adopt(Role::Memory, snapshot_dir::MEMORY_FILE)?);
+        } else {
+            parts.push(adopt(Role::MemoryDiff, snapshot_dir::MEMORY_DIFF_FILE)?);
+            let ranges = saved
+                .memory
+                .overlays
+                .last()
+                .map(|o| o.ranges.clone())
+                .unwrap_or_default();
+            info.insert(
+                "memory_ranges".into(),
+                serde_json::to_value(ranges).unwrap_or_default(),
+            );
+        }
+        parts.push(adopt(Role::Vmstate, snapshot_dir::VMSTATE_FILE)?);
+        info.insert("layer".into(), name.into());
+        info.insert("memory_data_bytes".into(), shot.memory_data_bytes.into());
+        let mut record = LayerRecord::new(
+            layer.key,
+            layer.parents.iter().map(|p| spec.layers[p.0].key).collect(),
+            parts,
+        );
+        record.info = serde_json::Value::Object(info);
+        let timings: BTreeMap<String, u64> = [
+            ("vm", ms(t_vm)),
+            ("steps", ms(t_steps)),
+            ("snapshot", ms(t_snap)),
+            ("store", ms(t3.elapsed())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        record.timings_ms = timings.clone();
+        store.commit_layer(&record).map_err(store_err)?;
+        events(Event::Finished {
+            layer: name.to_owned(),
+            key: layer.key.to_hex(),
+            timings_ms: timings,
+            memory_bytes: shot.memory_data_bytes,
+        });
+        Ok(())
+    }
+}
+
+/// What restoring the stored layer `key` needs: its state file, its memory image (the base
+/// layer's full memory file with every descendant's diff laid over it, oldest first) and its
+/// disk stack, all as store blob paths. Follows first parents down to the base layer.
+pub fn restore_sources(
+    store: &Store,
+    key: &Digest,
+) -> Result<(PathBuf, MemoryImage, Vec<PathBuf>), BuildError> {
+    let mut lineage = Vec::new();
+    let mut cur = Some(*key);
+    while let Some(k) = cur {
+        let rec = store
+            .layer(&k)
+            .map_err(|source| BuildError::Store {
+                layer: k.to_hex(),
+                source: Box::new(source),
+            })?
+            .ok_or(BuildError::Incomplete {
+                key: k.to_hex(),
+                role: "layer.json",
+            })?;
+        cur = rec.parents.first().copied();
+        lineage.push(rec);
+    }
+    lineage.reverse();
+    let blob = |rec: &LayerRecord, role: Role, name: &'static str| -> Result<PathBuf, BuildError> {
+        rec.part(role)
+            .map(|p| store.blob_path(&p.digest))
+            .ok_or(BuildError::Incomplete {
+                key: rec.key.to_hex(),
+                role: name,
+            })
+    };
+    let root = &lineage[0];
+    let mut disks = vec![blob(root, Role::Disk, "disk")?];
+    let mut image = MemoryImage {
+        base: Some(blob(root, Role::Memory, "memory")?),
+        overlays: Vec::new(),
+    };
+    for rec in &lineage {
+        disks.push(blob(rec, Role::DiskDiff, "disk-diff")?);
+    }
+    for rec in &lineage[1..] {
+        let ranges = serde_json::from_value(rec.info["memory_ranges"].clone()).map_err(|_| {
+            BuildError::Incomplete {
+                key: rec.key.to_hex(),
+                role: "memory_ranges",
+            }
+        })?;
+        image.overlays.push(Overlay {
+            file: blob(rec, Role::MemoryDiff, "memory-diff")?,
+            ranges,
+        });
+    }
+    let vmstate = blob(&lineage[lineage.len() - 1], Role::Vmstate, "vmstate")?;
+    Ok((vmstate, image, disks))
+}
+
+/// `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,185 @@
+//! `specc build FILE`: build every uncached layer of the spec into the store (each layer a
+//! snapshot of a VM that ran its steps), optionally exporting the head as an OCI layout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use specc_build::builder::{BuildError, Builder, Event};
+use specc_machine::DEFAULT_CMDLINE;
+use specc_rig::Placement;
+use specc_store::Store;
+
+use super::common::{CompileArgs, Format, print_diagnostics};
+use super::run::{prepare_guest, rerun_in_rig};
+
+/// Arguments of `specc build`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The spec file.
+    pub file: PathBuf,
+    /// One JSON event per line on stdout (layer cached/started/output/finished/failed).
+    #[arg(long)]
+    pub json: bool,
+    /// Give the build VMs a network (passt, user mode), for `run` steps that fetch.
+    #[arg(long)]
+    pub net: bool,
+    /// Build VMs at a time (default: one per core, at most what memory allows).
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Export the head layer's snapshot as an OCI image layout here.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Seconds a build VM may take to answer after boot or restore.
+    #[arg(long, default_value_t = 300)]
+    pub agent_timeout: u64,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+}
+
+fn default_jobs(mem_bytes: u64) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib * 1024);
+    // Half of what is free, so the host keeps its page cache for the snapshot files.
+    let by_memory = usize::try_from(avail / 2 / mem_bytes.max(1)).unwrap_or(usize::MAX);
+    cores.min(by_memory).max(1)
+}
+
+/// Runs `specc build`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let decision = specc_rig::decide()?;
+    let opts = args.compile.options()?;
+    let compiled = specc_plan::compile(&args.file, &opts)?;
+    print_diagnostics(&compiled.diagnostics, &compiled.files, Format::Human)?;
+    let Some(spec) = compiled.spec else {
+        return Ok(ExitCode::from(1));
+    };
+    let store = Store::open_default().context("opening the store")?;
+    let uncached = spec
+        .layers
+        .iter()
+        .filter(|l| store.layer(&l.key).ok().flatten().is_none())
+        .count();
+    let t0 = Instant::now();
+    if uncached > 0 {
+        let guest = prepare_guest(&spec, &args.file)?;
+        if decision.placement == Placement::Rig {
+            return rerun_in_rig(&decision, &guest);
+        }
+        let builder = Builder {
+            kernel: guest.kernel,
+            rootfs: guest.rootfs.path,
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            vcpus: u8::try_from(spec.vm.vcpus).context("at most 254 vCPUs")?,
+            mem_bytes: spec.vm.memory,
+            net: args.net,
+            jobs: args.jobs.unwrap_or_else(|| default_jobs(spec.vm.memory)),
+            agent_timeout: Duration::from_secs(args.agent_timeout),
+        };
+        let out = Mutex::new(std::io::stdout());
+        let json = args.json;
+        let events = move |e: Event| print_event(&out, json, &e);
+        if let Err(e) = builder.build(&spec, &store, &events) {
+            report_failure(&e, &compiled.files);
+            return Ok(ExitCode::from(1));
+        }
+    } else {
+        let out = Mutex::new(std::io::stdout());
+        for l in &spec.layers {
+            print_event(
+                &out,
+                args.json,
+                &Event::Cached {
+                    layer: l.name.clone(),
+                    key: l.key.to_hex(),
+                },
+            );
+        }
+    }
+    if let Some(dir) = &args.output {
+        let head = &spec.layers[spec.head().0];
+        let meta = specc_store::oci::ArtifactMeta {
+            vm: specc_store::oci::VmShape {
+                vcpus: spec.vm.vcpus,
+                memory_mib: spec.vm.memory >> 20,
+                disk_bytes: spec.vm.disk,
+                kernel_cmdline: DEFAULT_CMDLINE.to_owned(),
+            },
+            cpu_fingerprint: serde_json::to_value(specc_snapshot::CpuFingerprint::host())
+                .unwrap_or_default(),
+            ref_name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        specc_store::oci::export_artifact(&store, &head.key, &meta, dir)
+            .with_context(|| format!("exporting the artifact to {}", dir.display()))?;
+        if !args.json {
+            eprintln!("specc: artifact written to {}", dir.display());
+        }
+    }
+    if !args.json {
+        eprintln!(
+            "specc: {} built in {:.0} ms",
+            spec.name,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_event(out: &Mutex<std::io::Stdout>, json: bool, e: &Event) {
+    let mut out = out
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if json {
+        if let Ok(line) = serde_json::to_string(e) {
+            let _ = writeln!(out, "{line}");
+        }
+        return;
+    }
+    let _ = match e {
+        Event::Cached { layer, key } => writeln!(out, "[{layer}] cached {}", &key[..12]),
+        Event::Started { layer, key } => writeln!(out, "[{layer}] building {}", &key[..12]),
+        Event::Output { layer, text, .. } => {
+            let mut r = Ok(());
+            for line in text.lines() {
+                r = writeln!(out, "[{layer}] | {line}");
+            }
+            r
+        }
+        Event::Finished {
+            layer,
+            timings_ms,
+            memory_bytes,
+            ..
+        } => writeln!(
+            out,
+            "[{layer}] done: vm {} ms, steps {} ms, snapshot {} ms, store {} ms, {} KiB memory",
+            timings_ms.get("vm").unwrap_or(&0),
+            timings_ms.get("steps").unwrap_or(&0),
+            timings_ms.get("snapshot").unwrap_or(&0),
+            timings_ms.get("store").unwrap_or(&0),
+            memory_bytes >> 10
+        ),
+        Event::Failed { layer, error, .. } => writeln!(out, "[{layer}] failed: {error}"),
+    };
+}
+
+/// The failure, with the failing step's place in the spec when there is one.
+fn report_failure(e: &BuildError, files: &specc_syntax::Files) {
+    eprintln!("error: {}", specc_build::builder::error_chain(e));
+    if let BuildError::Step { source_ref, .. } = e {
+        let file = files.get(source_ref.file);
+        let at = file.line_col(source_ref.span.start);
+        eprintln!("  --> {}:{}:{}", file.name(), at.line, at.col);
+    }
+}
