@@ -290,7 +290,21 @@ pub fn unpack<R: Read, W: Write>(src: R, out: &mut W) -> Result<(u64, R), Sparse
                     }
                     _ => entry.header().size().map_err(SparseError::Malformed)?,
                 };
-                let n = io::copy(&mut entry, out).map_err(SparseError::Malformed)?;
+                // io::copy's 8 KiB buffer makes the zero runs of holes cost more than the data.
+                let mut buf = vec![0u8; 1 << 20];
+                let mut n = 0u64;
+                loop {
+                    let got = entry.read(&mut buf).map_err(SparseError::Malformed)?;
+                    if got == 0 {
+                        break;
+                    }
+                    out.write_all(&buf[..got])
+                        .map_err(|source| SparseError::Write {
+                            what: "unpacked bytes",
+                            source,
+                        })?;
+                    n += got as u64;
+                }
                 if n != expect {
                     return Err(SparseError::Shape(format!(
                         "the entry holds {n} bytes, its header says {expect}"

@@ -1,4 +1,4 @@
-//! `specc store ls|verify`: what the local store holds.
+//! `specc store ls|verify|import`: what the local store holds.
 
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -21,11 +21,22 @@ enum Sub {
     Ls,
     /// Re-hash every blob of every layer; exit 1 if any is corrupt or missing.
     Verify,
+    /// Import the snapshot of an OCI image layout (`specc pull -o DIR`, `specc build -o DIR`).
+    Import {
+        /// The layout directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Runs `specc store`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::open_default().context("open the store")?;
+    if let Sub::Import { dir } = &args.command {
+        let head = specc_store::oci::import_artifact(dir, &store)
+            .with_context(|| format!("import {}", dir.display()))?;
+        println!("imported {}: head layer {head}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let layers = store.layers()?;
     match args.command {
         Sub::Ls => {
@@ -74,5 +85,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Sub::Import { .. } => unreachable!("handled above"),
     }
 }
