@@ -268,6 +268,35 @@ fn push_pull_round_trip_and_a_second_push_uploads_nothing() {
     let third = registry::push(&layout2, &reference, &Options::default()).expect("push re-export");
     assert!(third.uploaded.is_empty());
 
+    // Chunked upload (PATCH with Content-Range) into another repository, then back.
+    let t = Instant::now();
+    let chunked = registry::push(
+        &layout,
+        &reg.reference("specc/chunked:v1"),
+        &Options {
+            chunk_size: 1 << 20,
+            ..Options::default()
+        },
+    )
+    .expect("chunked push");
+    let chunked_time = t.elapsed();
+    assert_eq!(chunked.uploaded.len(), 8);
+    let patches = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("PATCH /v2/specc/chunked/blobs/uploads/"))
+        .count();
+    assert!(patches > 8, "{patches} PATCH requests");
+    let back = work.path().join("chunked");
+    let p = registry::pull(
+        &reg.reference("specc/chunked:v1"),
+        &back,
+        &Options::default(),
+    )
+    .expect("pull the chunked upload");
+    assert_eq!(p.manifest.digest(), desc.digest());
+    eprintln!("chunked push (1 MiB chunks, {patches} PATCHes): {chunked_time:.2?}");
+
     eprintln!(
         "artifact {:.1} MiB: export {export_time:.2?}, push {push_time:.2?}, pull {pull_time:.2?}, \
          import {import_time:.2?}, second push {second_time:.2?}",

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -262,7 +262,14 @@ pub struct Options {
     /// `127.*`, `[::1]`) and hosts listed in `$SPECC_INSECURE_REGISTRIES` (comma-separated
     /// `host[:port]`) always use HTTP.
     pub insecure: bool,
+    /// Blobs larger than this are uploaded in chunks of this size (`PATCH` with
+    /// `Content-Range`), so a multi-GiB memory blob is not one request; 0 means the default,
+    /// [`DEFAULT_CHUNK`].
+    pub chunk_size: u64,
 }
+
+/// The default upload chunk size (64 MiB).
+pub const DEFAULT_CHUNK: u64 = 64 << 20;
 
 /// What a push did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -299,6 +306,7 @@ pub struct Client {
     base: String,
     reference: Reference,
     token: Option<String>,
+    chunk: u64,
 }
 
 impl Client {
@@ -321,6 +329,11 @@ impl Client {
             base: format!("{scheme}://{}", reference.registry),
             reference: reference.clone(),
             token: None,
+            chunk: if opts.chunk_size == 0 {
+                DEFAULT_CHUNK
+            } else {
+                opts.chunk_size
+            },
         }
     }
 
@@ -343,36 +356,66 @@ impl Client {
         }
     }
 
-    /// Uploads the file at `path` as blob `digest` of `size` bytes (POST, then a monolithic
-    /// PUT).
+    /// Uploads the file at `path` as blob `digest` of `size` bytes: `POST` to open an upload,
+    /// then one `PUT ?digest=` with the bytes, or, above the chunk size, `PATCH`es of one chunk
+    /// each followed by an empty `PUT ?digest=`.
     pub fn upload_blob(&mut self, digest: &str, path: &Path, size: u64) -> Result<()> {
         let op = format!("upload blob {digest}");
         let url = self.url("blobs/uploads/");
         let resp = self.send(&op, "POST", &url, &[], &mut || Ok(Body::Empty))?;
         let resp = check(resp, &op, &[202])?;
-        let location = resp
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| RegistryError::Protocol(format!("{op}: no Location header")))?;
-        let mut put = self.absolute(location);
+        let mut location = self.location(&resp, &op)?;
+        let open = || {
+            File::open(path).map_err(|source| RegistryError::Io {
+                op: "open",
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut final_body = size;
+        if size > self.chunk {
+            let mut offset = 0;
+            while offset < size {
+                let len = self.chunk.min(size - offset);
+                let headers = [
+                    ("content-type", "application/octet-stream".to_owned()),
+                    ("content-length", len.to_string()),
+                    ("content-range", format!("{offset}-{}", offset + len - 1)),
+                ];
+                let resp = self.send(&op, "PATCH", &location, &headers, &mut || {
+                    let f = open()?;
+                    Ok(Body::Range(f, offset, len))
+                })?;
+                let resp = check(resp, &op, &[202])?;
+                location = self.location(&resp, &op)?;
+                offset += len;
+            }
+            final_body = 0;
+        }
+        let mut put = location;
         put.push(if put.contains('?') { '&' } else { '?' });
         put.push_str("digest=");
         put.push_str(&digest.replace(':', "%3A"));
         let headers = [
             ("content-type", "application/octet-stream".to_owned()),
-            ("content-length", size.to_string()),
+            ("content-length", final_body.to_string()),
         ];
         let resp = self.send(&op, "PUT", &put, &headers, &mut || {
-            File::open(path)
-                .map(Body::File)
-                .map_err(|source| RegistryError::Io {
-                    op: "open",
-                    path: path.to_owned(),
-                    source,
-                })
+            if final_body == 0 {
+                Ok(Body::Empty)
+            } else {
+                open().map(Body::File)
+            }
         })?;
         check(resp, &op, &[201]).map(|_| ())
+    }
+
+    fn location(&self, resp: &http::Response<ureq::Body>, op: &str) -> Result<String> {
+        resp.headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(|l| self.absolute(l))
+            .ok_or_else(|| RegistryError::Protocol(format!("{op}: no Location header")))
     }
 
     /// `PUT /v2/<name>/manifests/<reference>`; returns the digest the registry reports.
@@ -559,6 +602,17 @@ impl Client {
                 Body::File(f) => req.body(ureq::SendBody::from_owned_reader(
                     BufReader::with_capacity(1 << 20, f),
                 )),
+                Body::Range(mut f, offset, len) => {
+                    f.seek(io::SeekFrom::Start(offset))
+                        .map_err(|source| RegistryError::Io {
+                            op: "seek",
+                            path: PathBuf::from(url),
+                            source,
+                        })?;
+                    req.body(ureq::SendBody::from_owned_reader(
+                        BufReader::with_capacity(1 << 20, f).take(len),
+                    ))
+                }
             }
             .map_err(|e| RegistryError::Protocol(format!("{op}: cannot build the request: {e}")))?;
             let resp = self.agent.run(send).map_err(|e| self.classify(op, e))?;
@@ -660,6 +714,8 @@ enum Body {
     Empty,
     Bytes(Vec<u8>),
     File(File),
+    /// `len` bytes of the file from `offset`.
+    Range(File, u64, u64),
 }
 
 fn transfer(op: &str, e: ureq::Error) -> RegistryError {
@@ -1012,7 +1068,13 @@ mod tests {
         assert!(use_http(&r, &Options::default()));
         let r: Reference = "ghcr.io/x/y:1".parse().expect("parse");
         assert!(!use_http(&r, &Options::default()));
-        assert!(use_http(&r, &Options { insecure: true }));
+        assert!(use_http(
+            &r,
+            &Options {
+                insecure: true,
+                ..Options::default()
+            }
+        ));
         for bad in [
             "nohost",
             "host/UPPER",

@@ -26,6 +26,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let opts = Options {
         insecure: args.insecure,
+        ..Options::default()
     };
     let t = Instant::now();
     if let Some(dir) = &args.output {

@@ -27,6 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &args.reference,
         &Options {
             insecure: args.insecure,
+            ..Options::default()
         },
     )
     .with_context(|| format!("push {} to {}", args.dir.display(), args.reference))?;
