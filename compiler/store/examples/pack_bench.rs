@@ -62,6 +62,7 @@ fn main() {
     sparse::unpack(
         std::io::BufReader::with_capacity(1 << 20, File::open(&packed).expect("open")),
         &mut w,
+        Some(info.size),
     )
     .expect("unpack");
     let got = w.finish(Some(&info.digest)).expect("finish");

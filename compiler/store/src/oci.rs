@@ -691,10 +691,12 @@ fn import_part(
     let mut reader = HashReader::new(BufReader::with_capacity(1 << 20, f));
     let info = if part.role.is_sparse() {
         let mut w = store.blob_writer()?;
-        sparse::unpack(&mut reader, &mut w).map_err(|source| OciError::Sparse {
-            digest: name.clone(),
-            what: what.clone(),
-            source,
+        sparse::unpack(&mut reader, &mut w, Some(part.size)).map_err(|source| {
+            OciError::Sparse {
+                digest: name.clone(),
+                what: what.clone(),
+                source,
+            }
         })?;
         w.finish(Some(&part.content))
     } else {

@@ -269,9 +269,15 @@ pub fn pack<W: Write>(src: &Path, name: &str, out: W) -> Result<W, SparseError> 
 }
 
 /// Reads a tar+gzip stream written by [`pack`] (or by GNU tar with `--sparse`) and writes its one
-/// file's logical bytes into `out`. Returns the file's length and the raw reader, drained to its
-/// end, so a caller hashing the compressed bytes sees all of them.
-pub fn unpack<R: Read, W: Write>(src: R, out: &mut W) -> Result<(u64, R), SparseError> {
+/// file's logical bytes into `out`. With `expect_len`, a file of any other length is refused
+/// before a byte is written (a hostile header cannot make us write a petabyte of zeros). Returns
+/// the file's length and the raw reader, drained to its end, so a caller hashing the compressed
+/// bytes sees all of them.
+pub fn unpack<R: Read, W: Write>(
+    src: R,
+    out: &mut W,
+    expect_len: Option<u64>,
+) -> Result<(u64, R), SparseError> {
     let mut archive = tar::Archive::new(GzDecoder::new(src));
     let len;
     {
@@ -290,6 +296,13 @@ pub fn unpack<R: Read, W: Write>(src: R, out: &mut W) -> Result<(u64, R), Sparse
                     }
                     _ => entry.header().size().map_err(SparseError::Malformed)?,
                 };
+                if let Some(want) = expect_len
+                    && want != expect
+                {
+                    return Err(SparseError::Shape(format!(
+                        "the entry is {expect} bytes long, {want} were expected"
+                    )));
+                }
                 // io::copy's 8 KiB buffer makes the zero runs of holes cost more than the data.
                 let mut buf = vec![0u8; 1 << 20];
                 let mut n = 0u64;
@@ -336,7 +349,7 @@ pub fn unpack_to_file(src: impl Read, dest: &Path) -> Result<u64, SparseError> {
         source,
     })?;
     let mut w = SparseWriter::new(&file);
-    unpack(src, &mut w)?;
+    unpack(src, &mut w, None)?;
     w.finish().map_err(|source| SparseError::Write {
         what: "unpacked file",
         source,
@@ -490,8 +503,12 @@ pub(crate) mod tests {
 
     #[test]
     fn unpack_rejects_garbage_and_two_entries() {
-        let err =
-            unpack(Cursor::new(b"not gzip at all".to_vec()), &mut io::sink()).expect_err("garbage");
+        let err = unpack(
+            Cursor::new(b"not gzip at all".to_vec()),
+            &mut io::sink(),
+            None,
+        )
+        .expect_err("garbage");
         assert!(matches!(err, SparseError::Malformed(_)), "{err:?}");
 
         let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
@@ -502,7 +519,15 @@ pub(crate) mod tests {
             tar.append_data(&mut h, name, &b"x"[..]).expect("append");
         }
         let bytes = tar.into_inner().expect("tar").finish().expect("gz");
-        let err = unpack(Cursor::new(bytes), &mut io::sink()).expect_err("two entries");
+        let err =
+            unpack(Cursor::new(bytes.clone()), &mut io::sink(), None).expect_err("two entries");
         assert!(err.to_string().contains("exactly one file"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("one");
+        make_sparse(&f, 1 << 20, 1, 4096);
+        let one = pack(&f, "x", Vec::new()).expect("pack");
+        let err = unpack(Cursor::new(one), &mut io::sink(), Some(5)).expect_err("wrong length");
+        assert!(err.to_string().contains("5 were expected"), "{err}");
     }
 }
