@@ -65,7 +65,8 @@ fn events_of<'a>(events: &'a [(String, String)], layer: &str) -> Vec<&'a str> {
 fn two_independent_layers_build_then_rebuild_cached_then_only_the_changed_copy() {
     cargo_build("specc-vmm");
     cargo_build("specc");
-    let dir = tempfile::tempdir().unwrap();
+    // Inside the target directory: the rig shares the project tree, not the host's /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     // A marker unique to this run keeps its layer keys apart from earlier runs' (the store is
     // the user's, shared with the kernel and rootfs caches).
     let marker = format!("{}-{}", std::process::id(), chrono_free_nanos());
