@@ -26,10 +26,12 @@ fn specc_binary() -> PathBuf {
     p
 }
 
-/// Runs `specc build --json FILE`; returns (layer, event) pairs.
-fn build(spec: &Path) -> Vec<(String, String)> {
+/// Runs `specc build --json [EXTRA] FILE`; returns (layer, event) pairs, an `explain` event
+/// as ("layer", "explain: why").
+fn build(spec: &Path, extra: &[&str]) -> Vec<(String, String)> {
     let out = Command::new(specc_binary())
         .args(["build", "--json"])
+        .args(extra)
         .arg(spec)
         .output()
         .expect("running specc build");
@@ -45,10 +47,13 @@ fn build(spec: &Path) -> Vec<(String, String)> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["event"] != "output")
         .map(|v| {
-            (
-                v["layer"].as_str().unwrap_or("").to_owned(),
-                v["event"].as_str().unwrap_or("").to_owned(),
-            )
+            let event = v["event"].as_str().unwrap_or("").to_owned();
+            let event = if event == "explain" {
+                format!("explain: {}", v["why"].as_str().unwrap_or(""))
+            } else {
+                event
+            };
+            (v["layer"].as_str().unwrap_or("").to_owned(), event)
         })
         .collect()
 }
@@ -94,7 +99,7 @@ fn two_independent_layers_build_then_rebuild_cached_then_only_the_changed_copy()
     )
     .unwrap();
 
-    let first = build(&spec);
+    let first = build(&spec, &[]);
     assert_eq!(events_of(&first, "a"), ["started", "finished"], "{first:?}");
     assert_eq!(events_of(&first, "b"), ["started", "finished"], "{first:?}");
     let base = events_of(&first, "base");
@@ -103,16 +108,60 @@ fn two_independent_layers_build_then_rebuild_cached_then_only_the_changed_copy()
         "{first:?}"
     );
 
-    let second = build(&spec);
+    let second = build(&spec, &["--explain"]);
     for layer in ["base", "a", "b"] {
         assert_eq!(events_of(&second, layer), ["cached"], "{second:?}");
     }
 
     std::fs::write(dir.path().join("files/b.txt"), "second\n").unwrap();
-    let third = build(&spec);
+    let third = build(&spec, &["--explain"]);
     assert_eq!(events_of(&third, "base"), ["cached"], "{third:?}");
     assert_eq!(events_of(&third, "a"), ["cached"], "{third:?}");
-    assert_eq!(events_of(&third, "b"), ["started", "finished"], "{third:?}");
+    let b = events_of(&third, "b");
+    assert_eq!(b.len(), 3, "{third:?}");
+    assert!(
+        b[0].starts_with("explain: step 1 (copy ") && b[0].ends_with("b.txt changed"),
+        "--explain names the copied file: {}",
+        b[0]
+    );
+    assert_eq!(&b[1..], ["started", "finished"], "{third:?}");
+
+    // A failing step: one clear error with the step's place in the spec, its exit status and
+    // the end of its output; nothing of the failed layer enters the store.
+    let bad = dir.path().join("bad.kdl");
+    std::fs::write(
+        &bad,
+        format!(
+            "spec \"bad\" {{\n    base \"busybox\"\n    vm vcpus=1 memory=\"128MiB\" disk=\"64MiB\"\n\n    \
+             layer \"fails\" {{\n        run \"echo {marker}-boom >&2; exit 3\"\n    }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(specc_binary())
+        .arg("build")
+        .arg(&bad)
+        .output()
+        .expect("running specc build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("bad.kdl:6:"),
+        "the failing step's line: {stderr}"
+    );
+    assert!(stderr.contains("exited with 3"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{marker}-boom")),
+        "its output: {stderr}"
+    );
+    let again = Command::new(specc_binary())
+        .args(["build", "--json"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains(r#""event":"started","layer":"fails""#),
+        "a failed layer is not cached"
+    );
 }
 
 fn chrono_free_nanos() -> u128 {

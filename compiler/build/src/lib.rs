@@ -1,4 +1,5 @@
 //! Layer builds: apply a layer's steps through the guest agent, snapshot, store, export.
 
 pub mod builder;
+pub mod explain;
 pub mod steps;

@@ -33,6 +33,9 @@ pub struct Args {
     /// Export the head layer's snapshot as an OCI image layout here.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// Say, for each layer to rebuild, which input changed since its previous build.
+    #[arg(long)]
+    pub explain: bool,
     /// Seconds a build VM may take to answer after boot or restore.
     #[arg(long, default_value_t = 300)]
     pub agent_timeout: u64,
@@ -70,6 +73,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|l| store.layer(&l.key).ok().flatten().is_none())
         .count();
+    let record = specc_build::explain::record_path(&specc_plan::store::specc_home(), &args.file);
+    let inputs = specc_build::explain::inputs(&spec);
+    // Inside the rig this command is a re-run: the host already explained.
+    if args.explain && !specc_rig::in_rig() {
+        explain(&spec, &store, &record, &inputs, args.json);
+    }
     let t0 = Instant::now();
     if uncached > 0 {
         let guest = prepare_guest(&spec, &args.file)?;
@@ -89,7 +98,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let out = Mutex::new(std::io::stdout());
         let json = args.json;
         let events = move |e: Event| print_event(&out, json, &e);
-        if let Err(e) = builder.build(&spec, &store, &events) {
+        let result = builder.build(&spec, &store, &events);
+        // Recorded whatever happened: what was built is what the next --explain compares to.
+        if let Err(e) = specc_build::explain::save(&record, &inputs) {
+            eprintln!("specc: warning: recording the build's inputs failed: {e}");
+        }
+        if let Err(e) = result {
             report_failure(&e, &compiled.files);
             return Ok(ExitCode::from(1));
         }
@@ -136,6 +150,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints, for each layer the store lacks, why (against the previous build's record).
+fn explain(
+    spec: &specc_plan::ir::Spec,
+    store: &Store,
+    record: &std::path::Path,
+    inputs: &std::collections::BTreeMap<String, specc_build::explain::LayerInputs>,
+    json: bool,
+) {
+    let before = specc_build::explain::load(record);
+    for l in &spec.layers {
+        if store.layer(&l.key).ok().flatten().is_some() {
+            continue;
+        }
+        let why = match (before.get(&l.name), inputs.get(&l.name)) {
+            (Some(b), Some(n)) => specc_build::explain::why(b, n).unwrap_or_else(|| {
+                "its inputs are as last built, but the store no longer has it (gc?)".into()
+            }),
+            _ => "never built before".into(),
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "explain", "layer": l.name, "why": why})
+            );
+        } else {
+            eprintln!("[{}] rebuild: {why}", l.name);
+        }
+    }
+}
+
 fn print_event(out: &Mutex<std::io::Stdout>, json: bool, e: &Event) {
     let mut out = out
         .lock()
@@ -177,9 +221,21 @@ fn print_event(out: &Mutex<std::io::Stdout>, json: bool, e: &Event) {
 /// The failure, with the failing step's place in the spec when there is one.
 fn report_failure(e: &BuildError, files: &specc_syntax::Files) {
     eprintln!("error: {}", specc_build::builder::error_chain(e));
-    if let BuildError::Step { source_ref, .. } = e {
+    if let BuildError::Step {
+        source_ref, source, ..
+    } = e
+    {
         let file = files.get(source_ref.file);
         let at = file.line_col(source_ref.span.start);
         eprintln!("  --> {}:{}:{}", file.name(), at.line, at.col);
+        if let specc_build::steps::StepError::Failed { tail, .. } = source.as_ref()
+            && !tail.trim().is_empty()
+        {
+            eprintln!("  last output:");
+            let lines: Vec<&str> = tail.lines().collect();
+            for line in &lines[lines.len().saturating_sub(10)..] {
+                eprintln!("  | {line}");
+            }
+        }
     }
 }
