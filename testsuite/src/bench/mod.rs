@@ -6,6 +6,7 @@
 //! as the suffix (`_ms`, `_count`, `_bytes`) so tools can read them without a schema.
 
 pub mod boot;
+pub mod build;
 pub mod count;
 pub mod density;
 pub mod fork;

@@ -25,6 +25,10 @@ enum Scenario {
     Pause(bench::pause::Args),
     /// Host memory per additional forked VM of an idle 512 MiB guest.
     Density(bench::density::Args),
+    /// Fully cached `specc build` of a 10-layer spec (whole process and in-process).
+    BuildNoop(bench::build::NoopArgs),
+    /// Per-layer restore + snapshot + store time beyond the step, and memory written per layer.
+    LayerOverhead(bench::build::OverheadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +46,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fork(args) => bench::fork::run(args),
         Scenario::Pause(args) => bench::pause::run(args),
         Scenario::Density(args) => bench::density::run(args),
+        Scenario::BuildNoop(args) => bench::build::run_noop(args),
+        Scenario::LayerOverhead(args) => bench::build::run_overhead(args),
     }
 }
