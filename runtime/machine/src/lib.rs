@@ -361,10 +361,17 @@ impl Machine {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(MachineError::AgentTimeout {
-                    timeout,
-                    console: self.console_tail(40),
-                });
+                let mut console = self.console_tail(40);
+                // What the VMM says of its vCPUs: a guest that runs but does not answer, or
+                // vCPUs that never get into the guest.
+                if let Ok(mut c) = specc_vmm::control::Client::connect(
+                    &self.control_path(),
+                    Duration::from_millis(200),
+                ) && let Ok(status) = c.call(&specc_vmm::control::Request::Status)
+                {
+                    console.push_str(&format!("\n--- VMM status ---\n{status}"));
+                }
+                return Err(MachineError::AgentTimeout { timeout, console });
             }
             // Short attempts so a VMM that dies is noticed within a fraction of a second.
             match Client::connect_uds(

@@ -141,6 +141,11 @@ impl Vmm {
         self.first_run.get().copied()
     }
 
+    /// KVM_RUN returns so far, per vCPU.
+    pub fn vcpu_exits(&self) -> Vec<u64> {
+        self.vcpus.iter().map(VcpuHandle::exits).collect()
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.paused
@@ -358,6 +363,7 @@ pub fn handle_request(
             "vcpus": config.vcpus,
             "mem_bytes": config.mem_bytes,
             "restored": vmm.memory_image.is_some(),
+            "vcpu_exits": vmm.vcpu_exits(),
         })),
         Request::Pause => done(
             vmm.pause()

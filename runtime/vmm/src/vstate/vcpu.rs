@@ -396,6 +396,8 @@ impl Vcpu {
         let id = self.id;
         let (cmd_tx, cmd_rx) = channel();
         let (resp_tx, resp_rx) = channel();
+        let exits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread_exits = exits.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -407,6 +409,7 @@ impl Vcpu {
                     cmd_rx,
                     resp_tx,
                     first_run,
+                    exits: thread_exits,
                 };
                 t.run(start_paused);
             })
@@ -416,6 +419,7 @@ impl Vcpu {
             thread: Some(thread),
             cmd_tx,
             resp_rx,
+            exits,
         })
     }
 }
@@ -428,9 +432,16 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     cmd_tx: Sender<VcpuCommand>,
     resp_rx: Receiver<VcpuResponse>,
+    exits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl VcpuHandle {
+    /// How many times KVM_RUN returned on this vCPU (a stuck guest and a vCPU that never
+    /// enters the guest look alike from outside; this tells them apart).
+    pub fn exits(&self) -> u64 {
+        self.exits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn send(&self, cmd: VcpuCommand) -> Result<(), Error> {
         self.cmd_tx
             .send(cmd)
@@ -531,6 +542,7 @@ struct VcpuThread {
     cmd_rx: Receiver<VcpuCommand>,
     resp_tx: Sender<VcpuResponse>,
     first_run: Arc<OnceLock<Instant>>,
+    exits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Reports a panic of the vCPU thread as the VM's end, so the VMM never waits on a dead vCPU.
@@ -640,7 +652,10 @@ impl VcpuThread {
         if self.first_run.get().is_none() {
             let _ = self.first_run.set(Instant::now());
         }
-        match self.vcpu.fd.run() {
+        let r = self.vcpu.fd.run();
+        self.exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match r {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     self.devices.pio_read(port, data);
