@@ -373,11 +373,13 @@ impl Machine {
                 }
                 return Err(MachineError::AgentTimeout { timeout, console });
             }
-            // Short attempts so a VMM that dies is noticed within a fraction of a second.
+            // Attempts long enough for a slow guest (one just restored, under load) to answer
+            // one connection instead of abandoning it and piling up new ones; a VMM that dies
+            // is still noticed between attempts.
             match Client::connect_uds(
                 &self.vsock_path(),
                 AGENT_VSOCK_PORT,
-                left.min(Duration::from_millis(500)),
+                left.min(Duration::from_secs(10)),
             ) {
                 Ok(client) => return Ok(client),
                 Err(ClientError::Timeout { .. } | ClientError::Connect { .. }) => continue,

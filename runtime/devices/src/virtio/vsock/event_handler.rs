@@ -41,8 +41,11 @@ const MAX_BACKLOG: usize = 4096;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 /// How long a host-initiated connection waits for the guest's RESPONSE, and a closing one for
-/// the guest's RST, before the device gives up on it (Firecracker uses 2 s for both too).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// the guest's RST, before the device gives up on it. Firecracker uses 2 s; that is too short
+/// for a guest just restored from a snapshot under load (every page it touches faults in from
+/// the memory file): each retry then times out too and the guest drowns in half-open
+/// connections, so a restored build VM in the rig never answered.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Period of the timeout scan while a connection is waiting.
 const TIMER_PERIOD: Duration = Duration::from_millis(500);
 /// First local port handed to host-initiated connections.
