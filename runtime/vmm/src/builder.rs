@@ -279,6 +279,12 @@ pub fn restore_captured(
     let mut vmm = start(parts, vcpus, true, config.timeout_ms)?;
     vmm.restore_vm_state(&saved.vm)?;
     vmm.restore_vcpu_states(&saved.vcpus)?;
+    for d in vmm.virtio_devices() {
+        d.transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .signal_after_restore();
+    }
     tracing::debug!("restore: state loaded {:?}", t0.elapsed());
     vmm.resume()?;
     Ok(vmm)

@@ -212,6 +212,18 @@ impl MmioTransport {
         }
     }
 
+    /// After a restore, once the vCPUs and the interrupt controllers have their state back:
+    /// raise the device's interrupt once. Whatever a restored device signalled while the
+    /// controllers were still being restored (its worker starts with the transport) was lost,
+    /// and a driver that never sees that interrupt never reads its used ring again (with
+    /// event-idx the device then never signals again): a restored guest stalled. A spurious
+    /// used-ring interrupt is harmless: the driver finds nothing new.
+    pub fn signal_after_restore(&self) {
+        if self.activated {
+            self.irq.signal_used_queue();
+        }
+    }
+
     /// In the child of a `fork(2)` of the VMM process: give up this transport without running
     /// any destructor. Its device's backends belong to the parent (dropping them would delete
     /// the parent's vsock socket file, kill the parent's passt, or join worker threads that do
