@@ -200,6 +200,7 @@ impl Builder {
                 });
             }
         }
+        remove_stale_scratch(store);
         let mut running = vec![false; n];
         let jobs = self.jobs.max(1);
         let mut first_error = None;
@@ -287,10 +288,14 @@ impl Builder {
             layer: name.to_owned(),
             key: layer.key.to_hex(),
         });
-        // Scratch space on the store's file system, so snapshot files move into it by rename.
+        // Scratch space on the store's file system, so snapshot files move into it by rename;
+        // not in the store's own `tmp/`, which a store opened by another process (one that
+        // cannot see our lock, such as the host of a rig) may clean.
+        let building = store.root().join("building");
+        std::fs::create_dir_all(&building).map_err(BuildError::Scratch)?;
         let scratch = tempfile::Builder::new()
             .prefix(&format!("build-{}-", &layer.key.to_hex()[..12]))
-            .tempdir_in(store.root().join("tmp"))
+            .tempdir_in(&building)
             .map_err(BuildError::Scratch)?;
         // Sockets and logs live apart, in the system's temporary directory: the store may be on
         // a file system without unix sockets (9p inside the rig).
@@ -414,6 +419,25 @@ impl Builder {
             memory_bytes: shot.memory_data_bytes,
         });
         Ok(())
+    }
+}
+
+/// Removes scratch directories of builds that were killed (older than a day: a live build's
+/// are minutes old).
+fn remove_stale_scratch(store: &Store) {
+    let Ok(dir) = std::fs::read_dir(store.root().join("building")) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+        if old {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
