@@ -1,3 +1,29 @@
 //! End-to-end tests that boot real guests, and the specc-bench benchmark binary.
 
 pub mod bench;
+
+/// For the Linux end-to-end tests: builds (or finds cached) the guest kernel, the 256 MiB
+/// busybox image with the agent, and specc-vmm, on the host at native speed (inside the rig
+/// the same caches are visible). Returns the vmlinux and the image. Panics with the cause.
+pub fn prepare_busybox_guest() -> (std::path::PathBuf, std::path::PathBuf) {
+    use specc_guestkit::kernel::{KernelKind, ensure_kernel};
+    use specc_guestkit::rootfs::{self, Base, RootfsOptions};
+    let kernel = ensure_kernel(KernelKind::Guest, &|l| eprintln!("kernel: {l}"))
+        .expect("building the guest kernel");
+    let agent = rootfs::agent_binary().expect("building the static agent");
+    let image = rootfs::ensure_rootfs(
+        &Base::Busybox,
+        &RootfsOptions {
+            disk_bytes: 256 << 20,
+            agent_path: agent,
+        },
+    )
+    .expect("building the busybox rootfs");
+    // specc-vmm beside the test binary's profile directory, where specc-machine looks.
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "specc-vmm"])
+        .status()
+        .expect("running cargo build -p specc-vmm");
+    assert!(status.success(), "cargo build -p specc-vmm failed");
+    (kernel.vmlinux, image.path)
+}

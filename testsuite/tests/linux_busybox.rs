@@ -5,42 +5,15 @@
 // An integration test file is a test module of its own.
 #![allow(clippy::tests_outside_test_module)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use specc_guestkit::kernel::{KernelKind, ensure_kernel};
-use specc_guestkit::rootfs::{self, Base, RootfsOptions};
 use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
 use specc_protocol::{ExecRequest, WriteFileRequest};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
-/// Builds (or finds cached) the guest kernel, the busybox image and specc-vmm, on the host at
-/// native speed: inside the rig the same caches are visible.
-fn prepare() -> (PathBuf, PathBuf) {
-    let kernel = ensure_kernel(KernelKind::Guest, &|l| eprintln!("kernel: {l}"))
-        .expect("building the guest kernel");
-    let agent = rootfs::agent_binary().expect("building the static agent");
-    let image = rootfs::ensure_rootfs(
-        &Base::Busybox,
-        &RootfsOptions {
-            disk_bytes: 256 << 20,
-            agent_path: agent,
-        },
-    )
-    .expect("building the busybox rootfs");
-    // specc-vmm beside this test binary's profile directory, where specc-machine looks.
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "specc-vmm"])
-        .status()
-        .expect("running cargo build -p specc-vmm");
-    assert!(status.success(), "cargo build -p specc-vmm failed");
-    (kernel.vmlinux, image.path)
-}
-
 #[test]
 fn busybox_guest_boots_execs_writes_files_and_powers_off() {
-    let (kernel, image) = prepare();
+    let (kernel, image) = specc_testsuite::prepare_busybox_guest();
     if run_in_rig_unless_hardware("busybox_guest_boots_execs_writes_files_and_powers_off")
         .ran_in_rig()
     {

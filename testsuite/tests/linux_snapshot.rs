@@ -10,35 +10,12 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use specc_guestkit::kernel::{KernelKind, ensure_kernel};
-use specc_guestkit::rootfs::{self, Base, RootfsOptions};
 use specc_machine::{After, DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
 use specc_protocol::ExecRequest;
 use specc_protocol::client::Client;
 use specc_rig::testing::run_in_rig_unless_hardware;
-
-fn prepare() -> (PathBuf, PathBuf) {
-    let kernel = ensure_kernel(KernelKind::Guest, &|l| eprintln!("kernel: {l}"))
-        .expect("building the guest kernel");
-    let agent = rootfs::agent_binary().expect("building the static agent");
-    let image = rootfs::ensure_rootfs(
-        &Base::Busybox,
-        &RootfsOptions {
-            disk_bytes: 256 << 20,
-            agent_path: agent,
-        },
-    )
-    .expect("building the busybox rootfs");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "specc-vmm"])
-        .status()
-        .expect("running cargo build -p specc-vmm");
-    assert!(status.success(), "cargo build -p specc-vmm failed");
-    (kernel.vmlinux, image.path)
-}
 
 fn sh(agent: &mut Client<UnixStream>, script: &str) -> String {
     let out = agent
@@ -70,7 +47,7 @@ fn assert_ticking(agent: &mut Client<UnixStream>, who: &str) {
 
 #[test]
 fn forks_of_a_linux_guest_are_independent_and_a_restored_snapshot_has_the_hosts_time() {
-    let (kernel, image) = prepare();
+    let (kernel, image) = specc_testsuite::prepare_busybox_guest();
     if run_in_rig_unless_hardware(
         "forks_of_a_linux_guest_are_independent_and_a_restored_snapshot_has_the_hosts_time",
     )

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use specc_machine::{After, Disk, Machine, MachineConfig};
 use specc_plan::ir::{self, Digest, LayerId};
 use specc_store::{LayerRecord, Part, Role, Store};
+pub use specc_vmm::error_chain;
 use specc_vmm::snapshot_dir::{self, MemoryImage, Overlay};
 
 use crate::steps::{self, StepOutput};
@@ -496,16 +497,4 @@ pub fn restore_sources(
     }
     let vmstate = blob(&lineage[lineage.len() - 1], Role::Vmstate, "vmstate")?;
     Ok((vmstate, image, disks))
-}
-
-/// `outer: inner: innermost`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
