@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use specc_protocol::{
-    AgentInfo, ErrorInfo, ErrorKind, FrameError, PROTOCOL_VERSION, Request, Response, frame,
+    AgentInfo, ErrorInfo, ErrorKind, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request,
+    Response, frame,
 };
 
 use crate::exec::{self, Session};
-use crate::files;
 use crate::identity::{self, IdentityConfig};
 use crate::init::{self, PowerAction};
 use crate::log::log;
+use crate::{files, forward};
 
 /// The sending half of a connection, shared by the request loop and exec pumps; the mutex
 /// keeps frames whole.
@@ -57,31 +58,46 @@ fn protocol_error(msg: &str) -> ErrorInfo {
     ErrorInfo::new(ErrorKind::Protocol, msg)
 }
 
+/// The version of a connection: the newest both sides speak.
+fn choose_version(min_version: u32, max_version: u32) -> Option<u32> {
+    let v = max_version.min(PROTOCOL_VERSION);
+    (v >= min_version.max(MIN_PROTOCOL_VERSION)).then_some(v)
+}
+
+/// What the request loop does after a request.
+enum Next {
+    /// Read the next request.
+    Request,
+    /// `connect` succeeded: the connection is a raw pipe to this socket from now on.
+    Pipe(std::net::TcpStream),
+}
+
 /// Serves one connection until the host closes it.
 pub fn serve(conn: File, ctx: &Ctx) -> io::Result<()> {
     let out = Outbox(Arc::new(Mutex::new(conn.try_clone()?)));
     let mut reader = BufReader::with_capacity(64 << 10, conn);
-    match frame::read_frame::<_, Request>(&mut reader) {
+    let version = match frame::read_frame::<_, Request>(&mut reader) {
         Ok(Some(Request::Hello {
             min_version,
             max_version,
             ..
         })) => {
-            if !(min_version..=max_version).contains(&PROTOCOL_VERSION) {
+            let Some(version) = choose_version(min_version, max_version) else {
                 out.error(ErrorInfo::new(
                     ErrorKind::UnsupportedVersion,
                     format!(
-                        "agent speaks protocol {PROTOCOL_VERSION}, host asked for {min_version}..={max_version}"
+                        "agent speaks protocol {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, host asked for {min_version}..={max_version}"
                     ),
                 ));
                 return Ok(());
-            }
+            };
             let _ = out.send(&Response::Hello(AgentInfo {
-                version: PROTOCOL_VERSION,
+                version,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 pid1: ctx.pid1,
                 hostname: identity::hostname(),
             }));
+            version
         }
         Ok(Some(_)) | Err(FrameError::Decode(_)) => {
             out.error(protocol_error("the first frame must be hello"));
@@ -89,7 +105,7 @@ pub fn serve(conn: File, ctx: &Ctx) -> io::Result<()> {
         }
         Ok(None) => return Ok(()),
         Err(e) => return Err(io::Error::other(e)),
-    }
+    };
 
     let mut exec: Option<Session> = None;
     let mut writer: Option<files::Writer> = None;
@@ -159,7 +175,11 @@ pub fn serve(conn: File, ctx: &Ctx) -> io::Result<()> {
                     continue;
                 }
                 exec = None;
-                handle(other, ctx, &out, &mut exec, &mut writer);
+                if let Next::Pipe(tcp) = handle(other, version, ctx, &out, &mut exec, &mut writer) {
+                    // Whatever the frame reader read past the request belongs to the pipe.
+                    let pending = reader.buffer().to_vec();
+                    break forward::pipe(reader.into_inner(), &pending, tcp);
+                }
             }
         }
     };
@@ -184,11 +204,12 @@ fn reply(out: &Outbox, r: Result<Response, ErrorInfo>) {
 
 fn handle(
     req: Request,
+    version: u32,
     ctx: &Ctx,
     out: &Outbox,
     exec: &mut Option<Session>,
     writer: &mut Option<files::Writer>,
-) {
+) -> Next {
     match req {
         Request::Hello { .. } => out.error(protocol_error("hello was already done")),
         Request::Ping => reply(
@@ -231,6 +252,17 @@ fn handle(
             out,
             identity::apply(&r, &ctx.identity).map(Response::Restored),
         ),
+        Request::Connect { .. } if version < 2 => {
+            out.error(protocol_error("connect needs protocol version 2"));
+        }
+        Request::Connect { port } => match forward::connect(port) {
+            Ok(tcp) => {
+                if out.send(&Response::Ok).is_ok() {
+                    return Next::Pipe(tcp);
+                }
+            }
+            Err(e) => out.error(e),
+        },
         Request::PowerOff | Request::Reboot => {
             let action = if req == Request::PowerOff {
                 PowerAction::Off
@@ -255,5 +287,21 @@ fn handle(
         | Request::StdinEof
         | Request::Resize(_)
         | Request::Kill { .. } => unreachable!("routed by serve"),
+    }
+    Next::Request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_version_takes_the_newest_both_sides_speak() {
+        assert_eq!(choose_version(1, 1), Some(1));
+        assert_eq!(choose_version(1, 2), Some(2));
+        assert_eq!(choose_version(1, 99), Some(PROTOCOL_VERSION));
+        assert_eq!(choose_version(0, 1), Some(1));
+        assert_eq!(choose_version(PROTOCOL_VERSION + 1, 99), None);
+        assert_eq!(choose_version(0, 0), None);
     }
 }

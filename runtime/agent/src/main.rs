@@ -10,6 +10,7 @@
 mod conn;
 mod exec;
 mod files;
+mod forward;
 mod identity;
 mod init;
 mod log;

@@ -104,7 +104,7 @@ mod tests {
     fn exec_echo_hello_streams_stdout_and_exits_zero() {
         let agent = Agent::start();
         let mut c = agent.client();
-        assert_eq!(c.info().version, 1);
+        assert_eq!(c.info().version, specc_protocol::PROTOCOL_VERSION);
         assert!(!c.info().pid1);
         let out = c.exec_output(&ExecRequest::new(["echo", "hello"])).unwrap();
         assert_eq!(out.stdout, b"hello\n");
@@ -525,14 +525,94 @@ mod tests {
         frame::write_frame(
             &mut s,
             &Request::Hello {
-                min_version: 2,
-                max_version: 3,
+                min_version: specc_protocol::PROTOCOL_VERSION + 1,
+                max_version: specc_protocol::PROTOCOL_VERSION + 2,
                 client: "future".into(),
             },
         )
         .unwrap();
         let r: Response = frame::read_frame(&mut s).unwrap().unwrap();
         assert!(matches!(r, Response::Error(ref e) if e.kind == ErrorKind::UnsupportedVersion));
+    }
+
+    #[test]
+    fn connect_pipes_a_tcp_service_while_other_connections_keep_serving() {
+        let agent = Agent::start();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let service = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            s.read_to_end(&mut req).unwrap();
+            s.write_all(format!("got {} bytes\n", req.len()).as_bytes())
+                .unwrap();
+            req
+        });
+        let mut pipe = agent.client().connect_port(port).unwrap();
+        // The pipe is open and idle: another connection still runs requests.
+        let out = agent
+            .client()
+            .exec_output(&ExecRequest::new(["echo", "alongside"]))
+            .unwrap();
+        assert_eq!(out.stdout, b"alongside\n");
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        pipe.write_all(&body).unwrap();
+        pipe.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        pipe.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "got 300000 bytes\n");
+        assert!(
+            service.join().unwrap() == body,
+            "the service got other bytes"
+        );
+    }
+
+    #[test]
+    fn connect_to_a_closed_port_is_refused_and_keeps_the_connection() {
+        let agent = Agent::start();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut s = connect_raw(&agent);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        frame::write_frame(
+            &mut s,
+            &Request::Hello {
+                min_version: 1,
+                max_version: 2,
+                client: "raw".into(),
+            },
+        )
+        .unwrap();
+        let r: Response = frame::read_frame(&mut s).unwrap().unwrap();
+        assert!(
+            matches!(r, Response::Hello(ref i) if i.version == 2),
+            "{r:?}"
+        );
+        frame::write_frame(&mut s, &Request::Connect { port }).unwrap();
+        let r: Response = frame::read_frame(&mut s).unwrap().unwrap();
+        assert!(
+            matches!(r, Response::Error(ref e) if e.kind == ErrorKind::ConnectionRefused
+                && e.errno == Some(libc::ECONNREFUSED)),
+            "{r:?}"
+        );
+        frame::write_frame(&mut s, &Request::Ping).unwrap();
+        let r: Response = frame::read_frame(&mut s).unwrap().unwrap();
+        assert!(matches!(r, Response::Pong { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn connect_on_a_version_1_connection_is_a_protocol_error() {
+        let agent = Agent::start();
+        // `raw` says hello as a version-1 host.
+        let mut s = raw(&agent);
+        frame::write_frame(&mut s, &Request::Connect { port: 1 }).unwrap();
+        let r: Response = frame::read_frame(&mut s).unwrap().unwrap();
+        assert!(
+            matches!(r, Response::Error(ref e) if e.kind == ErrorKind::Protocol),
+            "{r:?}"
+        );
     }
 
     #[test]

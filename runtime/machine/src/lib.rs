@@ -4,6 +4,10 @@
 //! goes through [`Machine`]: one VMM process per VM (the daemon never shares an address space
 //! with a guest), a private run directory holding the VM's configuration, console log and vsock
 //! socket, and a process that cannot outlive its owner (`PR_SET_PDEATHSIG`, kill on drop).
+//!
+//! A daemon that must keep its VMs across its own restart launches them detached
+//! ([`Launch::detached`]: no parent-death signal, a session of their own), lets go of them
+//! with [`Machine::release`], and takes them back after the restart with [`Machine::attach`].
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
@@ -106,6 +110,14 @@ pub enum MachineError {
     /// Waiting for or killing the VMM process failed.
     #[error("supervising the VMM process failed")]
     Wait(#[source] io::Error),
+    /// [`Machine::attach`] was given a pid that is not a running specc-vmm.
+    #[error("process {pid} is not a running specc-vmm: {why}")]
+    NotAVmm {
+        /// The pid.
+        pid: i32,
+        /// What was found instead.
+        why: String,
+    },
     /// A control request failed.
     #[error("VMM control request failed")]
     Control(#[from] specc_vmm::control::Error),
@@ -118,8 +130,8 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Machine {
     child: Option<Child>,
-    /// A fork child: a VMM process that is not our child (the source VMM forked it), known by
-    /// pid only.
+    /// A VMM known by pid only: a fork child (the source VMM forked it) or one taken over
+    /// with [`Machine::attach`] (maybe our child from before a [`Machine::release`]).
     forked: Option<i32>,
     dir: PathBuf,
     started: Instant,
@@ -127,6 +139,31 @@ pub struct Machine {
 
 /// A snapshot request's memory mode and what the VM does afterwards.
 pub use specc_vmm::control::After;
+
+/// Where a VM launched with [`Machine::launch`] comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// Boot the kernel (as [`Machine::start`]).
+    Boot,
+    /// Restore a snapshot directory (as [`Machine::restore`]).
+    Snapshot(&'a Path),
+    /// Restore a state file with an explicit memory image (as [`Machine::restore_image`]).
+    Image {
+        /// The vmstate file.
+        vmstate: &'a Path,
+        /// The guest memory.
+        memory: &'a specc_vmm::snapshot_dir::MemoryImage,
+    },
+}
+
+/// How the VMM process is launched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Launch {
+    /// Let the VMM outlive this process: no `PR_SET_PDEATHSIG`, and a session of its own
+    /// (`setsid`), so neither our death nor a signal to our terminal's process group reaches
+    /// it. Dropping the [`Machine`] still kills it; [`Machine::release`] lets it go.
+    pub detached: bool,
+}
 
 /// What a fork reported about one child, and the child as a [`Machine`].
 #[derive(Debug)]
@@ -141,7 +178,68 @@ impl Machine {
     /// Starts a VMM process for `config`, keeping its configuration, console log, vsock and
     /// control sockets in `dir` (created; it must be private to this VM).
     pub fn start(config: &MachineConfig, dir: &Path) -> Result<Machine, MachineError> {
-        Self::spawn(config, dir, None)
+        Self::spawn(config, dir, None, Launch::default())
+    }
+
+    /// Starts a VMM process for `config` in `dir` from `source`, launched as `launch` says:
+    /// [`Machine::start`], [`Machine::restore`] and [`Machine::restore_image`] with the
+    /// launch options as a parameter.
+    pub fn launch(
+        config: &MachineConfig,
+        dir: &Path,
+        source: Source<'_>,
+        launch: Launch,
+    ) -> Result<Machine, MachineError> {
+        let restore = match source {
+            Source::Boot => None,
+            Source::Snapshot(dir) => Some((dir, None)),
+            Source::Image { vmstate, memory } => Some((vmstate, Some(memory))),
+        };
+        Self::spawn(config, dir, restore, launch)
+    }
+
+    /// Supervises a VMM that is already running in `dir` as process `pid`: one launched
+    /// detached before this process restarted, or a fork child. Checks that `pid` is a live
+    /// specc-vmm (a pid recorded long ago may have been reused), not that it is `dir`'s.
+    pub fn attach(dir: &Path, pid: i32) -> Result<Machine, MachineError> {
+        let not_vmm = |why: String| MachineError::NotAVmm { pid, why };
+        if pid <= 0 {
+            return Err(not_vmm("not a process id".into()));
+        }
+        if !process_alive(pid) {
+            // A released child of ours that ended is a zombie until someone reaps it.
+            let _ = reap(pid, libc::WNOHANG);
+            return Err(not_vmm("no such process (or it has exited)".into()));
+        }
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| not_vmm(format!("cannot read its executable: {e}")))?;
+        let name = exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // A VMM whose binary was rebuilt since it started shows "specc-vmm (deleted)".
+        if name.strip_suffix(" (deleted)").unwrap_or(&name) != "specc-vmm" {
+            return Err(not_vmm(format!("it runs {}", exe.display())));
+        }
+        Ok(Machine {
+            child: None,
+            forked: Some(pid),
+            dir: dir.to_owned(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Lets go of the VMM without stopping it and returns its pid: dropping the handle then
+    /// leaves the VM running. With a VMM launched [`Launch::detached`] the VM also survives
+    /// this process; [`Machine::attach`] takes it back. `None` if it had already been reaped.
+    /// A released VMM that ends while this process (its parent) lives stays a zombie until
+    /// an attached `Machine` (or [`Machine::attach`] itself) reaps it.
+    pub fn release(mut self) -> Option<i32> {
+        let pid = self.pid().and_then(|p| i32::try_from(p).ok());
+        // Dropping a std `Child` neither kills nor waits.
+        self.child = None;
+        self.forked = None;
+        pid
     }
 
     /// Starts a VMM process that restores the snapshot in `snapshot` instead of booting:
@@ -153,7 +251,7 @@ impl Machine {
         config: &MachineConfig,
         dir: &Path,
     ) -> Result<Machine, MachineError> {
-        Self::spawn(config, dir, Some((snapshot, None)))
+        Self::spawn(config, dir, Some((snapshot, None)), Launch::default())
     }
 
     /// Like [`Machine::restore`], from a state file with guest memory given as `memory`
@@ -164,15 +262,30 @@ impl Machine {
         config: &MachineConfig,
         dir: &Path,
     ) -> Result<Machine, MachineError> {
-        Self::spawn(config, dir, Some((vmstate, Some(memory))))
+        Self::spawn(
+            config,
+            dir,
+            Some((vmstate, Some(memory))),
+            Launch::default(),
+        )
     }
 
     fn spawn(
         config: &MachineConfig,
         dir: &Path,
         restore: Option<(&Path, Option<&specc_vmm::snapshot_dir::MemoryImage>)>,
+        launch: Launch,
     ) -> Result<Machine, MachineError> {
-        let vmm = vmm_binary()?;
+        Self::spawn_vmm(&vmm_binary()?, config, dir, restore, launch)
+    }
+
+    fn spawn_vmm(
+        vmm: &Path,
+        config: &MachineConfig,
+        dir: &Path,
+        restore: Option<(&Path, Option<&specc_vmm::snapshot_dir::MemoryImage>)>,
+        launch: Launch,
+    ) -> Result<Machine, MachineError> {
         let run_dir = |source| MachineError::RunDir {
             dir: dir.to_owned(),
             source,
@@ -206,7 +319,7 @@ impl Machine {
         std::fs::write(&config_path, json).map_err(run_dir)?;
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(run_dir)?;
 
-        let mut cmd = Command::new(&vmm);
+        let mut cmd = Command::new(vmm);
         if let Some((snap, memory)) = restore {
             cmd.arg("--restore").arg(snap);
             if let Some(image) = memory {
@@ -220,22 +333,29 @@ impl Machine {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(run_dir)?)
             .stderr(log);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // which is async-signal-safe.
+        let detached = launch.detached;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) or
+        // setsid(2), which are async-signal-safe.
         unsafe {
-            cmd.pre_exec(|| {
-                // The VMM dies with its owner: no orphaned VMs after a crash or kill -9.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            cmd.pre_exec(move || {
+                if detached {
+                    // Its own session: Ctrl-C on the daemon's terminal and the end of the
+                    // daemon's session do not reach the VM.
+                    if libc::setsid() < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    // The VMM dies with its owner: no orphaned VMs after a crash or kill -9.
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
         let child = cmd.spawn().map_err(|source| MachineError::Spawn {
-            vmm: vmm.clone(),
+            vmm: vmm.to_owned(),
             source,
         })?;
-        tracing::debug!(pid = child.id(), dir = %dir.display(), "started specc-vmm");
+        tracing::debug!(pid = child.id(), dir = %dir.display(), detached, "started specc-vmm");
         Ok(Machine {
             child: Some(child),
             forked: None,
@@ -388,6 +508,25 @@ impl Machine {
         }
     }
 
+    /// Opens a new connection to the guest agent and turns it into a raw byte pipe to TCP
+    /// `guest_port` on the guest's loopback (the agent's `connect`): what an exposed port's
+    /// proxy copies a client connection into. Waits up to `timeout` for the agent. Nothing
+    /// listening in the guest is `MachineError::Agent(ClientError::Agent(e))` with
+    /// `e.kind == ErrorKind::ConnectionRefused`.
+    ///
+    /// Shutting down the stream's write side ends the guest's *both* directions with this
+    /// VMM (its vsock device turns a host EOF into a full shutdown): half-close the host side
+    /// only once the answer is read. A guest service closing its side reaches the host as EOF
+    /// with the other direction still open.
+    pub fn connect_port(
+        &self,
+        guest_port: u16,
+        timeout: Duration,
+    ) -> Result<UnixStream, MachineError> {
+        let client = Client::connect_uds(&self.vsock_path(), AGENT_VSOCK_PORT, timeout)?;
+        Ok(client.connect_port(guest_port)?)
+    }
+
     /// Asks the guest to power off and waits up to `timeout` for the VMM to exit; kills it
     /// after that.
     pub fn power_off(
@@ -419,11 +558,12 @@ impl Machine {
     /// Kills the VMM and reaps it.
     pub fn kill(&mut self) -> Result<ExitStatus, MachineError> {
         if let Some(pid) = self.forked.take() {
-            // SAFETY: kill(2) on a pid we were told is this VM's VMM; its parent reaps it.
+            // SAFETY: kill(2) on a pid we were told is this VM's VMM.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            return Ok(std::os::unix::process::ExitStatusExt::from_raw(
-                libc::SIGKILL,
-            ));
+            // Reaped here if it is our child (attached after a release), by its parent
+            // otherwise (waitpid then fails with ECHILD at once).
+            let status = reap(pid, 0).unwrap_or(libc::SIGKILL);
+            return Ok(std::os::unix::process::ExitStatusExt::from_raw(status));
         }
         let child = self
             .child
@@ -438,6 +578,13 @@ impl Machine {
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, MachineError> {
         if let Some(pid) = self.forked {
+            // Our child (attached after a release): reap it and learn how it ended.
+            if let Some(status) = reap(pid, libc::WNOHANG) {
+                self.forked = None;
+                return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(
+                    status,
+                )));
+            }
             // Not our child: all we can learn is whether it still exists (its parent reaps
             // it at once, so a dead one does not linger as a zombie for long).
             if process_alive(pid) {
@@ -465,6 +612,23 @@ impl Machine {
             out.push_str(&vmm);
         }
         out
+    }
+}
+
+/// `waitpid(pid, flags)`: the raw wait status if `pid` is our child and has ended; `None`
+/// if it is still running (with `WNOHANG`) or not our child.
+fn reap(pid: i32, flags: i32) -> Option<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid(2) writes the status into a local we own.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == pid {
+            return Some(status);
+        }
+        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
     }
 }
 
@@ -526,6 +690,125 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    fn config(dir: &Path) -> MachineConfig {
+        MachineConfig {
+            kernel: dir.join("vmlinux"),
+            cmdline: DEFAULT_CMDLINE.into(),
+            vcpus: 1,
+            mem_bytes: 64 << 20,
+            disk: Disk {
+                layers: vec![],
+                top: dir.join("disk.diff"),
+            },
+            net: false,
+        }
+    }
+
+    /// A stand-in VMM: records its `/proc/self/stat` beside its config, then sleeps.
+    fn fake_vmm(dir: &Path) -> PathBuf {
+        let path = dir.join("fake-vmm");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\nd=$(dirname \"$1\")\ncat /proc/$$/stat > \"$d/stat.tmp\"\n\
+             mv \"$d/stat.tmp\" \"$d/stat\"\nexec sleep 1000\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        path
+    }
+
+    /// The session id (field 6 of `/proc/PID/stat`) the fake VMM recorded.
+    fn recorded_session(run: &Path) -> i32 {
+        let stat = run.join("stat");
+        for _ in 0..1000 {
+            if let Ok(s) = std::fs::read_to_string(&stat) {
+                let fields: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+                return fields[3].parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the fake VMM never wrote {}", stat.display());
+    }
+
+    fn our_session() -> i32 {
+        // SAFETY: getsid(0) only queries this process.
+        unsafe { libc::getsid(0) }
+    }
+
+    #[test]
+    fn a_detached_vmm_gets_its_own_session_and_survives_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = fake_vmm(dir.path());
+        let run = dir.path().join("run");
+        let m = Machine::spawn_vmm(
+            &vmm,
+            &config(dir.path()),
+            &run,
+            None,
+            Launch { detached: true },
+        )
+        .unwrap();
+        let pid = i32::try_from(m.pid().unwrap()).unwrap();
+        assert_eq!(
+            recorded_session(&run),
+            pid,
+            "setsid makes it a session leader"
+        );
+        assert_eq!(m.release(), Some(pid));
+        assert!(process_alive(pid), "release must not stop the VMM");
+        // SAFETY: kill(2) on the child this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(reap(pid, 0).is_some(), "it is still our child to reap");
+    }
+
+    #[test]
+    fn a_vmm_not_detached_shares_our_session_and_dies_with_its_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmm = fake_vmm(dir.path());
+        let run = dir.path().join("run");
+        let m =
+            Machine::spawn_vmm(&vmm, &config(dir.path()), &run, None, Launch::default()).unwrap();
+        let pid = i32::try_from(m.pid().unwrap()).unwrap();
+        assert_eq!(recorded_session(&run), our_session(), "not detached");
+        drop(m);
+        assert!(!process_alive(pid), "dropping a Machine kills its VMM");
+    }
+
+    #[test]
+    fn attach_takes_over_a_released_vmm_and_reaps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Any long-running program named specc-vmm passes attach's check.
+        let fake = dir.path().join("specc-vmm");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        let child = Command::new(&fake).arg("1000").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        drop(child);
+        let mut m = Machine::attach(dir.path(), pid).unwrap();
+        assert_eq!(m.pid(), Some(u32::try_from(pid).unwrap()));
+        assert!(m.try_wait().unwrap().is_none());
+        let status = m.kill().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        // Reaped, not left a zombie.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn attach_refuses_a_pid_that_is_not_a_vmm() {
+        let mut sleeper = Command::new("sleep").arg("1000").spawn().unwrap();
+        let pid = i32::try_from(sleeper.id()).unwrap();
+        let err = Machine::attach(Path::new("/nonexistent"), pid).unwrap_err();
+        assert!(matches!(err, MachineError::NotAVmm { .. }), "{err}");
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        let err = Machine::attach(Path::new("/nonexistent"), pid).unwrap_err();
+        assert!(matches!(err, MachineError::NotAVmm { .. }), "{err}");
+        assert!(Machine::attach(Path::new("/nonexistent"), 0).is_err());
+    }
 
     #[test]
     fn tail_returns_the_last_lines() {

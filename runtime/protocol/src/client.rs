@@ -10,12 +10,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::PROTOCOL_VERSION;
 use crate::frame::{self, FrameError, MAX_CHUNK};
 use crate::messages::{
     AgentInfo, DirEntry, ErrorInfo, ExecRequest, ExitStatus, FileStat, Request, Response,
     RestoredAck, RestoredRequest, WriteFileRequest,
 };
+use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,16 @@ pub enum ClientError {
         expected: &'static str,
         /// A description of what came.
         got: String,
+    },
+    /// The agent speaks an older protocol version that lacks the request.
+    #[error("{request} needs protocol version {needs}; the agent speaks {version}")]
+    AgentTooOld {
+        /// The request.
+        request: &'static str,
+        /// The first version that has it.
+        needs: u32,
+        /// The version of this connection.
+        version: u32,
     },
     /// An earlier error left this connection out of step with the agent.
     #[error("the connection is broken by an earlier error")]
@@ -248,19 +258,23 @@ impl<S: Read + Write> Client<S> {
         frame::write_frame(
             &mut stream,
             &Request::Hello {
-                min_version: PROTOCOL_VERSION,
+                min_version: MIN_PROTOCOL_VERSION,
                 max_version: PROTOCOL_VERSION,
                 client: concat!("specc-protocol/", env!("CARGO_PKG_VERSION")).to_owned(),
             },
         )?;
         match frame::read_frame::<_, Response>(&mut stream)? {
-            Some(Response::Hello(info)) if info.version == PROTOCOL_VERSION => Ok(Client {
-                stream,
-                info,
-                broken: false,
-            }),
+            Some(Response::Hello(info))
+                if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&info.version) =>
+            {
+                Ok(Client {
+                    stream,
+                    info,
+                    broken: false,
+                })
+            }
             Some(Response::Hello(info)) => Err(ClientError::Unexpected {
-                expected: "protocol version 1",
+                expected: "a protocol version this client speaks",
                 got: format!("version {}", info.version),
             }),
             Some(Response::Error(e)) => Err(ClientError::Agent(e)),
@@ -582,6 +596,27 @@ impl<S: Read + Write> Client<S> {
     pub fn reboot(&mut self) -> Result<(), ClientError> {
         self.simple(&Request::Reboot)
     }
+
+    /// Turns this connection into a raw byte pipe to TCP `port` on the guest's loopback
+    /// (protocol 2): once the agent has connected, the returned stream carries the TCP
+    /// stream's bytes both ways, unframed. Shutting down its write side reaches the guest
+    /// socket as a half-close where the transport carries one. Nothing listening in the guest
+    /// is `ClientError::Agent` with [`crate::ErrorKind::ConnectionRefused`].
+    pub fn connect_port(mut self, port: u16) -> Result<S, ClientError> {
+        const NEEDS: u32 = 2;
+        if self.info.version < NEEDS {
+            return Err(ClientError::AgentTooOld {
+                request: "connect",
+                needs: NEEDS,
+                version: self.info.version,
+            });
+        }
+        self.send(&Request::Connect { port })?;
+        match self.recv()? {
+            Response::Ok => Ok(self.stream),
+            other => self.unexpected("ok", other),
+        }
+    }
 }
 
 fn describe(r: &Response) -> String {
@@ -640,7 +675,7 @@ mod tests {
                 frame::write_frame(
                     &mut s,
                     &Response::Hello(AgentInfo {
-                        version: 1,
+                        version: 2,
                         agent_version: "test".into(),
                         pid1: true,
                         hostname: "guest".into(),
@@ -681,6 +716,134 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    }
+
+    /// A minimal agent on the other end of a socket pair that speaks `version`, answers
+    /// `Connect` with `reply`, and after an `Ok` echoes the raw bytes it gets, upper-cased,
+    /// until EOF, then half-closes and returns what it received.
+    fn fake_connect_agent(
+        mut s: UnixStream,
+        version: u32,
+        reply: Response,
+    ) -> std::thread::JoinHandle<(Option<Request>, Vec<u8>)> {
+        std::thread::spawn(move || {
+            let hello: Request = frame::read_frame(&mut s).unwrap().unwrap();
+            assert!(matches!(
+                hello,
+                Request::Hello {
+                    min_version: 1,
+                    max_version: 2,
+                    ..
+                }
+            ));
+            frame::write_frame(
+                &mut s,
+                &Response::Hello(AgentInfo {
+                    version,
+                    agent_version: "test".into(),
+                    pid1: false,
+                    hostname: "guest".into(),
+                }),
+            )
+            .unwrap();
+            let Some(req) = frame::read_frame::<_, Request>(&mut s).unwrap() else {
+                return (None, Vec::new());
+            };
+            let ok = reply == Response::Ok;
+            frame::write_frame(&mut s, &reply).unwrap();
+            let mut got = Vec::new();
+            if ok {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    s.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
+                }
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            (Some(req), got)
+        })
+    }
+
+    #[test]
+    fn connect_port_returns_the_raw_stream_after_ok() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = fake_connect_agent(guest, 2, Response::Ok);
+        let mut raw = Client::handshake(host).unwrap().connect_port(8080).unwrap();
+        raw.write_all(b"no frames here\n").unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        raw.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"NO FRAMES HERE\n");
+        let (req, got) = agent.join().unwrap();
+        assert_eq!(req, Some(Request::Connect { port: 8080 }));
+        assert_eq!(got, b"no frames here\n");
+    }
+
+    #[test]
+    fn connect_port_reports_a_refused_port_as_an_agent_error() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let refused = ErrorInfo {
+            kind: crate::ErrorKind::ConnectionRefused,
+            message: "connect to 127.0.0.1:9: Connection refused".into(),
+            errno: Some(111),
+        };
+        let agent = fake_connect_agent(guest, 2, Response::Error(refused.clone()));
+        let err = Client::handshake(host)
+            .unwrap()
+            .connect_port(9)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Agent(e) if *e == refused),
+            "{err}"
+        );
+        assert_eq!(agent.join().unwrap().0, Some(Request::Connect { port: 9 }));
+    }
+
+    #[test]
+    fn connect_port_to_a_version_1_agent_fails_without_sending_anything() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let agent = fake_connect_agent(guest, 1, Response::Ok);
+        let client = Client::handshake(host).unwrap();
+        assert_eq!(client.info().version, 1);
+        let err = client.connect_port(80).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::AgentTooOld {
+                    needs: 2,
+                    version: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The client was dropped: the agent saw EOF instead of a request.
+        assert_eq!(agent.join().unwrap().0, None);
+    }
+
+    #[test]
+    fn handshake_refuses_a_version_outside_the_range() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let _: Request = frame::read_frame(&mut guest).unwrap().unwrap();
+            frame::write_frame(
+                &mut guest,
+                &Response::Hello(AgentInfo {
+                    version: PROTOCOL_VERSION + 1,
+                    agent_version: "future".into(),
+                    pid1: false,
+                    hostname: "guest".into(),
+                }),
+            )
+            .unwrap();
+        });
+        let err = Client::handshake(host).unwrap_err();
+        assert!(matches!(err, ClientError::Unexpected { .. }), "{err}");
+        agent.join().unwrap();
     }
 
     #[test]

@@ -172,6 +172,7 @@ mod tests {
                 data: vec![0, 1, 2, 255],
             },
             Request::WriteData { data: vec![] },
+            Request::Connect { port: 8080 },
         ]
     }
 
@@ -269,6 +270,35 @@ mod tests {
         let mut buf = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
         buf.extend_from_slice(body);
         assert_eq!(decode::<Request>(&buf).unwrap().unwrap().0, Request::Ping);
+    }
+
+    #[test]
+    fn connect_has_the_documented_wire_form_and_refuses_ports_above_u16() {
+        let frame = |body: &[u8]| {
+            let mut buf = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+            buf.extend_from_slice(body);
+            buf
+        };
+        assert_eq!(
+            decode::<Request>(&frame(br#"{"type":"connect","port":8080}"#))
+                .unwrap()
+                .unwrap()
+                .0,
+            Request::Connect { port: 8080 }
+        );
+        assert!(matches!(
+            decode::<Request>(&frame(br#"{"type":"connect","port":65536}"#)),
+            Err(FrameError::Decode(_))
+        ));
+        let refused = br#"{"type":"error","kind":"connection_refused","message":"m","errno":111}"#;
+        assert!(matches!(
+            decode::<Response>(&frame(refused)).unwrap().unwrap().0,
+            Response::Error(crate::ErrorInfo {
+                kind: crate::ErrorKind::ConnectionRefused,
+                errno: Some(111),
+                ..
+            })
+        ));
     }
 
     #[test]

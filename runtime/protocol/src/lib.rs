@@ -15,8 +15,12 @@ pub use client::{Client, ClientError, Output};
 pub use frame::{FrameError, MAX_CHUNK, MAX_FRAME_LEN, decode, encode, read_frame, write_frame};
 pub use messages::*;
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this crate speaks. Version 2 added [`Request::Connect`].
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this crate still speaks: a VM restored from an old snapshot
+/// runs the agent of that day.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

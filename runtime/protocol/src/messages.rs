@@ -106,6 +106,16 @@ pub enum Request {
     },
     /// The VM was just restored from a snapshot (or forked): take a new identity.
     Restored(RestoredRequest),
+    /// Turn this connection into a raw byte pipe to a TCP port inside the guest (protocol 2).
+    /// The agent connects to `127.0.0.1:port` (then `[::1]:port`) and answers
+    /// [`Response::Ok`], after which every byte in either direction is the TCP stream's, with
+    /// no framing, until either side closes; or it answers an error
+    /// ([`ErrorKind::ConnectionRefused`] when nothing listens) and the connection stays a
+    /// protocol connection.
+    Connect {
+        /// The guest's TCP port.
+        port: u16,
+    },
     /// Sync the filesystems and power the VM off. Answered with [`Response::Ok`] before the
     /// agent powers off.
     PowerOff,
@@ -406,6 +416,8 @@ pub enum ErrorKind {
     Unsupported,
     /// Another I/O error; see `errno`.
     Io,
+    /// Nothing listens on the guest port of a [`Request::Connect`] (ECONNREFUSED).
+    ConnectionRefused,
 }
 
 /// A failure report.
@@ -451,6 +463,7 @@ impl ErrorInfo {
                 ErrorKind::InvalidInput
             }
             K::Unsupported => ErrorKind::Unsupported,
+            K::ConnectionRefused => ErrorKind::ConnectionRefused,
             _ => ErrorKind::Io,
         };
         ErrorInfo {
