@@ -269,8 +269,12 @@ impl Vmm {
         if self.ended.is_some() {
             return Err(Error::Ended);
         }
+        // Like the pause: one round trip for all vCPUs, not one per vCPU.
         for v in &self.vcpus {
-            v.resume()?;
+            v.request_resume()?;
+        }
+        for v in &self.vcpus {
+            v.wait_resumed()?;
         }
         self.paused = false;
         Ok(())

@@ -198,7 +198,9 @@ impl Vmm {
         if !was_paused {
             self.pause().map_err(ForkError::Capture)?;
         }
+        tracing::debug!("fork: vcpus paused {:?}", t0.elapsed());
         self.pause_devices();
+        tracing::debug!("fork: devices paused {:?}", t0.elapsed());
         let seq = self.next_freeze_seq();
         let frozen = |i: usize| -> PathBuf {
             let top = config
@@ -226,7 +228,9 @@ impl Vmm {
                 return Err(e);
             }
         };
-        let (rd, wr) = match pipe() {
+        tracing::debug!("fork: disks frozen, state captured {:?}", t0.elapsed());
+        let pipes = pipe().and_then(|report| pipe().map(|resumed| (report, resumed)));
+        let ((rd, wr), (resumed_rd, resumed_wr)) = match pipes {
             Ok(p) => p,
             Err(e) => {
                 self.restart(was_paused);
@@ -245,16 +249,30 @@ impl Vmm {
         }
         if pid == 0 {
             drop(rd);
+            drop(resumed_wr);
+            // The child's restore (closing descriptors, a new KVM VM, forking its siblings)
+            // would compete for the cores with the source's resume and lengthen the source's
+            // pause; it starts once the source runs again (or is gone: EOF).
+            let mut byte = [0u8; 1];
+            let _ = std::io::Read::read(&mut &resumed_rd, &mut byte);
+            drop(resumed_rd);
             return Ok(self.become_children(config, dirs, &stacks, &captured, wr, t0));
         }
         drop(wr);
+        drop(resumed_rd);
+        tracing::debug!("fork: fork(2) returned {:?}", t0.elapsed());
         // The children exist whatever happens to the source now: resume it as far as
         // possible, reap and hear from them, then report a device failure.
         let devices = self.resume_devices();
+        tracing::debug!("fork: devices resumed {:?}", t0.elapsed());
         if !was_paused && let Err(e) = self.resume() {
             tracing::error!("resuming the source after a fork: {e}");
         }
         let pause_us = micros(t0.elapsed());
+        tracing::debug!("fork: vcpus resumed {:?}", t0.elapsed());
+        // Lets the first child start (closing the pipe would too).
+        let _ = std::io::Write::write_all(&mut &resumed_wr, b"r");
+        drop(resumed_wr);
         reap_in_background(vec![pid]);
         let children = collect_reports(rd, dirs, Duration::from_secs(60));
         devices.map_err(ForkError::Resume)?;

@@ -487,7 +487,17 @@ impl VcpuHandle {
 
     /// Resumes a paused vCPU.
     pub fn resume(&self) -> Result<(), Error> {
-        self.send(VcpuCommand::Resume)?;
+        self.request_resume()?;
+        self.wait_resumed()
+    }
+
+    /// Asks a paused vCPU to run again; [`VcpuHandle::wait_resumed`] takes the reply.
+    pub fn request_resume(&self) -> Result<(), Error> {
+        self.send(VcpuCommand::Resume)
+    }
+
+    /// Waits for the reply to [`VcpuHandle::request_resume`].
+    pub fn wait_resumed(&self) -> Result<(), Error> {
         match self.recv()? {
             VcpuResponse::Resumed => Ok(()),
             r => Err(self.expect(r)),
