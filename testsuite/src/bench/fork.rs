@@ -41,6 +41,10 @@ pub struct Args {
     /// Children of the one many-children fork (at the first size; 0 skips it).
     #[arg(long, default_value_t = 20)]
     pub children: usize,
+    /// Also fork a VM restored from a snapshot of the source, at each size: its guest RAM is
+    /// a private mapping of the memory file, which gets no huge pages.
+    #[arg(long)]
+    pub restored: bool,
 }
 
 /// The file a child writes into its run directory once its guest has run.
@@ -101,6 +105,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             report.figure(&format!("fork{n}_all_ready_ms"), ms(last(&o.ready)));
             report.figure(&format!("fork{n}_all_running_ms"), ms(last(&o.running)));
         }
+        if args.restored {
+            restored_forks(
+                &mut vmm,
+                &config,
+                dir.path(),
+                &label,
+                args.runs,
+                &mut report,
+            )?;
+        }
         count::finish(&mut vmm).context("the source after its forks")?;
     }
     if let (Some((small, a, amin)), Some((big, b, bmin))) = (pause_p50.first(), pause_p50.last())
@@ -115,6 +129,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     report.figure("runs_count", args.runs as f64);
     report.print(args.json)
+}
+
+/// Snapshots `vmm` (which then runs on), restores the snapshot, writes every page of the
+/// restored VM's RAM from the host and forks it `runs` times: `fork_pause_restored_<label>`.
+/// A restored VM's RAM is a `MAP_PRIVATE` mapping of the memory file, and the pages written
+/// since the restore are 4 KiB anonymous copies in that file-backed mapping (no transparent
+/// huge pages there), so `fork(2)` copies one page-table entry per touched 4 KiB page.
+fn restored_forks(
+    vmm: &mut Vmm,
+    config: &VmConfig,
+    dir: &Path,
+    label: &str,
+    runs: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let snap = dir.join(format!("{label}-snap"));
+    specc_vmm::snapshot_dir::write(vmm, config, &snap, false)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
+        .context("snapshot of the source")?;
+    vmm.resume()?;
+    let mut restored = specc_vmm::snapshot_dir::restore(&snap, config)
+        .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
+        .context("restoring the source's snapshot")?;
+    count::touch(restored.memory(), u64::MAX)?;
+    let mut pauses = Vec::with_capacity(runs);
+    for r in 0..runs {
+        let dirs = vec![dir.join(format!("{label}-restored-run{r}"))];
+        let o = fork_once(&mut restored, config, &dirs)
+            .with_context(|| format!("fork {r} of the restored VM at {label}"))?;
+        pauses.push(o.pause);
+    }
+    p50_p95(report, &format!("fork_pause_restored_{label}"), &mut pauses);
+    if let Some(min) = pauses.iter().min() {
+        report.figure(&format!("fork_pause_restored_{label}_min_ms"), ms(*min));
+    }
+    count::finish(&mut restored).context("the restored VM after its forks")?;
+    drop(restored);
+    std::fs::remove_dir_all(&snap)?;
+    Ok(())
 }
 
 /// `256mib`, `2gib`.
@@ -233,6 +286,7 @@ mod tests {
                     runs: 2,
                     sizes_mib: vec![16, 32],
                     children: 3,
+                    restored: true,
                 })
             },
         );

@@ -42,11 +42,19 @@ pub struct Args {
     /// Guest memory the host writes before the snapshot, in MiB.
     #[arg(long, default_value_t = 64)]
     pub touched_mib: u64,
+    /// Instead of the count guest: a busybox Linux guest with the agent, restored as a
+    /// `specc-vmm` process until the agent answers (in the rig unless this host has
+    /// hardware KVM).
+    #[arg(long)]
+    pub linux: bool,
 }
 
 /// Runs the scenario.
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    if args.linux {
+        return run_linux(&args);
+    }
     let mode = Mode::detect();
     count::require_kvm()?;
     let elf = count::guest_elf("count")?;
@@ -174,6 +182,145 @@ fn restore_in_parts(
     Ok([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
 }
 
+/// The Linux variant: a busybox guest (our kernel, the agent as PID 1) boots as a
+/// `specc-vmm` process, is snapshotted and ends (`After::Exit`); each run then starts a
+/// `specc-vmm --restore` process with a fresh disk diff and times
+/// - **vmm**: the VMM's own `snapshot_dir::restore` (state read, memory mapped, KVM VM and
+///   vCPUs running), as the VMM logs it (`restore_us` in its debug log);
+/// - **agent**: process start until the agent answered over vsock (what a caller waits for);
+/// - **restored**: until the agent also handled `Restored` (clock, entropy, hostname), the
+///   point from which a restored VM is usable as a fresh one.
+///
+/// The snapshot is the one of a guest that booted and answered once, so the restored guest
+/// runs its agent's loop at once. Without hardware KVM the whole scenario re-runs inside the
+/// rig (mode `rig`).
+fn run_linux(args: &Args) -> anyhow::Result<()> {
+    use specc_guestkit::kernel::{KernelKind, ensure_kernel};
+    use specc_guestkit::rootfs::{self, Base, RootfsOptions};
+    use specc_machine::{After, DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
+
+    let kernel = ensure_kernel(KernelKind::Guest, &|l| eprintln!("kernel: {l}"))?;
+    let agent = rootfs::agent_binary()?;
+    let image = rootfs::ensure_rootfs(
+        &Base::Busybox,
+        &RootfsOptions {
+            disk_bytes: 256 << 20,
+            agent_path: agent.clone(),
+        },
+    )?;
+    let decision = specc_rig::decide()?;
+    if decision.placement == specc_rig::Placement::Rig {
+        eprintln!("{}", decision.line);
+        // SAFETY: no other thread exists yet that could read the environment.
+        unsafe { std::env::set_var("SPECC_AGENT_BIN", &agent) };
+        let status = specc_rig::run_self_in_rig(specc_rig::RigConfig::default())?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let mode = if specc_rig::in_rig() {
+        Mode::Rig
+    } else {
+        Mode::detect()
+    };
+    // The restored VMMs log their restore time; nothing else of theirs at debug level.
+    // SAFETY: no other thread of this process reads the environment (the VMMs are processes).
+    unsafe { std::env::set_var("SPECC_VMM_LOG", "warn,specc_vmm::snapshot_dir=debug") };
+    let dir = tempfile::tempdir()?;
+    let config = MachineConfig {
+        kernel: kernel.vmlinux.clone(),
+        cmdline: DEFAULT_CMDLINE.into(),
+        vcpus: 1,
+        mem_bytes: args.memory_mib << 20,
+        disk: Disk {
+            layers: vec![image.path.clone()],
+            top: dir.path().join("source/disk.diff"),
+        },
+        net: false,
+    };
+    let mut source = Machine::start(&config, &dir.path().join("source"))?;
+    let boot = Instant::now();
+    let mut client = source
+        .connect_agent(Duration::from_secs(300))
+        .context("the source VM's agent")?;
+    let boot_time = boot.elapsed();
+    let snap = dir.path().join("snap");
+    let written = source
+        .snapshot(&snap, false, After::Exit)
+        .context("snapshot of the source VM")?;
+    drop(client);
+    let status = source.wait_timeout(Duration::from_secs(60))?;
+    anyhow::ensure!(
+        status.success(),
+        "the snapshotted source ended with {status}"
+    );
+
+    let mut vmm_side = Vec::with_capacity(args.runs);
+    let mut agent_side = Vec::with_capacity(args.runs);
+    let mut restored = Vec::with_capacity(args.runs);
+    for i in 0..args.runs {
+        let run_dir = dir.path().join(format!("restore{i}"));
+        let rc = MachineConfig {
+            disk: Disk {
+                layers: Vec::new(),
+                top: run_dir.join("disk.diff"),
+            },
+            ..config.clone()
+        };
+        let t0 = Instant::now();
+        let mut vm = Machine::restore(&snap, &rc, &run_dir)?;
+        client = vm
+            .connect_agent(Duration::from_secs(120))
+            .with_context(|| format!("restore {i}: the agent"))?;
+        agent_side.push(t0.elapsed());
+        Machine::announce_restored(&mut client, &format!("restored{i}"))
+            .with_context(|| format!("restore {i}: Restored"))?;
+        restored.push(t0.elapsed());
+        let status = vm.power_off(&mut client, Duration::from_secs(60))?;
+        anyhow::ensure!(
+            status.success(),
+            "restore {i}: specc-vmm ended with {status}"
+        );
+        let log = std::fs::read_to_string(run_dir.join("vmm.log"))?;
+        vmm_side.push(
+            logged_restore(&log)
+                .with_context(|| format!("restore {i}: no restore_us in the VMM's log:\n{log}"))?,
+        );
+    }
+    let mut report = Report::new("restore", mode);
+    p50_p95(&mut report, "restore_linux_vmm", &mut vmm_side);
+    p50_p95(&mut report, "restore_linux_agent", &mut agent_side);
+    p50_p95(&mut report, "restore_linux_restored", &mut restored);
+    report.figure("linux_boot_to_agent_ms", ms(boot_time));
+    report.figure("snapshot_pause_ms", written.pause_us as f64 / 1000.0);
+    report.figure("memory_data_bytes", written.memory_data_bytes as f64);
+    report.figure("guest_memory_mib", args.memory_mib as f64);
+    report.figure("runs_count", args.runs as f64);
+    report.print(args.json)
+}
+
+/// The VMM-side restore time a `specc-vmm --restore` logged (`restore_us=N`; the log may
+/// carry ANSI colour codes around the field name and the `=`).
+fn logged_restore(log: &str) -> Option<Duration> {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain.lines().find_map(|l| {
+        let (_, rest) = l.split_once("restore_us=")?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok().map(Duration::from_micros)
+    })
+}
+
 /// Drops `path`'s pages from the page cache (written back first, as dirty pages stay).
 fn evict(path: &Path) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
@@ -237,8 +384,19 @@ mod tests {
             runs: 1,
             memory_mib: 16,
             touched_mib: 2,
+            linux: false,
         })
         .expect("restore scenario");
+    }
+
+    #[test]
+    fn the_vmms_restore_time_is_read_from_its_log() {
+        let log = "2026-12-01T10:00:00Z DEBUG specc_vmm::snapshot_dir: restore: running \
+                   restore_us=12345\n";
+        assert_eq!(logged_restore(log), Some(Duration::from_micros(12345)));
+        assert_eq!(logged_restore("nothing here"), None);
+        let coloured = "\u{1b}[2m2026\u{1b}[0m \u{1b}[3mrestore_us\u{1b}[0m\u{1b}[2m=\u{1b}[0m77 x";
+        assert_eq!(logged_restore(coloured), Some(Duration::from_micros(77)));
     }
 
     #[test]
