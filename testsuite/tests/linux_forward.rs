@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig, MachineError};
+use specc_machine::{DEFAULT_CMDLINE, Disk, Launch, Machine, MachineConfig, MachineError, Source};
 use specc_protocol::{ClientError, ErrorKind, ExecRequest};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
@@ -26,26 +26,30 @@ fn refused(e: &MachineError) -> bool {
     matches!(e, MachineError::Agent(ClientError::Agent(info)) if info.kind == ErrorKind::ConnectionRefused)
 }
 
-#[test]
-fn busybox_guest_service_is_reachable_through_connect_port() {
+fn busybox_config(run: &std::path::Path) -> MachineConfig {
     let (kernel, image) = specc_testsuite::prepare_busybox_guest();
-    if run_in_rig_unless_hardware("busybox_guest_service_is_reachable_through_connect_port")
-        .ran_in_rig()
-    {
-        return;
-    }
-    let run = tempfile::tempdir().unwrap();
-    let config = MachineConfig {
+    MachineConfig {
         kernel,
         cmdline: DEFAULT_CMDLINE.into(),
         vcpus: 1,
         mem_bytes: 256 << 20,
         disk: Disk {
             layers: vec![image],
-            top: run.path().join("disk.diff"),
+            top: run.join("disk.diff"),
         },
         net: false,
-    };
+    }
+}
+
+#[test]
+fn busybox_guest_service_is_reachable_through_connect_port() {
+    let run = tempfile::tempdir().unwrap();
+    let config = busybox_config(run.path());
+    if run_in_rig_unless_hardware("busybox_guest_service_is_reachable_through_connect_port")
+        .ran_in_rig()
+    {
+        return;
+    }
     let t0 = Instant::now();
     let mut vm = Machine::start(&config, run.path()).expect("starting specc-vmm");
     let mut agent = vm
@@ -159,5 +163,47 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
         seq_len >> 10,
         xfer.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3
+    );
+}
+
+/// What a daemon restart looks like to a VM: launched detached, the handle released (the VM
+/// keeps running without an owner), then taken back by pid, still serving, and stopped.
+#[test]
+fn detached_guest_survives_release_and_is_attached_again_by_pid() {
+    let run = tempfile::tempdir().unwrap();
+    let config = busybox_config(run.path());
+    if run_in_rig_unless_hardware("detached_guest_survives_release_and_is_attached_again_by_pid")
+        .ran_in_rig()
+    {
+        return;
+    }
+    let mut vm = Machine::launch(&config, run.path(), Source::Boot, Launch { detached: true })
+        .expect("starting specc-vmm detached");
+    vm.connect_agent(Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .exec_output(&ExecRequest::new(["true"]))
+        .expect("exec before release");
+    let pid = vm.release().expect("a running VMM has a pid");
+    // The handle is gone; the VM is not.
+    // SAFETY: getsid(2) only queries the process.
+    let sid = unsafe { libc::getsid(pid) };
+    assert_eq!(sid, pid, "a detached VMM leads its own session");
+
+    let mut vm = Machine::attach(run.path(), pid).expect("attaching to the released VMM");
+    let mut agent = vm
+        .connect_agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = agent
+        .exec_output(&ExecRequest::new(["echo", "still running"]))
+        .expect("exec after attach");
+    assert_eq!(out.stdout, b"still running\n");
+    // The attached VMM is still our child: power-off reaps it and reports how it ended.
+    let status = vm
+        .power_off(&mut agent, Duration::from_secs(60))
+        .expect("power off");
+    assert!(status.success(), "specc-vmm ended with {status}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM was reaped, not left a zombie"
     );
 }

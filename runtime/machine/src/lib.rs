@@ -162,6 +162,10 @@ pub struct Launch {
     /// Let the VMM outlive this process: no `PR_SET_PDEATHSIG`, and a session of its own
     /// (`setsid`), so neither our death nor a signal to our terminal's process group reaches
     /// it. Dropping the [`Machine`] still kills it; [`Machine::release`] lets it go.
+    ///
+    /// Without it the parent-death signal fires when the *thread* that launched the VMM
+    /// exits (that is how `PR_SET_PDEATHSIG` works), so a VM launched attached from a
+    /// short-lived thread dies with that thread.
     pub detached: bool,
 }
 
@@ -562,7 +566,10 @@ impl Machine {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             // Reaped here if it is our child (attached after a release), by its parent
             // otherwise (waitpid then fails with ECHILD at once).
-            let status = reap(pid, 0).unwrap_or(libc::SIGKILL);
+            let status = match reap(pid, 0) {
+                Reaped::Exited(status) => status,
+                Reaped::Running | Reaped::NotOurs => libc::SIGKILL,
+            };
             return Ok(std::os::unix::process::ExitStatusExt::from_raw(status));
         }
         let child = self
@@ -578,12 +585,18 @@ impl Machine {
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, MachineError> {
         if let Some(pid) = self.forked {
-            // Our child (attached after a release): reap it and learn how it ended.
-            if let Some(status) = reap(pid, libc::WNOHANG) {
-                self.forked = None;
-                return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(
-                    status,
-                )));
+            match reap(pid, libc::WNOHANG) {
+                // Our child (attached after a release): it ended, and now we know how.
+                Reaped::Exited(status) => {
+                    self.forked = None;
+                    return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(
+                        status,
+                    )));
+                }
+                // Our child, still running (maybe its other threads still winding down
+                // after the main one ended, which /proc would show as a zombie).
+                Reaped::Running => return Ok(None),
+                Reaped::NotOurs => {}
             }
             // Not our child: all we can learn is whether it still exists (its parent reaps
             // it at once, so a dead one does not linger as a zombie for long).
@@ -615,20 +628,33 @@ impl Machine {
     }
 }
 
-/// `waitpid(pid, flags)`: the raw wait status if `pid` is our child and has ended; `None`
-/// if it is still running (with `WNOHANG`) or not our child.
-fn reap(pid: i32, flags: i32) -> Option<i32> {
+/// What `waitpid` said of a pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaped {
+    /// Our child, ended and now reaped: its raw wait status.
+    Exited(i32),
+    /// Our child, still running (only with `WNOHANG`).
+    Running,
+    /// Not a child of ours (ECHILD), e.g. a fork child of another VMM.
+    NotOurs,
+}
+
+/// `waitpid(pid, flags)` (flags 0 or `WNOHANG`).
+fn reap(pid: i32, flags: i32) -> Reaped {
     let mut status = 0;
     loop {
         // SAFETY: waitpid(2) writes the status into a local we own.
         let r = unsafe { libc::waitpid(pid, &mut status, flags) };
         if r == pid {
-            return Some(status);
+            return Reaped::Exited(status);
         }
-        if r < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+        if r == 0 {
+            return Reaped::Running;
+        }
+        if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        return None;
+        return Reaped::NotOurs;
     }
 }
 
@@ -760,7 +786,10 @@ mod tests {
         assert!(process_alive(pid), "release must not stop the VMM");
         // SAFETY: kill(2) on the child this test started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        assert!(reap(pid, 0).is_some(), "it is still our child to reap");
+        assert!(
+            matches!(reap(pid, 0), Reaped::Exited(_)),
+            "it is still our child to reap"
+        );
     }
 
     #[test]
@@ -794,6 +823,23 @@ mod tests {
             Some(libc::SIGKILL)
         );
         // Reaped, not left a zombie.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn an_attached_child_reports_its_real_exit_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("specc-vmm");
+        std::fs::copy("/bin/sh", &fake).unwrap();
+        let child = Command::new(&fake)
+            .args(["-c", "sleep 0.5; exit 3"])
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        drop(child);
+        let mut m = Machine::attach(dir.path(), pid).unwrap();
+        let status = m.wait_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(status.code(), Some(3));
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
 
