@@ -47,6 +47,8 @@ enum Command {
     Gc(cmd::gc::Args),
     /// Inspect the local store: list layers, verify blobs.
     Store(cmd::store::Args),
+    /// Manage VMs on a specd daemon: create, ls, fork, suspend, wake, exec, cp, rm, ...
+    Vm(cmd::vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Command::Pull(args) => cmd::pull::run(args),
         Command::Gc(args) => cmd::gc::run(args),
         Command::Store(args) => cmd::store::run(args),
+        Command::Vm(args) => cmd::vm::run(args),
     };
     match result {
         Ok(code) => code,

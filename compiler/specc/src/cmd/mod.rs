@@ -13,3 +13,4 @@ pub mod push;
 pub mod rig;
 pub mod run;
 pub mod store;
+pub mod vm;

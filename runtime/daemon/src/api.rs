@@ -1,0 +1,285 @@
+//! The API's wire types: what `specd` serves and `specc vm` sends. Every type here is in the
+//! OpenAPI document (`GET /v1/openapi.json`), generated from these definitions.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Where a VM's snapshot comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// A layer in the daemon's store, by cache key (hex), as `specc build` printed it.
+    Layer {
+        /// The layer's cache key.
+        key: String,
+    },
+    /// An OCI image layout on the daemon's host written by `specc build -o DIR`.
+    Layout {
+        /// The layout directory.
+        path: String,
+    },
+    /// A snapshot artifact in a registry (`host[:port]/repository[:tag|@digest]`).
+    Registry {
+        /// The reference.
+        reference: String,
+    },
+}
+
+/// What happens to a VM's state when it is idle or storage runs short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Persistence {
+    /// Deleted instead of suspended: nothing of it outlives its idle timeout.
+    Ephemeral,
+    /// Suspended to disk; evicted under the storage budget, lowest priority first, then least
+    /// recently used.
+    Sticky {
+        /// 0 (evicted first) to 10.
+        #[serde(default)]
+        priority: u8,
+    },
+    /// Suspended to disk, never evicted.
+    #[default]
+    Persistent,
+}
+
+impl Persistence {
+    /// Rejects a priority above 10.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Persistence::Sticky { priority } if *priority > 10 => {
+                Err(format!("sticky priority is 0 to 10, got {priority}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Idle timers: seconds without activity (exec, file API, proxied bytes) before the VM is
+/// paused, then suspended. Absent timers never fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct IdlePolicy {
+    /// Pause (vCPUs stopped, memory kept) after this many idle seconds.
+    #[serde(default)]
+    pub pause_after_s: Option<u64>,
+    /// Suspend (memory to disk, VMM exits) after this many idle seconds.
+    #[serde(default)]
+    pub suspend_after_s: Option<u64>,
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateVm {
+    /// The snapshot to start from.
+    pub source: Source,
+    /// A name (also the guest's hostname); the id when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Persistence class.
+    #[serde(default)]
+    pub persistence: Persistence,
+    /// Idle timers.
+    #[serde(default)]
+    pub idle: IdlePolicy,
+    /// Guest TCP ports to expose on the daemon host's loopback.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Give the guest a network (passt).
+    #[serde(default)]
+    pub net: bool,
+}
+
+/// Where a VM is in its life.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Being restored for the first time.
+    Creating,
+    /// vCPUs run.
+    Running,
+    /// vCPUs stopped, memory held by the VMM process.
+    Paused,
+    /// Writing memory and state to disk.
+    Suspending,
+    /// On disk only: no process, no CPU, no RAM.
+    Suspended,
+    /// Being restored from its suspend snapshot.
+    Waking,
+    /// Powered off: disk kept, memory gone.
+    Stopped,
+}
+
+impl VmState {
+    /// All states, for metrics.
+    pub const ALL: [VmState; 7] = [
+        VmState::Creating,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Suspending,
+        VmState::Suspended,
+        VmState::Waking,
+        VmState::Stopped,
+    ];
+
+    /// The name used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Suspending => "suspending",
+            VmState::Suspended => "suspended",
+            VmState::Waking => "waking",
+            VmState::Stopped => "stopped",
+        }
+    }
+
+    /// Whether a VMM process should exist in this state.
+    pub fn has_process(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
+    }
+}
+
+/// One exposed port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Port {
+    /// The guest's TCP port.
+    pub guest: u16,
+    /// The daemon host's loopback port that reaches it.
+    pub host: u16,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// Unique id.
+    pub id: String,
+    /// Name and hostname.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: VmState,
+    /// What it was created from.
+    pub source: Source,
+    /// The VM it was forked from, if any.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Persistence class.
+    pub persistence: Persistence,
+    /// Idle timers.
+    pub idle: IdlePolicy,
+    /// Exposed ports.
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    /// Whether the guest has a network.
+    #[serde(default)]
+    pub net: bool,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// Last activity, ms since the epoch.
+    pub last_active_ms: u64,
+    /// The VMM process, while there is one.
+    #[serde(default)]
+    pub pid: Option<i32>,
+    /// Bytes the VM's own files take on the daemon host's disk.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// How many times it was suspended.
+    #[serde(default)]
+    pub suspends: u32,
+}
+
+/// `POST /v1/vms/{id}/fork`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct ForkVm {
+    /// How many children.
+    pub count: u32,
+}
+
+/// The answer to a fork.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Forked {
+    /// How long the source's vCPUs stood still, in microseconds.
+    pub pause_us: u64,
+    /// The new VMs.
+    pub vms: Vec<Vm>,
+}
+
+/// `POST /v1/vms/{id}/exec`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Exec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Bytes for stdin, base64 (stdin is `/dev/null` when absent).
+    #[serde(default)]
+    pub stdin_b64: Option<String>,
+    /// Kill the process after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One line of an exec's `application/x-ndjson` answer, in the order things happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// Bytes the process wrote to stdout, base64.
+    Stdout {
+        /// The bytes.
+        data_b64: String,
+    },
+    /// Bytes the process wrote to stderr, base64.
+    Stderr {
+        /// The bytes.
+        data_b64: String,
+    },
+    /// The process ended. Always the last line of a successful exec.
+    Exit {
+        /// Exit code, if it exited.
+        code: Option<i32>,
+        /// Signal, if it was killed.
+        signal: Option<i32>,
+        /// Whether the exec had to wake (or resume) the VM first.
+        woke: bool,
+    },
+    /// The exec failed after the answer started (the VM died, the agent went away).
+    Error {
+        /// What happened.
+        message: String,
+    },
+}
+
+/// A directory entry of `GET /v1/vms/{id}/dir`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirEntry {
+    /// File name.
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Any error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// What went wrong, with its causes.
+    pub error: String,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// The daemon's version.
+    pub version: String,
+    /// Virtualization mode of the host (`kvm`, `rig`, `pvm`).
+    pub mode: String,
+    /// VMs known.
+    pub vms: usize,
+}

@@ -1,0 +1,1317 @@
+//! The lifecycle of the daemon's VMs: create from a snapshot, fork, pause, resume, suspend to
+//! disk, wake, delete; idle timers and the storage budget; recovery after the daemon itself
+//! was killed.
+//!
+//! Invariants:
+//! - Every VM is one `specc-vmm` process started detached (own session, no parent-death
+//!   signal): killing the daemon leaves its VMs running, and a restarted daemon attaches to
+//!   them again through their control sockets.
+//! - Every transition is written to the database before it starts (`Suspending`, `Waking`,
+//!   `Creating`) and after it ends; [`Daemon::open`] settles each interrupted one from what is on
+//!   disk (a suspend snapshot is complete once its `vmstate` exists: it is written last).
+//! - A VM's transitions are serialised by its slot's lock; execs and file calls hold only a
+//!   busy count while they talk to the agent, so they run concurrently, and the idle timers
+//!   never fire on a VM with a call in flight.
+//! - A VM's files stay on disk while any VM forked from it (or from its descendants) exists:
+//!   a fork child's disk stack names layers in its ancestors' directories.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
+use specc_protocol::AGENT_VSOCK_PORT;
+use specc_protocol::client::Client as AgentClient;
+use specc_protocol::messages::{ExecRequest, WriteFileRequest};
+use specc_store::Store;
+
+use crate::api::{self, CreateVm, ExecEvent, Port, Source, Vm, VmState};
+use crate::db::{Db, DbError, Record, RestorePoint};
+use crate::metrics::Metrics;
+use crate::policy::{self, IdleAction};
+
+/// VMMs outlive the daemon (see the module's invariants).
+const DETACHED: specc_machine::Launch = specc_machine::Launch { detached: true };
+
+/// Errors of lifecycle operations, each with the HTTP status the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No such VM.
+    #[error("no VM {0}")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The VM is in a state that does not allow the operation.
+    #[error("VM {id} is {state}: cannot {op}")]
+    Conflict {
+        /// The VM.
+        id: String,
+        /// Its state.
+        state: &'static str,
+        /// The operation.
+        op: &'static str,
+    },
+    /// The state database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The store or an artifact failed.
+    #[error("{0}")]
+    Source(String),
+    /// Starting, reaching or stopping the VM failed.
+    #[error("VM {id}: {op} failed: {message}")]
+    Vm {
+        /// The VM.
+        id: String,
+        /// The operation.
+        op: &'static str,
+        /// What went wrong, with causes.
+        message: String,
+    },
+    /// A filesystem operation on the daemon's state failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+impl DaemonError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            DaemonError::NotFound(_) => 404,
+            DaemonError::BadRequest(_) => 400,
+            DaemonError::Conflict { .. } => 409,
+            DaemonError::Source(_) => 422,
+            DaemonError::Db(_) | DaemonError::Vm { .. } | DaemonError::Io { .. } => 500,
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    specc_vmm::error_chain(e)
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// How the daemon is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the database and the VMs' directories live.
+    pub state_dir: PathBuf,
+    /// The store root (`$SPECC_HOME/store`) artifacts are read from.
+    pub store: PathBuf,
+    /// Disk budget for the VMs' own files; sticky VMs at rest are evicted above it.
+    pub budget_bytes: u64,
+    /// How long a restored guest's agent may take to answer.
+    pub agent_timeout: Duration,
+    /// How often the idle timers and the budget are checked.
+    pub tick: Duration,
+}
+
+/// One VM's slot: its record and process behind a lock, its activity outside it.
+#[derive(Debug)]
+struct Slot {
+    live: Mutex<Live>,
+    /// Open exec, file and proxy calls.
+    busy: AtomicUsize,
+    /// Last activity, ms since the epoch (persisted at the next transition).
+    last_active: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Live {
+    rec: Record,
+    machine: Option<Machine>,
+    /// Set once deleted: late callers holding the slot see it gone.
+    deleted: bool,
+}
+
+/// Counts a call as activity for as long as it lives.
+struct Busy<'a>(&'a Slot);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.last_active.store(now_ms(), Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    db: Mutex<Db>,
+    store: Store,
+    vms: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Metrics for `/metrics`.
+    pub metrics: Metrics,
+    mode: String,
+    /// This daemon, for the threads it starts (set once by [`Daemon::open`]).
+    me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn random_id() -> Result<String, DaemonError> {
+    let mut b = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(io_err("reading /dev/urandom"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A guest hostname: letters, digits and `-`, 1 to 63 characters, not starting with `-`.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Bytes `dir` takes on disk (allocated blocks, so sparse files count what they hold).
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The pid of the process listening on a unix socket (SO_PEERCRED of a connection to it).
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized ucred.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+/// The VMM behind `run_dir`'s control socket, attached, and whether it is paused; None when
+/// nothing (or no specc-vmm) answers.
+fn probe_vmm(run_dir: &Path) -> Option<(Machine, bool)> {
+    let sock = run_dir.join("control.sock");
+    let pid = peer_pid(&UnixStream::connect(&sock).ok()?)?;
+    let mut c = specc_vmm::control::Client::connect(&sock, Duration::from_secs(2)).ok()?;
+    let status = c.call(&specc_vmm::control::Request::Status).ok()?;
+    let paused = match status["state"].as_str() {
+        Some("running") => false,
+        Some("paused") => true,
+        _ => return None,
+    };
+    Some((Machine::attach(run_dir, pid).ok()?, paused))
+}
+
+impl Daemon {
+    /// Opens the daemon's state and settles every VM whose transition a previous daemon left
+    /// unfinished.
+    pub fn open(config: Config) -> Result<Arc<Daemon>, DaemonError> {
+        std::fs::create_dir_all(config.state_dir.join("vms"))
+            .map_err(io_err(format!("creating {}", config.state_dir.display())))?;
+        let db = Db::open(&config.state_dir.join("state.db"))?;
+        let store = Store::open(config.store.clone())
+            .map_err(|e| DaemonError::Source(format!("opening the store: {}", chain(&e))))?;
+        let mode = specc_rig::detect().mode.name().to_owned();
+        let daemon = Arc::new(Daemon {
+            config,
+            db: Mutex::new(db),
+            store,
+            vms: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            mode,
+            me: std::sync::OnceLock::new(),
+        });
+        let _ = daemon.me.set(Arc::downgrade(&daemon));
+        daemon.recover()?;
+        Ok(daemon)
+    }
+
+    /// The virtualization mode VMs run under.
+    pub fn mode(&self) -> &str {
+        &self.mode
+    }
+
+    fn db(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, id: &str) -> Result<Arc<Slot>, DaemonError> {
+        self.slots()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DaemonError::NotFound(id.to_owned()))
+    }
+
+    fn lock<'a>(slot: &'a Slot, id: &str) -> Result<MutexGuard<'a, Live>, DaemonError> {
+        let live = slot.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.deleted {
+            return Err(DaemonError::NotFound(id.to_owned()));
+        }
+        Ok(live)
+    }
+
+    /// Writes `live`'s record (with the slot's latest activity) durably.
+    fn save(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        live.rec.vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
+        live.rec.vm.pid = live
+            .machine
+            .as_ref()
+            .and_then(Machine::pid)
+            .and_then(|p| i32::try_from(p).ok());
+        self.db().put(&live.rec)?;
+        Ok(())
+    }
+
+    fn insert(&self, rec: Record, machine: Option<Machine>) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            last_active: AtomicU64::new(rec.vm.last_active_ms),
+            busy: AtomicUsize::new(0),
+            live: Mutex::new(Live {
+                rec: rec.clone(),
+                machine,
+                deleted: false,
+            }),
+        });
+        self.slots().insert(rec.vm.id.clone(), slot.clone());
+        slot
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    fn recover(&self) -> Result<(), DaemonError> {
+        let records = self.db().all()?;
+        for mut rec in records {
+            let id = rec.vm.id.clone();
+            let before = rec.vm.state;
+            let alive = rec.run_dir.as_deref().and_then(probe_vmm);
+            let mut machine = None;
+            match (rec.vm.state, alive) {
+                // A VMM that answers is this VM, whatever the last transition was (a suspend
+                // whose snapshot did not complete leaves it running).
+                (VmState::Running | VmState::Paused | VmState::Waking, Some((m, paused)))
+                | (VmState::Suspending, Some((m, paused)))
+                    if !snapshot_complete(&rec) =>
+                {
+                    machine = Some(m);
+                    rec.vm.state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                }
+                (VmState::Suspending, alive) if snapshot_complete(&rec) => {
+                    // The snapshot is whole: finish the suspend (end the VMM if it lingers).
+                    if let Some((mut m, _)) = alive {
+                        let _ = m.kill();
+                    }
+                    let snap = pending_snapshot(&rec);
+                    self.finish_suspend(&mut rec, snap);
+                }
+                (VmState::Creating, alive) => {
+                    // The creator never got an answer: undo it.
+                    if let Some((mut m, _)) = alive {
+                        let _ = m.kill();
+                    }
+                    tracing::warn!(vm = %id, "removing a VM whose creation was interrupted");
+                    self.db().delete(&id)?;
+                    self.sweep_files();
+                    continue;
+                }
+                (
+                    VmState::Running | VmState::Paused | VmState::Waking | VmState::Suspending,
+                    None,
+                ) => {
+                    // The VMM is gone (host crash, OOM kill): back to the last snapshot.
+                    if rec.restore == RestorePoint::Forked {
+                        tracing::warn!(vm = %id, "fork child's VMM is gone and it has no snapshot: removing it");
+                        self.db().delete(&id)?;
+                        continue;
+                    }
+                    tracing::warn!(vm = %id, state = before.as_str(), "VMM is gone: the VM returns to its last snapshot");
+                    rec.vm.state = VmState::Suspended;
+                    rec.run_dir = None;
+                }
+                _ => {}
+            }
+            if rec.vm.state != before {
+                tracing::info!(vm = %id, from = before.as_str(), to = rec.vm.state.as_str(), "recovered");
+            }
+            rec.vm.pid = machine
+                .as_ref()
+                .and_then(Machine::pid)
+                .and_then(|p| i32::try_from(p).ok());
+            self.db().put(&rec)?;
+            let guest_ports: Vec<u16> = rec.vm.ports.iter().map(|p| p.guest).collect();
+            let slot = self.insert(rec, machine);
+            self.expose(&slot, &id, &guest_ports)?;
+        }
+        self.sweep_files();
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- queries
+
+    /// Every VM.
+    pub fn list(&self) -> Vec<Vm> {
+        let slots: Vec<_> = self.slots().values().cloned().collect();
+        let mut out: Vec<Vm> = slots
+            .iter()
+            .filter_map(|s| {
+                let live = s.live.lock().unwrap_or_else(|p| p.into_inner());
+                (!live.deleted).then(|| {
+                    let mut vm = live.rec.vm.clone();
+                    vm.last_active_ms = s.last_active.load(Ordering::Relaxed);
+                    vm
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        out
+    }
+
+    /// One VM.
+    pub fn show(&self, id: &str) -> Result<Vm, DaemonError> {
+        let slot = self.slot(id)?;
+        let live = Self::lock(&slot, id)?;
+        let mut vm = live.rec.vm.clone();
+        vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
+        Ok(vm)
+    }
+
+    /// VMs per state.
+    pub fn state_counts(&self) -> BTreeMap<VmState, usize> {
+        let mut m = BTreeMap::new();
+        for vm in self.list() {
+            *m.entry(vm.state).or_default() += 1;
+        }
+        m
+    }
+
+    /// The last lines of the VM's console.
+    pub fn logs(&self, id: &str, lines: usize) -> Result<String, DaemonError> {
+        let slot = self.slot(id)?;
+        let live = Self::lock(&slot, id)?;
+        let Some(run_dir) = live
+            .rec
+            .run_dir
+            .clone()
+            .or_else(|| latest_run_dir(&live.rec))
+        else {
+            return Ok(String::new());
+        };
+        drop(live);
+        let text = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        Ok(all[all.len().saturating_sub(lines)..].join("\n"))
+    }
+
+    // ---------------------------------------------------------------- create
+
+    fn resolve(&self, source: &Source) -> Result<RestorePoint, DaemonError> {
+        let src = |e: &dyn std::error::Error| DaemonError::Source(chain(e));
+        let key = match source {
+            Source::Layer { key } => specc_plan::Digest::parse(key).ok_or_else(|| {
+                DaemonError::BadRequest(format!("layer key {key:?} is not 64 hex digits"))
+            })?,
+            Source::Layout { path } => {
+                specc_store::oci::import_artifact(Path::new(path), &self.store)
+                    .map_err(|e| src(&e))?
+            }
+            Source::Registry { reference } => {
+                let layout = tempfile::Builder::new()
+                    .prefix("pull-")
+                    .tempdir_in(self.store.root().join("tmp"))
+                    .map_err(io_err("creating a pull directory in the store"))?;
+                specc_store::registry::pull(
+                    reference,
+                    layout.path(),
+                    &specc_store::registry::Options::default(),
+                )
+                .map_err(|e| src(&e))?;
+                specc_store::oci::import_artifact(layout.path(), &self.store)
+                    .map_err(|e| src(&e))?
+            }
+        };
+        let (vmstate, memory, disks) = specc_build::builder::restore_sources(&self.store, &key)
+            .map_err(|e| match &e {
+                specc_build::builder::BuildError::Incomplete { .. } => DaemonError::NotFound(
+                    format!("layer {key} in the store (build it with `specc build`, or pull it)"),
+                ),
+                _ => src(&e),
+            })?;
+        let _ = self.store.touch_layer(&key);
+        Ok(RestorePoint::Image {
+            vmstate,
+            memory,
+            disks,
+        })
+    }
+
+    /// Creates a VM from a snapshot and waits until its agent answers.
+    pub fn create(&self, req: CreateVm) -> Result<Vm, DaemonError> {
+        let t0 = Instant::now();
+        let r = self.create_inner(req);
+        self.metrics.observe("create", t0.elapsed(), r.is_ok());
+        r
+    }
+
+    fn create_inner(&self, req: CreateVm) -> Result<Vm, DaemonError> {
+        req.persistence
+            .validate()
+            .map_err(DaemonError::BadRequest)?;
+        let id = random_id()?;
+        let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
+        if !valid_name(&name) {
+            return Err(DaemonError::BadRequest(format!(
+                "name {name:?} is not a hostname (letters, digits, '-', at most 63)"
+            )));
+        }
+        let restore = self.resolve(&req.source)?;
+        let now = now_ms();
+        let rec = Record {
+            vm: Vm {
+                id: id.clone(),
+                name,
+                state: VmState::Creating,
+                source: req.source,
+                parent: None,
+                persistence: req.persistence,
+                idle: req.idle,
+                ports: Vec::new(),
+                net: req.net,
+                created_ms: now,
+                last_active_ms: now,
+                pid: None,
+                disk_bytes: 0,
+                suspends: 0,
+            },
+            dir: self.config.state_dir.join("vms").join(&id),
+            restore,
+            run_dir: None,
+            generation: 0,
+            lineage: Vec::new(),
+        };
+        std::fs::create_dir_all(&rec.dir)
+            .map_err(io_err(format!("creating {}", rec.dir.display())))?;
+        self.db().put(&rec)?;
+        let slot = self.insert(rec, None);
+        let mut live = Self::lock(&slot, &id)?;
+        let started = self.start_vm(&mut live, "create");
+        if let Err(e) = started {
+            live.deleted = true;
+            drop(live);
+            self.forget(&id);
+            return Err(e);
+        }
+        live.rec.vm.state = VmState::Running;
+        live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
+        self.save(&slot, &mut live)?;
+        let vm = live.rec.vm.clone();
+        drop(live);
+        self.expose(&slot, &id, &req.ports)?;
+        Ok(self.show(&vm.id).unwrap_or(vm))
+    }
+
+    /// Starts a VMM from the record's restore point and waits for the agent; records the run
+    /// directory first (so a daemon killed meanwhile finds the process).
+    fn start_vm(&self, live: &mut Live, op: &'static str) -> Result<(), DaemonError> {
+        let rec = &mut live.rec;
+        let id = rec.vm.id.clone();
+        let vm_err = |message: String| DaemonError::Vm {
+            id: id.clone(),
+            op,
+            message,
+        };
+        rec.generation += 1;
+        let run_dir = rec.dir.join(format!("run-{}", rec.generation));
+        let top = rec.dir.join(format!("disk-{}.diff", rec.generation));
+        rec.run_dir = Some(run_dir.clone());
+        self.db().put(rec)?;
+        let config = |layers: Vec<PathBuf>| MachineConfig {
+            // Unused on restore: the kernel is in the snapshot's memory.
+            kernel: PathBuf::new(),
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            vcpus: 1,
+            mem_bytes: 0,
+            disk: Disk {
+                layers,
+                top: top.clone(),
+            },
+            net: rec.vm.net,
+        };
+        let launched = match &rec.restore {
+            RestorePoint::Image {
+                vmstate,
+                memory,
+                disks,
+            } => Machine::launch(
+                &config(disks.clone()),
+                &run_dir,
+                specc_machine::Source::Image { vmstate, memory },
+                DETACHED,
+            ),
+            RestorePoint::Snapshot { dir } => Machine::launch(
+                &config(Vec::new()),
+                &run_dir,
+                specc_machine::Source::Snapshot(dir),
+                DETACHED,
+            ),
+            RestorePoint::Forked => {
+                return Err(vm_err(
+                    "a fork child without a snapshot cannot be restarted".into(),
+                ));
+            }
+        };
+        let mut machine = launched.map_err(|e| vm_err(chain(&e)))?;
+        let hello = machine
+            .connect_agent(self.config.agent_timeout)
+            .and_then(|mut agent| Machine::announce_restored(&mut agent, &rec.vm.name));
+        if let Err(e) = hello {
+            let _ = machine.kill();
+            return Err(vm_err(chain(&e)));
+        }
+        live.machine = Some(machine);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- transitions
+
+    /// Pauses a running VM.
+    pub fn pause(&self, id: &str) -> Result<Vm, DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        self.pause_locked(&slot, &mut live)?;
+        Ok(live.rec.vm.clone())
+    }
+
+    fn pause_locked(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        let t0 = Instant::now();
+        match live.rec.vm.state {
+            VmState::Paused => return Ok(()),
+            VmState::Running => {}
+            s => return Err(conflict(&live.rec, s, "pause")),
+        }
+        let r = self.machine(live, "pause")?.pause();
+        self.metrics.observe("pause", t0.elapsed(), r.is_ok());
+        r.map_err(|e| vm_error(&live.rec, "pause", &e))?;
+        live.rec.vm.state = VmState::Paused;
+        self.save(slot, live)
+    }
+
+    /// Resumes a paused VM (a running one is left alone).
+    pub fn resume(&self, id: &str) -> Result<Vm, DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        self.resume_locked(&slot, &mut live)?;
+        Ok(live.rec.vm.clone())
+    }
+
+    fn resume_locked(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        let t0 = Instant::now();
+        match live.rec.vm.state {
+            VmState::Running => return Ok(()),
+            VmState::Paused => {}
+            s => return Err(conflict(&live.rec, s, "resume")),
+        }
+        let r = self.machine(live, "resume")?.resume();
+        self.metrics.observe("resume", t0.elapsed(), r.is_ok());
+        r.map_err(|e| vm_error(&live.rec, "resume", &e))?;
+        live.rec.vm.state = VmState::Running;
+        slot.last_active.store(now_ms(), Ordering::Relaxed);
+        self.save(slot, live)
+    }
+
+    fn machine<'a>(&self, live: &'a Live, op: &'static str) -> Result<&'a Machine, DaemonError> {
+        live.machine.as_ref().ok_or_else(|| DaemonError::Vm {
+            id: live.rec.vm.id.clone(),
+            op,
+            message: "the daemon has no VMM process for it".into(),
+        })
+    }
+
+    /// Suspends a VM to disk (an ephemeral VM is deleted instead).
+    pub fn suspend(&self, id: &str) -> Result<Option<Vm>, DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        if live.rec.vm.persistence == api::Persistence::Ephemeral {
+            self.delete_locked(&mut live)?;
+            drop(live);
+            self.forget(id);
+            return Ok(None);
+        }
+        self.suspend_locked(&slot, &mut live)?;
+        let vm = live.rec.vm.clone();
+        drop(live);
+        self.enforce_budget();
+        Ok(Some(vm))
+    }
+
+    fn suspend_locked(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        let t0 = Instant::now();
+        let r = self.suspend_inner(slot, live);
+        self.metrics.observe("suspend", t0.elapsed(), r.is_ok());
+        r
+    }
+
+    fn suspend_inner(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        match live.rec.vm.state {
+            VmState::Suspended => return Ok(()),
+            VmState::Running | VmState::Paused => {}
+            s => return Err(conflict(&live.rec, s, "suspend")),
+        }
+        let prev = live.rec.vm.state;
+        let n = live.rec.vm.suspends + 1;
+        let snap = live.rec.dir.join(format!("snap-{n}"));
+        // A leftover of an earlier failed attempt (vmstate missing, so it was never used).
+        let _ = std::fs::remove_dir_all(&snap);
+        live.rec.vm.state = VmState::Suspending;
+        self.save(slot, live)?;
+        // Memory mapped from files (a restore) needs only the pages written since; a fork
+        // child's memory is anonymous and is written whole (sparse).
+        let diff = live.rec.restore != RestorePoint::Forked;
+        let shot = self.machine(live, "suspend").and_then(|m| {
+            m.snapshot(&snap, diff, specc_machine::After::Exit)
+                .map_err(|e| vm_error(&live.rec, "suspend", &e))
+        });
+        if let Err(e) = shot {
+            live.rec.vm.state = prev;
+            self.save(slot, live)?;
+            return Err(e);
+        }
+        if let Some(mut m) = live.machine.take() {
+            let _ = m.wait_timeout(Duration::from_secs(30));
+        }
+        self.finish_suspend(&mut live.rec, snap);
+        self.save(slot, live)
+    }
+
+    fn finish_suspend(&self, rec: &mut Record, snap: PathBuf) {
+        rec.restore = RestorePoint::Snapshot { dir: snap };
+        rec.vm.state = VmState::Suspended;
+        rec.vm.suspends += 1;
+        rec.vm.pid = None;
+        rec.run_dir = None;
+        rec.vm.disk_bytes = disk_usage(&rec.dir);
+    }
+
+    /// Wakes a suspended VM or resumes a paused one; returns whether anything had to be done.
+    pub fn wake(&self, id: &str) -> Result<(Vm, bool), DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        let woke = self.wake_locked(&slot, &mut live)?;
+        Ok((live.rec.vm.clone(), woke))
+    }
+
+    fn wake_locked(&self, slot: &Slot, live: &mut Live) -> Result<bool, DaemonError> {
+        match live.rec.vm.state {
+            VmState::Running => return Ok(false),
+            VmState::Paused => {
+                self.resume_locked(slot, live)?;
+                return Ok(true);
+            }
+            VmState::Suspended => {}
+            s => return Err(conflict(&live.rec, s, "wake")),
+        }
+        let t0 = Instant::now();
+        live.rec.vm.state = VmState::Waking;
+        self.save(slot, live)?;
+        let r = self.start_vm(live, "wake");
+        self.metrics.observe("wake", t0.elapsed(), r.is_ok());
+        if let Err(e) = r {
+            live.rec.vm.state = VmState::Suspended;
+            live.rec.run_dir = None;
+            self.save(slot, live)?;
+            return Err(e);
+        }
+        live.rec.vm.state = VmState::Running;
+        slot.last_active.store(now_ms(), Ordering::Relaxed);
+        self.save(slot, live)?;
+        Ok(true)
+    }
+
+    /// Deletes a VM: its process ends and its files go (those its fork children still need
+    /// stay until the last of them is deleted).
+    pub fn delete(&self, id: &str) -> Result<(), DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        self.delete_locked(&mut live)?;
+        drop(live);
+        self.forget(id);
+        Ok(())
+    }
+
+    fn delete_locked(&self, live: &mut Live) -> Result<(), DaemonError> {
+        if let Some(mut m) = live.machine.take() {
+            let _ = m.kill();
+        }
+        self.db().delete(&live.rec.vm.id)?;
+        live.deleted = true;
+        Ok(())
+    }
+
+    fn forget(&self, id: &str) {
+        let _ = self.db().delete(id);
+        self.slots().remove(id);
+        self.sweep_files();
+    }
+
+    /// Removes the directories of deleted VMs that no living VM descends from.
+    fn sweep_files(&self) {
+        let Ok(records) = self.db().all() else {
+            return;
+        };
+        let needed: std::collections::HashSet<String> = records
+            .iter()
+            .flat_map(|r| r.lineage.iter().cloned().chain([r.vm.id.clone()]))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.config.state_dir.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !needed.contains(&name)
+                && let Err(err) = std::fs::remove_dir_all(e.path())
+            {
+                tracing::warn!(dir = %e.path().display(), "cannot remove: {err}");
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- fork
+
+    /// Forks a running (or paused, or suspended: it is woken first) VM into `count` new VMs.
+    pub fn fork(&self, id: &str, count: u32) -> Result<api::Forked, DaemonError> {
+        let t0 = Instant::now();
+        let r = self.fork_inner(id, count);
+        self.metrics.observe("fork", t0.elapsed(), r.is_ok());
+        r
+    }
+
+    fn fork_inner(&self, id: &str, count: u32) -> Result<api::Forked, DaemonError> {
+        if count == 0 || count > 64 {
+            return Err(DaemonError::BadRequest(format!(
+                "fork count is 1 to 64, got {count}"
+            )));
+        }
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        self.wake_locked(&slot, &mut live)?;
+        let now = now_ms();
+        let mut children = Vec::new();
+        for i in 0..count {
+            let cid = random_id()?;
+            let dir = self.config.state_dir.join("vms").join(&cid);
+            let run_dir = dir.join("run-1");
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            let mut lineage = vec![id.to_owned()];
+            lineage.extend(live.rec.lineage.iter().cloned());
+            let rec = Record {
+                vm: Vm {
+                    id: cid.clone(),
+                    name: child_name(&live.rec.vm.name, i, &cid),
+                    state: VmState::Creating,
+                    source: live.rec.vm.source.clone(),
+                    parent: Some(id.to_owned()),
+                    persistence: live.rec.vm.persistence,
+                    idle: live.rec.vm.idle,
+                    ports: Vec::new(),
+                    net: live.rec.vm.net,
+                    created_ms: now,
+                    last_active_ms: now,
+                    pid: None,
+                    disk_bytes: 0,
+                    suspends: 0,
+                },
+                dir,
+                restore: RestorePoint::Forked,
+                run_dir: Some(run_dir),
+                generation: 1,
+                lineage,
+            };
+            self.db().put(&rec)?;
+            children.push(rec);
+        }
+        let dirs: Vec<PathBuf> = children.iter().filter_map(|c| c.run_dir.clone()).collect();
+        let forked = self
+            .machine(&live, "fork")
+            .and_then(|m| m.fork(&dirs).map_err(|e| vm_error(&live.rec, "fork", &e)));
+        let (pause_us, machines) = match forked {
+            Ok(f) => f,
+            Err(e) => {
+                for c in &children {
+                    let _ = self.db().delete(&c.vm.id);
+                }
+                drop(live);
+                self.sweep_files();
+                return Err(e);
+            }
+        };
+        slot.last_active.store(now_ms(), Ordering::Relaxed);
+        let source_ports = live.rec.vm.ports.clone();
+        drop(live);
+        let mut vms = Vec::new();
+        let mut failures = Vec::new();
+        for (mut rec, fm) in children.into_iter().zip(machines) {
+            let cid = rec.vm.id.clone();
+            let Some(mut machine) = fm.machine else {
+                failures.push(format!("{cid}: {}", fm.report.error.unwrap_or_default()));
+                let _ = self.db().delete(&cid);
+                continue;
+            };
+            let hello = machine
+                .connect_agent(self.config.agent_timeout)
+                .and_then(|mut a| Machine::announce_restored(&mut a, &rec.vm.name));
+            if let Err(e) = hello {
+                let _ = machine.kill();
+                failures.push(format!("{cid}: {}", chain(&e)));
+                let _ = self.db().delete(&cid);
+                continue;
+            }
+            rec.vm.state = VmState::Running;
+            rec.vm.disk_bytes = disk_usage(&rec.dir);
+            let slot = self.insert(rec, Some(machine));
+            let mut live = Self::lock(&slot, &cid)?;
+            self.save(&slot, &mut live)?;
+            drop(live);
+            let guest_ports: Vec<u16> = source_ports.iter().map(|p| p.guest).collect();
+            self.expose(&slot, &cid, &guest_ports)?;
+            vms.push(self.show(&cid)?);
+        }
+        self.sweep_files();
+        if vms.is_empty() && !failures.is_empty() {
+            return Err(DaemonError::Vm {
+                id: id.to_owned(),
+                op: "fork",
+                message: failures.join("; "),
+            });
+        }
+        for f in &failures {
+            tracing::warn!(vm = id, "fork child failed: {f}");
+        }
+        Ok(api::Forked { pause_us, vms })
+    }
+
+    // ---------------------------------------------------------------- exec and files
+
+    /// Makes the VM runnable (waking or resuming it) and marks a call in flight; returns the
+    /// agent's vsock socket and whether it had to wake.
+    fn enter(&self, id: &str) -> Result<(Arc<Slot>, PathBuf, bool), DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        let woke = self.wake_locked(&slot, &mut live)?;
+        let vsock = live
+            .rec
+            .run_dir
+            .as_ref()
+            .map(|d| d.join("vsock.sock"))
+            .ok_or_else(|| conflict(&live.rec, live.rec.vm.state, "reach the agent"))?;
+        slot.busy.fetch_add(1, Ordering::AcqRel);
+        slot.last_active.store(now_ms(), Ordering::Relaxed);
+        drop(live);
+        Ok((slot, vsock, woke))
+    }
+
+    fn agent(&self, id: &str, vsock: &Path) -> Result<AgentClient<UnixStream>, DaemonError> {
+        AgentClient::connect_uds(vsock, AGENT_VSOCK_PORT, self.config.agent_timeout).map_err(|e| {
+            DaemonError::Vm {
+                id: id.to_owned(),
+                op: "connect to the agent",
+                message: chain(&e),
+            }
+        })
+    }
+
+    /// Runs a command in the VM (waking it if needed), streaming its output to `sink`; the
+    /// last event is `Exit`.
+    pub fn exec(
+        &self,
+        id: &str,
+        req: &api::Exec,
+        mut sink: impl FnMut(ExecEvent),
+    ) -> Result<(), DaemonError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if req.argv.is_empty() {
+            return Err(DaemonError::BadRequest("exec needs a command".into()));
+        }
+        let stdin = req
+            .stdin_b64
+            .as_deref()
+            .map(|s| b64.decode(s))
+            .transpose()
+            .map_err(|e| DaemonError::BadRequest(format!("stdin_b64: {e}")))?;
+        let t0 = Instant::now();
+        let (slot, vsock, woke) = self.enter(id)?;
+        let _busy = Busy(&slot);
+        let mut agent = self.agent(id, &vsock)?;
+        let mut er = ExecRequest::new(req.argv.clone());
+        er.env.clone_from(&req.env);
+        er.cwd.clone_from(&req.cwd);
+        er.timeout_ms = req.timeout_ms;
+        let sink = std::cell::RefCell::new(&mut sink);
+        let out = |d: &[u8]| {
+            (sink.borrow_mut())(ExecEvent::Stdout {
+                data_b64: b64.encode(d),
+            });
+        };
+        let err = |d: &[u8]| {
+            (sink.borrow_mut())(ExecEvent::Stderr {
+                data_b64: b64.encode(d),
+            });
+        };
+        let status = match stdin {
+            Some(bytes) => agent.exec_with_stdin(&er, &mut bytes.as_slice(), out, err),
+            None => agent.exec(&er, out, err),
+        };
+        self.metrics.observe("exec", t0.elapsed(), status.is_ok());
+        let status = status.map_err(|e| DaemonError::Vm {
+            id: id.to_owned(),
+            op: "exec",
+            message: chain(&e),
+        })?;
+        (sink.borrow_mut())(ExecEvent::Exit {
+            code: status.code,
+            signal: status.signal,
+            woke,
+        });
+        Ok(())
+    }
+
+    /// Reads a file from the guest.
+    pub fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, DaemonError> {
+        self.with_agent(id, "read a file", |a| a.read_file(path))
+    }
+
+    /// Writes a file in the guest (parents created).
+    pub fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<(), DaemonError> {
+        let mut req = WriteFileRequest::new(path);
+        req.mode = mode;
+        req.create_parents = true;
+        self.with_agent(id, "write a file", |a| a.write_file(&req, data))
+    }
+
+    /// Lists a guest directory.
+    pub fn list_dir(&self, id: &str, path: &str) -> Result<Vec<api::DirEntry>, DaemonError> {
+        let entries = self.with_agent(id, "list a directory", |a| a.list_dir(path))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| api::DirEntry {
+                name: e.name,
+                kind: format!("{:?}", e.stat.kind).to_ascii_lowercase(),
+                size: e.stat.size,
+            })
+            .collect())
+    }
+
+    fn with_agent<T>(
+        &self,
+        id: &str,
+        op: &'static str,
+        f: impl FnOnce(&mut AgentClient<UnixStream>) -> Result<T, specc_protocol::client::ClientError>,
+    ) -> Result<T, DaemonError> {
+        let (slot, vsock, _) = self.enter(id)?;
+        let _busy = Busy(&slot);
+        let mut agent = self.agent(id, &vsock)?;
+        f(&mut agent).map_err(|e| match &e {
+            specc_protocol::client::ClientError::Agent(info) => {
+                DaemonError::BadRequest(format!("{op}: {}", info.message))
+            }
+            _ => DaemonError::Vm {
+                id: id.to_owned(),
+                op,
+                message: chain(&e),
+            },
+        })
+    }
+
+    // ---------------------------------------------------------------- ports
+
+    /// Listens on the daemon host's loopback for each guest port (on the host port recorded
+    /// before, after a restart) and records the mapping. Each connection wakes the VM if it
+    /// has to and is carried host → vsock → agent → the guest's loopback; its bytes count as
+    /// activity.
+    fn expose(&self, slot: &Arc<Slot>, id: &str, ports: &[u16]) -> Result<(), DaemonError> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return Ok(());
+        };
+        let mut live = Self::lock(slot, id)?;
+        let mut mapped = Vec::new();
+        for &guest in ports {
+            let previous = live
+                .rec
+                .vm
+                .ports
+                .iter()
+                .find(|p| p.guest == guest)
+                .map(|p| p.host);
+            let listener = previous
+                .and_then(|h| std::net::TcpListener::bind(("127.0.0.1", h)).ok())
+                .map_or_else(|| std::net::TcpListener::bind(("127.0.0.1", 0)), Ok)
+                .map_err(io_err(format!("listening for guest port {guest}")))?;
+            let host = listener
+                .local_addr()
+                .map_err(io_err("reading a listener's address"))?
+                .port();
+            mapped.push(Port { guest, host });
+            let (d, slot, id) = (me.clone(), slot.clone(), id.to_owned());
+            std::thread::Builder::new()
+                .name(format!("specd-port-{host}"))
+                .spawn(move || d.accept_loop(&slot, &id, guest, &listener))
+                .map_err(io_err("starting a port listener"))?;
+        }
+        live.rec.vm.ports = mapped;
+        self.save(slot, &mut live)
+    }
+
+    fn accept_loop(&self, slot: &Slot, id: &str, guest: u16, listener: &std::net::TcpListener) {
+        // Non-blocking with a short sleep, so the listener closes soon after the VM is deleted.
+        if listener.set_nonblocking(true).is_err() {
+            return;
+        }
+        loop {
+            let deleted = slot.live.lock().map(|l| l.deleted).unwrap_or(true);
+            if deleted {
+                return;
+            }
+            match listener.accept() {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nonblocking(false);
+                    if let Err(e) = self.proxy(id, guest, tcp) {
+                        tracing::warn!(vm = id, guest, "proxied connection: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    tracing::warn!(vm = id, guest, "accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Carries one connection (on threads of its own once the guest side is up).
+    fn proxy(&self, id: &str, guest: u16, tcp: std::net::TcpStream) -> Result<(), DaemonError> {
+        let (slot, vsock, woke) = self.enter(id)?;
+        let busy = Busy(&slot);
+        let pipe = self
+            .agent(id, &vsock)?
+            .connect_port(guest)
+            .map_err(|e| DaemonError::Vm {
+                id: id.to_owned(),
+                op: "connect to a guest port",
+                message: chain(&e),
+            });
+        drop(busy);
+        let pipe = pipe?;
+        if woke {
+            tracing::info!(vm = id, guest, "woken by a connection");
+        }
+        slot.busy.fetch_add(1, Ordering::AcqRel);
+        let pump = |mut from: Box<dyn Read + Send>,
+                    mut to: Box<dyn io::Write + Send>,
+                    done: Box<dyn FnOnce() + Send>,
+                    slot: Arc<Slot>| {
+            move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    slot.last_active.store(now_ms(), Ordering::Relaxed);
+                }
+                done();
+            }
+        };
+        let clone = |e: io::Error| DaemonError::Io {
+            what: "cloning a proxied socket".into(),
+            source: e,
+        };
+        let (tcp_r, pipe_r) = (
+            tcp.try_clone().map_err(clone)?,
+            pipe.try_clone().map_err(clone)?,
+        );
+        let (tcp_w, pipe_w) = (tcp, pipe);
+        let (tcp_s, pipe_s) = (
+            tcp_w.try_clone().map_err(clone)?,
+            pipe_w.try_clone().map_err(clone)?,
+        );
+        // The client's EOF is not passed on: the VMM's vsock turns a host half-close into a
+        // full close, which would cut off the guest's answer. The guest's close ends both.
+        let up = pump(
+            Box::new(tcp_r),
+            Box::new(pipe_w),
+            Box::new(|| {}),
+            slot.clone(),
+        );
+        let down = pump(
+            Box::new(pipe_r),
+            Box::new(tcp_w),
+            Box::new(move || {
+                let _ = tcp_s.shutdown(std::net::Shutdown::Both);
+                let _ = pipe_s.shutdown(std::net::Shutdown::Both);
+            }),
+            slot.clone(),
+        );
+        std::thread::spawn(move || {
+            let up = std::thread::spawn(up);
+            down();
+            let _ = up.join();
+            // Ends the busy mark taken when the connection was carried.
+            drop(Busy(&slot));
+        });
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    /// One pass of the idle timers and the storage budget.
+    pub fn tick(&self) {
+        let slots: Vec<(String, Arc<Slot>)> = self
+            .slots()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let now = now_ms();
+        for (id, slot) in slots {
+            // A VM in a transition is somebody else's business this tick.
+            let Ok(mut live) = slot.live.try_lock() else {
+                continue;
+            };
+            if live.deleted {
+                continue;
+            }
+            let mut vm = live.rec.vm.clone();
+            vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
+            let busy = slot.busy.load(Ordering::Acquire) > 0;
+            let Some(action) = policy::idle_action(&vm, now, busy) else {
+                continue;
+            };
+            tracing::info!(vm = %id, ?action, idle_s = (now - vm.last_active_ms) / 1000, "idle timer");
+            let r = match action {
+                IdleAction::Pause => self.pause_locked(&slot, &mut live),
+                IdleAction::Suspend => self.suspend_locked(&slot, &mut live),
+                IdleAction::Delete => self.delete_locked(&mut live),
+            };
+            if let Err(e) = r {
+                tracing::warn!(vm = %id, "idle {action:?} failed: {e}");
+            }
+            if action == IdleAction::Delete {
+                drop(live);
+                self.forget(&id);
+            }
+        }
+        self.enforce_budget();
+    }
+
+    /// Evicts sticky VMs at rest while the VMs' files exceed the budget.
+    fn enforce_budget(&self) {
+        let vms = self.list();
+        for id in policy::evictions(&vms, self.config.budget_bytes) {
+            tracing::info!(vm = %id, budget = self.config.budget_bytes, "evicting under the storage budget");
+            match self.delete(&id) {
+                Ok(()) => self.metrics.evicted(),
+                Err(e) => tracing::warn!(vm = %id, "eviction failed: {e}"),
+            }
+        }
+    }
+
+    /// Lets every VM run on without the daemon (graceful shutdown).
+    pub fn release_all(&self) {
+        for slot in self.slots().values() {
+            let mut live = slot.live.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = live.machine.take() {
+                let _ = m.release();
+            }
+        }
+    }
+}
+
+fn conflict(rec: &Record, state: VmState, op: &'static str) -> DaemonError {
+    DaemonError::Conflict {
+        id: rec.vm.id.clone(),
+        state: state.as_str(),
+        op,
+    }
+}
+
+fn vm_error(rec: &Record, op: &'static str, e: &specc_machine::MachineError) -> DaemonError {
+    DaemonError::Vm {
+        id: rec.vm.id.clone(),
+        op,
+        message: chain(e),
+    }
+}
+
+/// The hostname of fork child `i` of `parent`: unique through the child's id.
+fn child_name(parent: &str, _i: u32, cid: &str) -> String {
+    let mut base: String = parent.chars().take(63 - cid.len() - 1).collect();
+    base = base.trim_end_matches('-').to_owned();
+    format!("{base}-{cid}")
+}
+
+/// The snapshot directory a `Suspending` record is writing.
+fn pending_snapshot(rec: &Record) -> PathBuf {
+    rec.dir.join(format!("snap-{}", rec.vm.suspends + 1))
+}
+
+fn snapshot_complete(rec: &Record) -> bool {
+    rec.vm.state == VmState::Suspending
+        && pending_snapshot(rec)
+            .join(specc_vmm::snapshot_dir::VMSTATE_FILE)
+            .is_file()
+}
+
+fn latest_run_dir(rec: &Record) -> Option<PathBuf> {
+    (rec.generation > 0).then(|| rec.dir.join(format!("run-{}", rec.generation)))
+}

@@ -1,0 +1,400 @@
+//! specd end to end with real Linux guests (inside the rig on machines without hardware KVM):
+//! a layer built by `specc build` becomes VMs through the daemon's API; exec and files work;
+//! suspend ends the VMM and an exec wakes it with its files intact; fork gives independent VMs;
+//! the daemon is killed with SIGKILL and restarted and every VM is still there and usable;
+//! idle timers pause, suspend and (for ephemeral VMs) delete; the storage budget evicts the
+//! lowest-priority sticky VM first.
+
+// An integration test file is a test module of its own.
+#![allow(clippy::tests_outside_test_module)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use specd::api::{self, CreateVm, ExecEvent, IdlePolicy, Persistence, Source, Vm, VmState};
+use specd::client::Client;
+
+fn cargo_build(package: &str) {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package])
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+}
+
+/// `target/<profile>/NAME`, beside this test binary's directory.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(p.is_file(), "{name} binary missing at {}", p.display());
+    p
+}
+
+/// Builds a one-layer spec; returns its head layer's key.
+fn build_layer(dir: &Path) -> String {
+    let marker = format!("{}-{:?}", std::process::id(), Instant::now());
+    let spec = dir.join("vm.kdl");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"spec "daemon-test" {{
+    base "busybox"
+    vm vcpus=1 memory="128MiB" disk="64MiB"
+    layer "app" after="base" {{
+        run "echo '{marker}' > /root/built"
+    }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary("specc"))
+        .args(["build", "--json"])
+        .arg(&spec)
+        .output()
+        .expect("running specc build");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "specc build failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["layer"] == "app" && (v["event"] == "finished" || v["event"] == "cached"))
+        .find_map(|v| v["key"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no key for layer app in:\n{stdout}"))
+}
+
+struct Specd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Specd {
+    fn start(state: &Path, budget: u64) -> Specd {
+        let socket = state.join("specd.sock");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.join("specd.log"))
+            .unwrap();
+        let child = Command::new(binary("specd"))
+            .arg("--state")
+            .arg(state)
+            .args(["--tick-ms", "200", "--budget", &budget.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting specd");
+        let client = Client::new(&socket);
+        let t0 = Instant::now();
+        while client
+            .call::<api::Health>("GET", "/v1/health", None::<&()>)
+            .is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "specd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Specd { child, socket }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Specd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Ran {
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+    woke: bool,
+}
+
+fn exec(c: &Client, id: &str, script: &str) -> Ran {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let req = api::Exec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![],
+        cwd: None,
+        stdin_b64: None,
+        timeout_ms: Some(60_000),
+    };
+    let last = c
+        .exec(id, &req, |ev| match ev {
+            ExecEvent::Stdout { data_b64 } => stdout.extend(b64.decode(data_b64).unwrap()),
+            ExecEvent::Stderr { data_b64 } => stderr.extend(b64.decode(data_b64).unwrap()),
+            _ => {}
+        })
+        .unwrap_or_else(|e| panic!("exec {script:?} on {id}: {e}"));
+    let ExecEvent::Exit { code, woke, .. } = last else {
+        panic!("exec {script:?} on {id} ended with {last:?}");
+    };
+    Ran {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        code,
+        woke,
+    }
+}
+
+fn create(c: &Client, key: &str, name: &str, persistence: Persistence, idle: IdlePolicy) -> Vm {
+    let req = CreateVm {
+        source: Source::Layer { key: key.into() },
+        name: Some(name.into()),
+        persistence,
+        idle,
+        ports: vec![],
+        net: false,
+    };
+    c.call("POST", "/v1/vms", Some(&req))
+        .unwrap_or_else(|e| panic!("create {name}: {e}"))
+}
+
+fn show(c: &Client, id: &str) -> Option<Vm> {
+    c.call("GET", &format!("/v1/vms/{id}"), None::<&()>).ok()
+}
+
+fn post(c: &Client, id: &str, op: &str) -> Vm {
+    c.call("POST", &format!("/v1/vms/{id}/{op}"), None::<&()>)
+        .unwrap_or_else(|e| panic!("{op} {id}: {e}"))
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// Waits until `id` is in `state` (None: gone); panics after `limit`.
+fn wait_state(c: &Client, id: &str, state: Option<VmState>, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let now = show(c, id).map(|v| v.state);
+        if now == state {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{id} is {now:?}, expected {state:?} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn daemon_lifecycle_with_linux_guests() {
+    if !specc_rig::in_rig() {
+        for p in ["specc-vmm", "specc", "specd"] {
+            cargo_build(p);
+        }
+    }
+    if specc_rig::testing::run_in_rig_unless_hardware("daemon_lifecycle_with_linux_guests")
+        .ran_in_rig()
+    {
+        return;
+    }
+    // Inside the target directory: the rig shares the project tree, not the host's /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let key = build_layer(dir.path());
+    let state = dir.path().join("specd");
+    std::fs::create_dir_all(&state).unwrap();
+    let d = Specd::start(&state, u64::MAX >> 1);
+    let c = d.client();
+
+    // Create, exec (streams, stderr apart, exit code), files.
+    let a = create(
+        &c,
+        &key,
+        "alpha",
+        Persistence::Persistent,
+        IdlePolicy::default(),
+    );
+    assert_eq!(a.state, VmState::Running);
+    let r = exec(
+        &c,
+        &a.id,
+        "cat /root/built; hostname; echo oops >&2; exit 3",
+    );
+    assert_eq!(r.code, Some(3));
+    assert!(r.stdout.contains("alpha"), "hostname: {}", r.stdout);
+    assert_eq!(r.stderr, "oops\n");
+    c.request(
+        "PUT",
+        &format!("/v1/vms/{}/files?path=/root/data&mode=600", a.id),
+        Some(("application/octet-stream", b"kept across suspend\n")),
+    )
+    .unwrap();
+    let back = c
+        .request(
+            "GET",
+            &format!("/v1/vms/{}/files?path=/root/data", a.id),
+            None,
+        )
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(back, b"kept across suspend\n");
+    let listing: Vec<api::DirEntry> = c
+        .call(
+            "GET",
+            &format!("/v1/vms/{}/dir?path=/root", a.id),
+            None::<&()>,
+        )
+        .unwrap();
+    assert!(
+        listing.iter().any(|e| e.name == "data" && e.size == 20),
+        "{listing:?}"
+    );
+
+    // Suspend ends the VMM; an exec wakes it, with the file and a process's memory intact.
+    exec(&c, &a.id, "echo 41 > /tmp/counter");
+    let pid = show(&c, &a.id).unwrap().pid.expect("pid");
+    let s = post(&c, &a.id, "suspend");
+    assert_eq!(s.state, VmState::Suspended);
+    assert!(s.pid.is_none());
+    assert!(!alive(pid), "VMM {pid} still runs after suspend");
+    let r = exec(&c, &a.id, "cat /root/data /tmp/counter");
+    assert!(r.woke, "the exec should have woken the VM");
+    assert_eq!(r.stdout, "kept across suspend\n41\n");
+    assert_eq!(show(&c, &a.id).unwrap().state, VmState::Running);
+
+    // Fork: two children with their own hostnames and files.
+    let f: api::Forked = c
+        .call(
+            "POST",
+            &format!("/v1/vms/{}/fork", a.id),
+            Some(&api::ForkVm { count: 2 }),
+        )
+        .unwrap();
+    assert_eq!(f.vms.len(), 2);
+    let (b, cc) = (&f.vms[0], &f.vms[1]);
+    exec(&c, &b.id, "echo mine > /root/only-b");
+    let hb = exec(&c, &b.id, "hostname").stdout;
+    let hc = exec(
+        &c,
+        &cc.id,
+        "hostname; test -e /root/only-b && echo LEAK; cat /root/data",
+    );
+    assert_ne!(hb, hc.stdout.lines().next().unwrap_or("").to_owned() + "\n");
+    assert!(!hc.stdout.contains("LEAK"), "{}", hc.stdout);
+    assert!(hc.stdout.contains("kept across suspend"), "{}", hc.stdout);
+    assert!(!exec(&c, &a.id, "ls /root").stdout.contains("only-b"));
+
+    // kill -9 of the daemon: every VM keeps running and is attached again after a restart.
+    let before: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
+    d.kill9();
+    let d = Specd::start(&state, u64::MAX >> 1);
+    let c = d.client();
+    let after: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
+    assert_eq!(after.len(), before.len(), "{after:?}");
+    for (x, y) in before.iter().zip(&after) {
+        assert_eq!(
+            (&x.id, x.state, x.pid),
+            (&y.id, y.state, y.pid),
+            "{after:?}"
+        );
+        let r = exec(&c, &y.id, "cat /root/data");
+        assert_eq!(r.stdout, "kept across suspend\n", "{}", y.id);
+    }
+    // A suspended VM survives a restart too.
+    post(&c, &b.id, "suspend");
+    d.kill9();
+    let d = Specd::start(&state, u64::MAX >> 1);
+    let c = d.client();
+    assert_eq!(show(&c, &b.id).unwrap().state, VmState::Suspended);
+    assert!(exec(&c, &b.id, "cat /root/only-b").stdout == "mine\n");
+
+    // Idle timers: pause, then suspend; an ephemeral VM is deleted instead.
+    let idle = IdlePolicy {
+        pause_after_s: Some(1),
+        suspend_after_s: Some(4),
+    };
+    let e = create(&c, &key, "idler", Persistence::Persistent, idle);
+    let eph = create(&c, &key, "fleeting", Persistence::Ephemeral, idle);
+    wait_state(&c, &e.id, Some(VmState::Paused), Duration::from_secs(20));
+    wait_state(&c, &e.id, Some(VmState::Suspended), Duration::from_secs(60));
+    wait_state(&c, &eph.id, None, Duration::from_secs(60));
+    let r = exec(&c, &e.id, "cat /root/built");
+    assert!(r.woke && r.code == Some(0));
+
+    // Storage budget: the lowest-priority sticky VM at rest goes first.
+    let lo = create(
+        &c,
+        &key,
+        "low",
+        Persistence::Sticky { priority: 1 },
+        IdlePolicy::default(),
+    );
+    let hi = create(
+        &c,
+        &key,
+        "high",
+        Persistence::Sticky { priority: 7 },
+        IdlePolicy::default(),
+    );
+    exec(
+        &c,
+        &lo.id,
+        "dd if=/dev/urandom of=/root/fill bs=1M count=4 2>/dev/null",
+    );
+    post(&c, &hi.id, "suspend");
+    post(&c, &lo.id, "suspend");
+    let vms: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
+    let total: u64 = vms.iter().map(|v| v.disk_bytes).sum();
+    let lo_bytes = vms.iter().find(|v| v.id == lo.id).unwrap().disk_bytes;
+    d.kill9();
+    let d = Specd::start(&state, total - lo_bytes / 2);
+    let c = d.client();
+    wait_state(&c, &lo.id, None, Duration::from_secs(10));
+    assert_eq!(show(&c, &hi.id).map(|v| v.state), Some(VmState::Suspended));
+    assert!(
+        show(&c, &a.id).is_some(),
+        "persistent VMs are never evicted"
+    );
+    let metrics =
+        String::from_utf8(c.request("GET", "/metrics", None).unwrap().bytes().unwrap()).unwrap();
+    assert!(metrics.contains("specd_evictions_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("specd_vms{state=\"suspended\"}"),
+        "{metrics}"
+    );
+
+    // Delete everything: the VMs' processes end and their files go.
+    let vms: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
+    for v in &vms {
+        c.request("DELETE", &format!("/v1/vms/{}", v.id), None)
+            .unwrap();
+        if let Some(pid) = v.pid {
+            let t0 = Instant::now();
+            while alive(pid) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(!alive(pid), "VMM {pid} of {} survived its deletion", v.id);
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(state.join("vms")).unwrap().collect();
+    assert!(left.is_empty(), "files left: {left:?}");
+    drop(d);
+}
