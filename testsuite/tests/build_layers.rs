@@ -58,6 +58,56 @@ fn build(spec: &Path, extra: &[&str]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Every layer's key as `specc build --json` reported it (cached, started or finished events).
+fn build_keys(spec: &Path) -> std::collections::BTreeMap<String, String> {
+    let out = Command::new(specc_binary())
+        .args(["build", "--json"])
+        .arg(spec)
+        .output()
+        .expect("running specc build");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let key = v["key"].as_str()?;
+            Some((v["layer"].as_str()?.to_owned(), key.to_owned()))
+        })
+        .collect()
+}
+
+/// Every layer's key as `specc plan --json` computes it, with `env` set.
+fn plan_keys(spec: &Path, env: &[(&str, &Path)]) -> std::collections::BTreeMap<String, String> {
+    let mut cmd = Command::new(specc_binary());
+    cmd.args(["plan", "--json"]).arg(spec);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running specc plan");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan json");
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            let key = l["key"].as_str().expect("key");
+            (
+                l["name"].as_str().expect("name").to_owned(),
+                key.strip_prefix("sha256:").unwrap_or(key).to_owned(),
+            )
+        })
+        .collect()
+}
+
 fn events_of<'a>(events: &'a [(String, String)], layer: &str) -> Vec<&'a str> {
     events
         .iter()
@@ -125,6 +175,31 @@ fn two_independent_layers_build_then_rebuild_cached_then_only_the_changed_copy()
         b[0]
     );
     assert_eq!(&b[1..], ["started", "finished"], "{third:?}");
+
+    // `specc plan` keys every layer exactly as `specc build` did (the same kernel and root
+    // filesystem input digests), and a changed root filesystem input (another agent binary)
+    // changes every key.
+    let built = build_keys(&spec);
+    assert_eq!(built.len(), 3, "{built:?}");
+    assert_eq!(plan_keys(&spec, &[]), built, "plan and build agree");
+    let agent = specc_guestkit::rootfs::installed_agent_binary().expect("an agent was built");
+    let mut bytes = std::fs::read(&agent).unwrap();
+    bytes.extend_from_slice(marker.as_bytes());
+    let other_agent = dir.path().join("other-agent");
+    std::fs::write(&other_agent, bytes).unwrap();
+    std::fs::set_permissions(
+        &other_agent,
+        std::fs::metadata(&agent).unwrap().permissions(),
+    )
+    .unwrap();
+    let other = plan_keys(&spec, &[("SPECC_AGENT_BIN", &other_agent)]);
+    for (layer, key) in &built {
+        assert_ne!(
+            other.get(layer),
+            Some(key),
+            "layer {layer} keeps its key with another agent"
+        );
+    }
 
     // A failing step: one clear error with the step's place in the spec, its exit status and
     // the end of its output; nothing of the failed layer enters the store.

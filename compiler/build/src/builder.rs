@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use specc_machine::{After, Disk, Machine, MachineConfig};
 use specc_plan::ir::{self, Digest, LayerId};
-use specc_store::{LayerRecord, Part, Role, Store};
+use specc_store::{Algorithm, LayerRecord, Part, Role, Store};
 pub use specc_vmm::error_chain;
 use specc_vmm::snapshot_dir::{self, MemoryImage, Overlay};
 
@@ -309,7 +309,10 @@ impl Builder {
         let t0 = Instant::now();
         let (mut machine, base_disk) = match layer.parents.first() {
             None => {
-                let disk = store.put_file(&self.rootfs).map_err(store_err)?;
+                // Named by its sparse digest: only the image's data is read, not its holes.
+                let disk = store
+                    .put_file_as(&self.rootfs, Algorithm::for_role(Role::Disk))
+                    .map_err(store_err)?;
                 let path = store.blob_path(&disk.digest);
                 let m =
                     Machine::start(&self.config(vec![path], top), &vm_dir).map_err(machine_err)?;
@@ -364,7 +367,11 @@ impl Builder {
             source: Box::new(source),
         })?;
         let adopt = |role: Role, file: &str| -> Result<Part, BuildError> {
-            let info = store.adopt_file(&snap.join(file)).map_err(store_err)?;
+            // Sparse parts by their sparse digest, so storing costs the data, not the
+            // logical size (docs/artifact-format.md).
+            let info = store
+                .adopt_file_as(&snap.join(file), Algorithm::for_role(role))
+                .map_err(store_err)?;
             Ok(Part {
                 role,
                 digest: info.digest,

@@ -3,8 +3,9 @@
 //! a parent), BuildKit's missing "why was this a cache miss".
 //!
 //! Every build records, per spec file and layer name, what went into the layer's key: the
-//! parents' names and keys and one fingerprint per step (copy steps also keep their source
-//! path and content digest). The record lives beside the store
+//! parents' names and keys, one fingerprint per step (copy steps also keep their source
+//! path and content digest), and for the base layer the base, the kernel and root filesystem
+//! input digests and the VM shape. The record lives beside the store
 //! (`$SPECC_HOME/explain/<sha256 of the spec path>.json`); it never affects a key.
 
 use std::collections::BTreeMap;
@@ -24,6 +25,22 @@ pub struct LayerInputs {
     pub parents: Vec<(String, String)>,
     /// One entry per step.
     pub steps: Vec<StepInputs>,
+    /// For a layer without parents: what the base contributes to its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseInputs>,
+}
+
+/// What a base layer's key is made of besides its (absent) steps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseInputs {
+    /// The base as written (`busybox`, `debian suite=bookworm`, `spec head=...`).
+    pub base: String,
+    /// Hex digest of the kernel's inputs ([`ir::Spec::kernel_digest`]).
+    pub kernel: String,
+    /// Hex digest of the root filesystem's inputs ([`ir::Spec::base_digest`]).
+    pub rootfs: String,
+    /// vCPUs, memory and disk.
+    pub vm: String,
 }
 
 /// One step's fingerprint.
@@ -68,12 +85,24 @@ pub fn inputs(spec: &ir::Spec) -> BTreeMap<String, LayerInputs> {
                 .collect();
             let steps = l.steps.iter().map(|s| step_inputs(&s.kind)).collect();
             let key = l.key.to_hex();
+            let base = l.parents.is_empty().then(|| BaseInputs {
+                base: spec.base.describe(),
+                kernel: spec.kernel_digest.to_hex(),
+                rootfs: spec.base_digest.to_hex(),
+                vm: format!(
+                    "{} vCPUs, {} MiB memory, {} MiB disk",
+                    spec.vm.vcpus,
+                    spec.vm.memory >> 20,
+                    spec.vm.disk >> 20
+                ),
+            });
             (
                 l.name.clone(),
                 LayerInputs {
                     key,
                     parents,
                     steps,
+                    base,
                 },
             )
         })
@@ -101,6 +130,11 @@ pub fn why(before: &LayerInputs, now: &LayerInputs) -> Option<String> {
             names(&before.parents),
             names(&now.parents)
         ));
+    }
+    if let (Some(b), Some(n)) = (&before.base, &now.base)
+        && let Some(why) = base_why(b, n)
+    {
+        return Some(why);
     }
     for (i, (b, n)) in before.steps.iter().zip(&now.steps).enumerate() {
         if b.fingerprint == n.fingerprint {
@@ -136,6 +170,33 @@ pub fn why(before: &LayerInputs, now: &LayerInputs) -> Option<String> {
     (before.key != now.key).then(|| {
         "an input outside its steps changed (base image, kernel, VM shape or key format)".into()
     })
+}
+
+fn base_why(b: &BaseInputs, n: &BaseInputs) -> Option<String> {
+    let short = |h: &str| h.get(..12).unwrap_or(h).to_owned();
+    if b.base != n.base {
+        return Some(format!("base: the base changed: {} -> {}", b.base, n.base));
+    }
+    if b.kernel != n.kernel {
+        return Some(format!(
+            "base: the guest kernel's inputs changed (kernel digest {} -> {})",
+            short(&b.kernel),
+            short(&n.kernel)
+        ));
+    }
+    if b.rootfs != n.rootfs {
+        let what = if n.base.starts_with("spec ") {
+            "the base spec's head layer"
+        } else {
+            "the root filesystem's inputs (agent, packages, image or recipe)"
+        };
+        return Some(format!(
+            "base: {what} changed (digest {} -> {})",
+            short(&b.rootfs),
+            short(&n.rootfs)
+        ));
+    }
+    (b.vm != n.vm).then(|| format!("base: the VM shape changed: {} -> {}", b.vm, n.vm))
 }
 
 fn names(p: &[(String, String)]) -> String {
@@ -194,6 +255,7 @@ mod tests {
                     copy: None,
                 })
                 .collect(),
+            base: None,
         }
     }
 
@@ -224,6 +286,48 @@ mod tests {
         );
         let shape = layer("g", &[("base", "1")], &[("run \"make\"", "f1")]);
         assert!(why(&a, &shape).unwrap().contains("outside its steps"));
+    }
+
+    #[test]
+    fn a_changed_kernel_or_rootfs_is_named_for_the_base_layer() {
+        let base = |kernel: &str, rootfs: &str| {
+            let mut l = layer("k", &[], &[]);
+            l.base = Some(BaseInputs {
+                base: "busybox".into(),
+                kernel: kernel.repeat(64),
+                rootfs: rootfs.repeat(64),
+                vm: "1 vCPUs, 512 MiB memory, 1024 MiB disk".into(),
+            });
+            l
+        };
+        let a = base("1", "2");
+        assert_eq!(why(&a, &a), None);
+        assert_eq!(
+            why(&a, &base("3", "2")).unwrap(),
+            "base: the guest kernel's inputs changed (kernel digest 111111111111 -> 333333333333)"
+        );
+        assert!(
+            why(&a, &base("1", "4"))
+                .unwrap()
+                .starts_with("base: the root filesystem's inputs")
+        );
+        let mut shape = base("1", "2");
+        shape.base.as_mut().unwrap().vm = "2 vCPUs, 512 MiB memory, 1024 MiB disk".into();
+        assert!(
+            why(&a, &shape)
+                .unwrap()
+                .starts_with("base: the VM shape changed")
+        );
+        // A record from before base inputs were kept explains as before.
+        let mut old = base("1", "2");
+        old.base = None;
+        old.key = "9".repeat(64);
+        assert!(why(&old, &a).unwrap().contains("outside its steps"));
+        let json = serde_json::to_string(&layer("a", &[], &[])).unwrap();
+        assert!(
+            !json.contains("\"base\""),
+            "absent when not a base layer: {json}"
+        );
     }
 
     #[test]

@@ -83,6 +83,13 @@ pub struct Spec {
     pub idle: Idle,
     /// Persistence policy.
     pub persistence: Persistence,
+    /// The kernel digest in the base layer's key: of the `vm kernel=` file, or of the default
+    /// guest kernel's inputs (from the driver's resolver), or of its description.
+    pub kernel_digest: Digest,
+    /// The base digest in the base layer's key: of the root filesystem's inputs (from the
+    /// driver's resolver), or of the canonical base description; for `base spec=`, of the base
+    /// spec's head key.
+    pub base_digest: Digest,
 }
 
 impl Spec {

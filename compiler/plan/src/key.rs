@@ -8,7 +8,6 @@
 
 use sha2::{Digest as _, Sha256};
 
-use crate::KeyOverrides;
 use crate::ir::{Base, Digest, Secret, Spec, Step, StepKind};
 
 /// Bumped whenever the encoding below changes, so old keys never collide with new ones.
@@ -185,12 +184,12 @@ fn encode_steps(e: &mut Enc, steps: &[Step], secrets: &[Secret]) {
     }
 }
 
-/// Computes every layer's key in place. `layers` is in topological order, so parents' keys
-/// are known when a child's is computed.
-pub(crate) fn assign_keys(spec: &mut Spec, overrides: &KeyOverrides, kernel: Digest) {
-    let base_digest = overrides
-        .base
-        .unwrap_or_else(|| default_base_digest(&spec.base));
+/// Computes every layer's key in place from [`Spec::kernel_digest`] and [`Spec::base_digest`]
+/// (which enter the base layer's key, and through it every other one). `layers` is in
+/// topological order, so parents' keys are known when a child's is computed.
+pub fn assign_keys(spec: &mut Spec) {
+    let base_digest = spec.base_digest;
+    let kernel = spec.kernel_digest;
     for i in 0..spec.layers.len() {
         let key = if spec.layers[i].parents.is_empty() {
             let mut e = Enc::new("base");

@@ -22,19 +22,43 @@ pub mod store;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use ir::{Digest, Spec};
 use specc_syntax::{Diagnostic, Files};
 
-/// Inputs of the cache keys that the front end cannot know itself. `None` means the default
-/// digest of a canonical description ([`key::default_kernel_digest`],
-/// [`key::default_base_digest`]).
+/// Explicit inputs of the cache keys, given by hand (`--kernel-digest`, `--base-digest`); they
+/// win over a [`KeyResolver`]. `None` means: ask the resolver, or without one use the digest
+/// of a canonical description ([`key::default_kernel_digest`], [`key::default_base_digest`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyOverrides {
-    /// Digest of the guest kernel the builder will boot.
+    /// Digest of the default guest kernel (a spec's own `vm kernel=` file is hashed instead).
     pub kernel: Option<Digest>,
-    /// Digest of the base root filesystem.
+    /// Digest of the root filesystem of a `scratch`, `busybox`, `debian` or `oci` base (a
+    /// `base spec=` is keyed by the base spec's head layer).
     pub base: Option<Digest>,
+}
+
+/// The key inputs that only the guest kit can compute: digests of what the default kernel and
+/// each root filesystem are made from. `specc` implements it (compiler/specc/src/cmd/common.rs)
+/// so `plan`, `build` and `run` key layers alike.
+pub trait KeyInputs: Send + Sync {
+    /// The digest of everything the default guest kernel is built from.
+    fn kernel(&self) -> Result<Digest, String>;
+    /// The digest of everything the root filesystem of `base` (never [`ir::Base::Spec`]) is
+    /// made from, for a disk of `disk_bytes`; `spec_dir` is the directory of the spec that
+    /// names the base (a relative OCI layout path is relative to it).
+    fn rootfs(&self, base: &ir::Base, spec_dir: &Path, disk_bytes: u64) -> Result<Digest, String>;
+}
+
+/// A shared [`KeyInputs`].
+#[derive(Clone)]
+pub struct KeyResolver(pub Arc<dyn KeyInputs>);
+
+impl std::fmt::Debug for KeyResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyResolver")
+    }
 }
 
 /// How to compile.
@@ -46,6 +70,8 @@ pub struct Options {
     pub integration_dirs: Vec<PathBuf>,
     /// Key inputs from the driver.
     pub keys: KeyOverrides,
+    /// Computes the kernel and root filesystem digests that [`Options::keys`] leaves open.
+    pub resolver: Option<KeyResolver>,
     /// Where to keep the file digest cache; `None` keeps it in memory for this run only.
     pub digest_cache: Option<PathBuf>,
 }
@@ -121,11 +147,19 @@ type Inputs = Vec<(PathBuf, Option<Digest>)>;
 /// Files or trees hashed, with their digests.
 type Hashed = Vec<(PathBuf, Digest)>;
 
+/// What compiling recorded besides the [`Compilation`], for the plan cache.
+pub(crate) struct Recorded {
+    pub(crate) inputs: Inputs,
+    pub(crate) trees: Hashed,
+    pub(crate) kernels: Hashed,
+    pub(crate) resolved: Vec<(plancache::Resolved, Digest)>,
+}
+
 pub(crate) fn compile_str_recording(
     path: &Path,
     text: &str,
     opts: &Options,
-) -> (Compilation, Inputs, Hashed, Hashed) {
+) -> (Compilation, Recorded) {
     let cache = match &opts.digest_cache {
         Some(p) => hash::DigestCache::load(p),
         None => hash::DigestCache::in_memory(),
@@ -147,5 +181,207 @@ pub(crate) fn compile_str_recording(
         diagnostics,
         files_hashed: lowerer.digests.files_read,
     };
-    (c, lowerer.inputs, lowerer.trees, lowerer.kernels)
+    let rec = Recorded {
+        inputs: lowerer.inputs,
+        trees: lowerer.trees,
+        kernels: lowerer.kernels,
+        resolved: lowerer.resolved,
+    };
+    (c, rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A resolver whose answers the test sets, counting the questions.
+    #[derive(Default)]
+    struct Fake {
+        kernel: Mutex<Option<Digest>>,
+        rootfs: Mutex<BTreeMap<String, Digest>>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl KeyInputs for Fake {
+        fn kernel(&self) -> Result<Digest, String> {
+            self.asked.lock().unwrap().push("kernel".into());
+            self.kernel
+                .lock()
+                .unwrap()
+                .ok_or_else(|| "no kernel source".into())
+        }
+        fn rootfs(&self, base: &ir::Base, _dir: &Path, disk: u64) -> Result<Digest, String> {
+            let d = base.describe();
+            self.asked.lock().unwrap().push(format!("{d} {disk}"));
+            self.rootfs
+                .lock()
+                .unwrap()
+                .get(&d)
+                .copied()
+                .ok_or_else(|| format!("cannot resolve {d}"))
+        }
+    }
+
+    fn fake(kernel: u8, busybox: u8) -> Arc<Fake> {
+        let f = Fake::default();
+        *f.kernel.lock().unwrap() = Some(Digest([kernel; 32]));
+        f.rootfs
+            .lock()
+            .unwrap()
+            .insert("busybox".into(), Digest([busybox; 32]));
+        Arc::new(f)
+    }
+
+    const SPEC: &str = "spec \"s\" {\n    base \"busybox\"\n    layer \"a\" {\n        run \"a\"\n    }\n    layer \"b\" after=\"base\" {\n        run \"b\"\n    }\n    layer \"c\" after=\"a,b\" {\n        run \"c\"\n    }\n}\n";
+
+    fn keys(dir: &Path, text: &str, f: &Arc<Fake>) -> Vec<(String, Digest)> {
+        let opts = Options {
+            resolver: Some(KeyResolver(f.clone())),
+            ..Options::default()
+        };
+        let c = compile_str(&dir.join("s.kdl"), text, &opts);
+        assert!(!c.has_errors(), "{:?}", c.diagnostics);
+        let spec = c.spec.expect("planned");
+        spec.layers
+            .iter()
+            .map(|l| (l.name.clone(), l.key))
+            .collect()
+    }
+
+    fn all_differ(a: &[(String, Digest)], b: &[(String, Digest)]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1 != y.1)
+    }
+
+    #[test]
+    fn a_changed_kernel_or_rootfs_digest_changes_every_key_and_same_inputs_keep_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = keys(dir.path(), SPEC, &fake(1, 2));
+        assert_eq!(first.len(), 4, "base, a, b, c");
+        assert_eq!(
+            keys(dir.path(), SPEC, &fake(1, 2)),
+            first,
+            "same inputs, same keys"
+        );
+        assert!(
+            all_differ(&first, &keys(dir.path(), SPEC, &fake(9, 2))),
+            "kernel"
+        );
+        assert!(
+            all_differ(&first, &keys(dir.path(), SPEC, &fake(1, 9))),
+            "rootfs"
+        );
+        // Without a resolver the keys are those of the descriptions: different again.
+        let c = compile_str(&dir.path().join("s.kdl"), SPEC, &Options::default());
+        let plain: Vec<_> = c
+            .spec
+            .unwrap()
+            .layers
+            .iter()
+            .map(|l| (l.name.clone(), l.key))
+            .collect();
+        assert!(all_differ(&first, &plain));
+    }
+
+    #[test]
+    fn the_resolver_is_asked_once_per_input_and_not_for_an_own_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fake(1, 2);
+        keys(dir.path(), SPEC, &f);
+        assert_eq!(*f.asked.lock().unwrap(), ["kernel", "busybox 2147483648"]);
+        std::fs::write(dir.path().join("vmlinux"), b"my kernel").unwrap();
+        let own = SPEC.replace(
+            "base \"busybox\"\n",
+            "base \"busybox\"\n    vm kernel=\"vmlinux\"\n",
+        );
+        let f2 = fake(1, 2);
+        let a = keys(dir.path(), &own, &f2);
+        assert_eq!(
+            *f2.asked.lock().unwrap(),
+            ["busybox 2147483648"],
+            "the file is hashed instead"
+        );
+        assert_eq!(
+            a,
+            keys(dir.path(), &own, &fake(7, 2)),
+            "so the default kernel's digest is irrelevant"
+        );
+    }
+
+    #[test]
+    fn a_base_spec_is_keyed_by_its_head_which_covers_its_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("parent.kdl"), SPEC).unwrap();
+        let child = "spec \"child\" {\n    base spec=\"parent.kdl\"\n    layer \"d\" {\n        run \"d\"\n    }\n}\n";
+        let f = fake(1, 2);
+        let a = keys(dir.path(), child, &f);
+        assert!(
+            !f.asked
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|q| q.starts_with("spec")),
+            "a base spec is not a root filesystem"
+        );
+        assert!(all_differ(&a, &keys(dir.path(), child, &fake(1, 3))));
+        assert!(all_differ(&a, &keys(dir.path(), child, &fake(4, 2))));
+        assert_eq!(a, keys(dir.path(), child, &fake(1, 2)));
+    }
+
+    #[test]
+    fn a_failing_resolver_is_an_error_not_a_made_up_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(Fake::default());
+        let opts = Options {
+            resolver: Some(KeyResolver(f)),
+            ..Options::default()
+        };
+        let c = compile_str(&dir.path().join("s.kdl"), SPEC, &opts);
+        assert!(c.spec.is_none());
+        let msgs: Vec<&str> = c.diagnostics.iter().map(|d| d.message.as_str()).collect();
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("default guest kernel: no kernel source")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains("cannot resolve busybox")),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn a_cached_plan_is_not_reused_once_the_resolver_answers_differently() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("s.kdl");
+        std::fs::write(&spec, SPEC).unwrap();
+        let f = fake(1, 2);
+        let opts = Options {
+            resolver: Some(KeyResolver(f.clone())),
+            digest_cache: Some(dir.path().join("digests.json")),
+            ..Options::default()
+        };
+        let cache = dir.path().join("plans");
+        let outline = |p: plancache::Planned| match p {
+            plancache::Planned::Hit(o) => (true, o),
+            plancache::Planned::Fresh(c) => (false, report::Outline::of(c.spec.as_ref().unwrap())),
+        };
+        let (hit, a) = outline(plancache::plan(&spec, &opts, &cache).unwrap());
+        assert!(!hit);
+        let (hit, again) = outline(plancache::plan(&spec, &opts, &cache).unwrap());
+        assert!(hit);
+        assert_eq!(a, again);
+        f.rootfs
+            .lock()
+            .unwrap()
+            .insert("busybox".into(), Digest([5; 32]));
+        let (hit, b) = outline(plancache::plan(&spec, &opts, &cache).unwrap());
+        assert!(!hit, "the rootfs inputs changed");
+        assert!(a.layers.iter().zip(&b.layers).all(|(x, y)| x.key != y.key));
+        *f.kernel.lock().unwrap() = Some(Digest([6; 32]));
+        let (hit, _) = outline(plancache::plan(&spec, &opts, &cache).unwrap());
+        assert!(!hit, "the kernel inputs changed");
+    }
 }

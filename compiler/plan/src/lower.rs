@@ -116,6 +116,8 @@ pub(crate) struct Lowerer<'o> {
     pub(crate) trees: Vec<(PathBuf, Digest)>,
     /// The `vm kernel=` files with their content digests.
     pub(crate) kernels: Vec<(PathBuf, Digest)>,
+    /// What the driver's resolver answered, in order of asking (each question once).
+    pub(crate) resolved: Vec<(crate::plancache::Resolved, Digest)>,
 }
 
 fn kind_of(l: &Literal) -> &'static str {
@@ -196,6 +198,7 @@ impl<'o> Lowerer<'o> {
             inputs: Vec::new(),
             trees: Vec::new(),
             kernels: Vec::new(),
+            resolved: Vec::new(),
         }
     }
 
@@ -959,7 +962,7 @@ impl<'o> Lowerer<'o> {
         );
         // The DAG is checked even when the base is missing or invalid: more errors in one run.
         let order = self.resolve_dag(&drafts);
-        let (Some((base, _)), Some(order)) = (base, order) else {
+        let (Some((base, base_it)), Some(order)) = (base, order) else {
             return None;
         };
         if self.diags.iter().any(Diagnostic::is_error) {
@@ -997,7 +1000,12 @@ impl<'o> Lowerer<'o> {
 
         let mut layers = self.finish_layers(drafts, order, &spec_env);
         self.fill_copy_digests(&mut layers);
-        let kernel_digest = self.kernel_digest(&vm, &spec)?;
+        // Both asked before giving up, so one run reports both when both fail.
+        let kernel_digest = self.kernel_digest(&vm, &spec);
+        let base_digest = self.base_digest(&base, &base_it, vm.disk);
+        let (Some(kernel_digest), Some(base_digest)) = (kernel_digest, base_digest) else {
+            return None;
+        };
         let mut services = inherited_services;
         for l in &layers {
             collect_services(&l.steps, &mut services);
@@ -1016,9 +1024,54 @@ impl<'o> Lowerer<'o> {
             expose,
             idle,
             persistence,
+            kernel_digest,
+            base_digest,
         };
-        key::assign_keys(&mut spec, &self.opts.keys, kernel_digest);
+        key::assign_keys(&mut spec);
         Some(spec)
+    }
+
+    /// Asks the driver's resolver, once per question per compilation.
+    fn resolve(
+        &mut self,
+        q: crate::plancache::Resolved,
+        ask: impl FnOnce(&dyn crate::KeyInputs) -> Result<Digest, String>,
+    ) -> Option<Result<Digest, String>> {
+        if let Some((_, d)) = self.resolved.iter().find(|(r, _)| *r == q) {
+            return Some(Ok(*d));
+        }
+        let resolver = self.opts.resolver.clone()?;
+        let r = ask(resolver.0.as_ref());
+        if let Ok(d) = &r {
+            self.resolved.push((q, *d));
+        }
+        Some(r)
+    }
+
+    /// The base digest of the base layer's key (see [`Spec::base_digest`]).
+    fn base_digest(&mut self, base: &Base, it: &Item, disk: u64) -> Option<Digest> {
+        if matches!(base, Base::Spec { .. }) {
+            // The base spec's head key already covers its kernel and root filesystem.
+            return Some(key::default_base_digest(base));
+        }
+        if let Some(d) = self.opts.keys.base {
+            return Some(d);
+        }
+        let q = crate::plancache::Resolved::rootfs(base, &it.dir, disk);
+        match self.resolve(q, |r| r.rootfs(base, &it.dir, disk)) {
+            None => Some(key::default_base_digest(base)),
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                self.error(
+                    Code::BadValue,
+                    it,
+                    it.node.head_span(),
+                    format!("cannot resolve the root filesystem of this base: {e}"),
+                )
+                .with_label("its digest enters every layer's key");
+                None
+            }
+        }
     }
 
     fn kernel_digest(&mut self, vm: &Vm, spec: &Item) -> Option<Digest> {
@@ -1026,7 +1079,21 @@ impl<'o> Lowerer<'o> {
             return Some(d);
         }
         match &vm.kernel {
-            None => Some(key::default_kernel_digest()),
+            None => match self.resolve(crate::plancache::Resolved::Kernel, |r| r.kernel()) {
+                None => Some(key::default_kernel_digest()),
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => {
+                    self.error(
+                        Code::KernelMissing,
+                        spec,
+                        spec.node.head_span(),
+                        format!("cannot resolve the default guest kernel: {e}"),
+                    )
+                    .with_label("its digest enters every layer's key")
+                    .help = Some("install linux-source-6.1, or give `vm kernel=`".into());
+                    None
+                }
+            },
             Some(p) => match hash::hash_file(p, &mut self.digests) {
                 Ok(d) => {
                     self.kernels.push((p.clone(), d));

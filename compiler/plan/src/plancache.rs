@@ -6,8 +6,10 @@
 //! text), every integration path that was probed and absent, every copy source (by tree digest,
 //! through the digest cache, so unchanged files are only `stat`ed) and `vm kernel=` file. A
 //! later plan with the same options reuses the outline only if every one of those still
-//! matches; otherwise it compiles from scratch and refreshes the entry. Keys are never computed
-//! from stale inputs: a hit returns exactly what a fresh compile would.
+//! matches, and every digest the driver's [`crate::KeyResolver`] gave (kernel and root
+//! filesystem inputs) is still what it answers now; otherwise it compiles from scratch and
+//! refreshes the entry. Keys are never computed from stale inputs: a hit returns exactly what a
+//! fresh compile would.
 
 use std::path::{Path, PathBuf};
 
@@ -15,15 +17,82 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::hash::{self, DigestCache};
-use crate::ir::Digest;
+use crate::ir::{Base, Digest};
 use crate::report::Outline;
-use crate::{Compilation, CompileError, Options, compile_str_recording, integrations, key};
+use crate::{
+    Compilation, CompileError, KeyResolver, Options, Recorded, compile_str_recording, integrations,
+    key,
+};
+
+/// A question a compilation asked the driver's resolver (see [`crate::KeyInputs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resolved {
+    /// The default guest kernel's digest.
+    Kernel,
+    /// The digest of a root filesystem base.
+    Rootfs {
+        /// `scratch`, `busybox`, `debian` or `oci`.
+        kind: String,
+        /// The suite or image reference (empty for the others).
+        arg: String,
+        /// The directory of the spec naming it.
+        dir: PathBuf,
+        /// The disk size.
+        disk: u64,
+    },
+}
+
+impl Resolved {
+    /// The question for `base` (never a `base spec=`).
+    pub fn rootfs(base: &Base, dir: &Path, disk: u64) -> Resolved {
+        let (kind, arg) = match base {
+            Base::Scratch => ("scratch", String::new()),
+            Base::Busybox => ("busybox", String::new()),
+            Base::Debian { suite } => ("debian", suite.clone()),
+            Base::Oci { reference } => ("oci", reference.clone()),
+            Base::Spec { .. } => ("spec", String::new()),
+        };
+        Resolved::Rootfs {
+            kind: kind.to_owned(),
+            arg,
+            dir: dir.to_owned(),
+            disk,
+        }
+    }
+
+    /// Asks `resolver` this question again.
+    fn ask(&self, resolver: &KeyResolver) -> Option<Digest> {
+        let r = resolver.0.as_ref();
+        match self {
+            Resolved::Kernel => r.kernel().ok(),
+            Resolved::Rootfs {
+                kind,
+                arg,
+                dir,
+                disk,
+            } => {
+                let base = match kind.as_str() {
+                    "scratch" => Base::Scratch,
+                    "busybox" => Base::Busybox,
+                    "debian" => Base::Debian { suite: arg.clone() },
+                    "oci" => Base::Oci {
+                        reference: arg.clone(),
+                    },
+                    _ => return None,
+                };
+                r.rootfs(&base, dir, *disk).ok()
+            }
+        }
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
     inputs: Vec<(PathBuf, Option<Digest>)>,
     trees: Vec<(PathBuf, Digest)>,
     kernels: Vec<(PathBuf, Digest)>,
+    #[serde(default)]
+    resolved: Vec<(Resolved, Digest)>,
     outline: Outline,
 }
 
@@ -46,8 +115,11 @@ fn entry_path(dir: &Path, path: &Path, text: &str, opts: &Options) -> PathBuf {
     // Options and the compiled-in integrations are part of what a plan depends on.
     h.update(
         format!(
-            "{:?}|{:?}|{:?}",
-            opts.params, opts.integration_dirs, opts.keys
+            "{:?}|{:?}|{:?}|resolver={}",
+            opts.params,
+            opts.integration_dirs,
+            opts.keys,
+            opts.resolver.is_some()
         )
         .as_bytes(),
     );
@@ -60,7 +132,14 @@ fn entry_path(dir: &Path, path: &Path, text: &str, opts: &Options) -> PathBuf {
     dir.join(format!("{}.json", hex::encode(h.finalize())))
 }
 
-fn still_valid(e: &Entry, cache: &mut DigestCache) -> bool {
+fn still_valid(e: &Entry, cache: &mut DigestCache, resolver: Option<&KeyResolver>) -> bool {
+    let resolved_ok = e
+        .resolved
+        .iter()
+        .all(|(q, d)| resolver.is_some_and(|r| q.ask(r).is_some_and(|now| now == *d)));
+    if !resolved_ok {
+        return false;
+    }
     let texts_ok = e.inputs.iter().all(|(p, d)| match d {
         None => !p.exists(),
         Some(d) => std::fs::read_to_string(p).is_ok_and(|t| key::text_digest(&t) == *d),
@@ -95,17 +174,24 @@ pub fn plan(path: &Path, opts: &Options, cache_dir: &Path) -> Result<Planned, Co
             Some(p) => DigestCache::load(p),
             None => DigestCache::in_memory(),
         };
-        if still_valid(&entry, &mut digests) {
+        if still_valid(&entry, &mut digests, opts.resolver.as_ref()) {
             let _ = digests.save();
             return Ok(Planned::Hit(entry.outline));
         }
     }
-    let (c, inputs, trees, kernels) = compile_str_recording(path, &text, opts);
+    let (c, rec) = compile_str_recording(path, &text, opts);
+    let Recorded {
+        inputs,
+        trees,
+        kernels,
+        resolved,
+    } = rec;
     if let (Some(spec), true) = (&c.spec, c.diagnostics.is_empty()) {
         let entry = Entry {
             inputs,
             trees,
             kernels,
+            resolved,
             outline: Outline::of(spec),
         };
         // Best effort: a plan cache that cannot be written only costs speed.

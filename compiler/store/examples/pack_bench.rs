@@ -2,21 +2,29 @@
 //! of data in 1 MiB chunks, each half noise and half a repeating pattern, like guest memory):
 //! put into the store, pack as sparse tar+gzip, unpack into a second store, verify.
 //!
-//! `cargo run --release -p specc-store --example pack_bench [-- LEN_MIB DATA_MIB]`
+//! `cargo run --release -p specc-store --example pack_bench [-- LEN_MIB DATA_MIB [sha256|sparse]]`
+//! (the last argument picks how blobs are named; default `sparse`, what the builder uses).
 
 use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Instant;
 
-use specc_store::{Store, sparse};
+use specc_store::{Algorithm, Store, sparse};
 
 fn main() {
-    let mut args = std::env::args()
-        .skip(1)
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = argv
+        .iter()
+        .take(2)
         .map(|a| a.parse::<u64>().expect("a number of MiB"));
     let len_mib = args.next().unwrap_or(1024);
     let data_mib = args.next().unwrap_or(100);
+    let algo = match argv.get(2).map(String::as_str) {
+        None | Some("sparse") => Algorithm::SparseSha256,
+        Some("sha256") => Algorithm::Sha256,
+        Some(other) => panic!("unknown algorithm {other}: sha256 or sparse"),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("memory");
     let f = File::create(&src).expect("create");
@@ -43,8 +51,20 @@ fn main() {
 
     let a = Store::open(dir.path().join("a")).expect("store");
     let t = Instant::now();
-    let info = a.put_file(&src).expect("put_file");
+    let info = a.put_file_as(&src, algo).expect("put_file");
     let put = t.elapsed();
+    // What the builder does with a fresh snapshot file: hash it in place and rename it in.
+    let fresh = dir.path().join("fresh");
+    sparse::copy_sparse(
+        &File::open(&src).expect("open"),
+        &File::create(&fresh).expect("create"),
+        |_| {},
+    )
+    .expect("copy");
+    let t = Instant::now();
+    let adopted = a.adopt_file_as(&fresh, algo).expect("adopt");
+    let adopt = t.elapsed();
+    assert_eq!(adopted, info);
 
     let packed = dir.path().join("memory.tar.gz");
     let t = Instant::now();
@@ -58,7 +78,7 @@ fn main() {
 
     let b = Store::open(dir.path().join("b")).expect("store");
     let t = Instant::now();
-    let mut w = b.blob_writer().expect("writer");
+    let mut w = b.blob_writer_as(algo).expect("writer");
     sparse::unpack(
         std::io::BufReader::with_capacity(1 << 20, File::open(&packed).expect("open")),
         &mut w,
@@ -75,10 +95,17 @@ fn main() {
         .blocks()
         * 512;
 
-    println!("sparse file: {len_mib} MiB long, {data_mib} MiB data");
     println!(
-        "put_file (copy + sha256 of {len_mib} MiB logical): {put:.2?}  ({:.0} MiB/s of data)",
+        "sparse file: {len_mib} MiB long, {data_mib} MiB data, blobs named by {}",
+        algo.name()
+    );
+    println!(
+        "put_file_as (copy + digest): {put:.2?}  ({:.0} MiB/s of data)",
         data_mib as f64 / put.as_secs_f64()
+    );
+    println!(
+        "adopt_file_as (digest in place + fsync + rename): {adopt:.2?}  ({:.0} MiB/s of data)",
+        data_mib as f64 / adopt.as_secs_f64()
     );
     println!(
         "pack (sparse tar + gzip -1): {pack:.2?}  ({:.0} MiB/s of data), {:.1} MiB packed",
@@ -86,7 +113,7 @@ fn main() {
         mib(packed_len)
     );
     println!(
-        "unpack into the store (gunzip + sha256 + holes): {unpack:.2?}  ({:.0} MiB/s of data), {:.1} MiB allocated",
+        "unpack into the store (gunzip + digest + holes): {unpack:.2?}  ({:.0} MiB/s of data), {:.1} MiB allocated",
         data_mib as f64 / unpack.as_secs_f64(),
         mib(blocks)
     );

@@ -13,7 +13,9 @@ pub mod sparse;
 pub mod store;
 
 pub use specc_plan::ir::Digest;
-pub use store::{BlobInfo, GcReport, LayerRecord, Part, Role, Store, StoreError};
+pub use store::{
+    Algorithm, BlobId, BlobInfo, GcReport, LayerRecord, Part, Role, Store, StoreError,
+};
 
 /// Serde for [`Digest`] as `"sha256:<64 hex>"`.
 pub(crate) mod digest_serde {

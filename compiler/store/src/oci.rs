@@ -22,15 +22,18 @@ use specc_plan::ir::Digest;
 
 use crate::hashio::{HashReader, HashWriter};
 use crate::sparse::{self, SparseError};
-use crate::store::{LayerRecord, Part, Role, Store, StoreError};
+use crate::store::{Algorithm, BlobId, LayerRecord, Part, Role, Store, StoreError};
 use crate::{canonical_json, digest_serde};
 
 /// `artifactType` of a snapshot manifest.
 pub const ARTIFACT_TYPE: &str = "application/vnd.specc.snapshot.v1+json";
 /// Media type of the snapshot config blob.
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.specc.snapshot.config.v1+json";
-/// The config schema version this code writes and reads.
-pub const CONFIG_VERSION: u32 = 1;
+/// The config schema version this code writes. Version 2 allows `sparse-sha256:` names in a
+/// part's `content`; version 1 configs (only `sha256:`) are still read.
+pub const CONFIG_VERSION: u32 = 2;
+/// The config schema versions this code reads.
+pub const CONFIG_VERSIONS_READ: [u32; 2] = [1, 2];
 /// Descriptor annotation: the key of the layer a manifest layer belongs to.
 pub const ANNOTATION_LAYER_KEY: &str = "dev.specc.layer.key";
 /// Descriptor annotation: the part's role.
@@ -116,7 +119,7 @@ pub enum OciError {
         actual: String,
     },
     /// The config's schema version is not [`CONFIG_VERSION`].
-    #[error("snapshot config version {found} is not supported (this specc reads {CONFIG_VERSION})")]
+    #[error("snapshot config version {found} is not supported (this specc reads versions 1 and 2)")]
     ConfigVersion {
         /// The version found.
         found: u32,
@@ -254,9 +257,9 @@ pub struct ConfigPart {
     /// Digest of the manifest layer blob carrying it.
     #[serde(with = "digest_serde")]
     pub blob: Digest,
-    /// Digest of the part's raw bytes (holes as zeros): its store blob.
-    #[serde(with = "digest_serde")]
-    pub content: Digest,
+    /// The name of the part's raw bytes (holes as zeros) in the store: `sha256:` or, for sparse
+    /// parts, `sparse-sha256:` (docs/artifact-format.md).
+    pub content: BlobId,
     /// Length of the raw bytes.
     pub size: u64,
 }
@@ -320,7 +323,7 @@ pub fn export_artifact(
         write_file_atomic(&layout_file, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     }
 
-    let mut packed: HashMap<(Role, Digest), (Digest, u64)> = HashMap::new();
+    let mut packed: HashMap<(Role, BlobId), (Digest, u64)> = HashMap::new();
     let mut descriptors = Vec::new();
     let mut config_layers = Vec::new();
     for rec in &layers {
@@ -556,7 +559,7 @@ pub fn import_manifest(oci_dir: &Path, desc: &Descriptor, store: &Store) -> Resu
         what: "the snapshot config".into(),
         source,
     })?;
-    if version.schema_version != CONFIG_VERSION {
+    if !CONFIG_VERSIONS_READ.contains(&version.schema_version) {
         return Err(OciError::ConfigVersion {
             found: version.schema_version,
         });
@@ -690,7 +693,7 @@ fn import_part(
     let f = File::open(&path).map_err(|e| io_err("open", &path, e))?;
     let mut reader = HashReader::new(BufReader::with_capacity(1 << 20, f));
     let info = if part.role.is_sparse() {
-        let mut w = store.blob_writer()?;
+        let mut w = store.blob_writer_as(part.content.algorithm)?;
         sparse::unpack(&mut reader, &mut w, Some(part.size)).map_err(|source| {
             OciError::Sparse {
                 digest: name.clone(),
@@ -739,7 +742,7 @@ fn export_part(store: &Store, part: &Part, out_dir: &Path) -> Result<(Digest, u6
     let w = HashWriter::new(io::BufWriter::with_capacity(1 << 20, tmp.as_file()));
     let w = if part.role.is_sparse() {
         sparse::pack(&src, part.role.name(), w).map_err(|source| OciError::Sparse {
-            digest: part.digest.to_prefixed(),
+            digest: part.digest.to_string(),
             what: what.clone(),
             source,
         })?
@@ -749,12 +752,19 @@ fn export_part(store: &Store, part: &Part, out_dir: &Path) -> Result<(Digest, u6
         let mut r = HashReader::new(f);
         io::copy(&mut r, &mut w).map_err(|e| io_err("copy", &src, e))?;
         let (d, _) = r.finish();
-        if d != part.digest {
-            return Err(StoreError::DigestMismatch {
-                expected: part.digest,
-                actual: d,
+        match part.digest.algorithm {
+            // The bytes just copied are what the layout gets: they must be the part's.
+            Algorithm::Sha256 if d != part.digest.digest => {
+                return Err(StoreError::DigestMismatch {
+                    expected: part.digest,
+                    actual: BlobId::sha256(d),
+                }
+                .into());
             }
-            .into());
+            Algorithm::Sha256 => {}
+            Algorithm::SparseSha256 => {
+                store.verify_blob(&part.digest)?;
+            }
         }
         w
     };
@@ -956,7 +966,14 @@ pub(crate) mod tests {
             make_sparse(&disk, 64 << 20, seed, 128 << 10);
             let mut parts = vec![];
             for (role, path) in [(Role::Memory, &mem), (Role::DiskDiff, &disk)] {
-                let info = store.put_file(path).expect("put");
+                // The base layer's parts have sparse names (what the builder writes), the
+                // child's plain ones (what stores of older builders hold): both must travel.
+                let algorithm = if i == 0 {
+                    Algorithm::for_role(role)
+                } else {
+                    Algorithm::Sha256
+                };
+                let info = store.put_file_as(path, algorithm).expect("put");
                 parts.push(Part {
                     role,
                     digest: info.digest,
@@ -1024,6 +1041,27 @@ pub(crate) mod tests {
         assert_eq!(config.head, head);
         assert_eq!(config.layers.len(), 2);
         assert_eq!(config.cpu_fingerprint, meta().cpu_fingerprint);
+        let names: Vec<String> = config.layers[0]
+            .parts
+            .iter()
+            .map(|p| p.content.to_string())
+            .collect();
+        assert!(names[0].starts_with("sparse-sha256:"), "{names:?}");
+        assert!(names[2].starts_with("sha256:"), "{names:?}");
+        // Every manifest layer is named by the sha256 of exactly the bytes in the layout.
+        for d in manifest.layers() {
+            let bytes = fs::read(blob_path(
+                &out,
+                &from_oci_digest(d.digest()).expect("sha256"),
+            ))
+            .expect("blob");
+            use sha2::Digest as _;
+            assert_eq!(
+                format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes))),
+                d.digest().to_string()
+            );
+            assert_eq!(bytes.len() as u64, d.size());
+        }
 
         let dst = Store::open(dir.path().join("b")).expect("store b");
         let got = import_artifact(&out, &dst).expect("import");
@@ -1113,12 +1151,12 @@ pub(crate) mod tests {
         let desc = export_artifact(&src, &head, &meta(), &out).expect("export");
         let manifest = read_manifest(&out, &desc).expect("manifest");
 
-        // A config of version 2, properly re-digested, in a new manifest.
+        // A config of version 3 (from a future specc), properly re-digested, in a new manifest.
         let mut config: serde_json::Value = serde_json::from_slice(
             &read_small_blob(&out, manifest.config(), "config").expect("config"),
         )
         .expect("json");
-        config["schema_version"] = 2.into();
+        config["schema_version"] = 3.into();
         let cfg = canonical_json(&config).expect("json");
         let cfg_digest = write_blob_bytes(&out, &cfg).expect("blob");
         let mut m2 = manifest.clone();
@@ -1135,9 +1173,9 @@ pub(crate) mod tests {
             oci_digest(&m2_digest),
         );
         let dst = Store::open(dir.path().join("b")).expect("store b");
-        let err = import_manifest(&out, &d2, &dst).expect_err("version 2");
+        let err = import_manifest(&out, &d2, &dst).expect_err("version 3");
         assert!(
-            matches!(err, OciError::ConfigVersion { found: 2 }),
+            matches!(err, OciError::ConfigVersion { found: 3 }),
             "{err:?}"
         );
 

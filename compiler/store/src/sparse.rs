@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use flate2::Compression;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
+use sha2::Digest as _;
+use specc_plan::ir::Digest;
 
 /// The block size at which zeros become holes. Pages of guest memory and blocks of the disk diff
 /// are 4 KiB, so nothing smaller is worth a hole.
@@ -111,6 +113,8 @@ pub struct SparseWriter<F: Borrow<File>> {
     buf: Vec<u8>,
     /// Stream offset of `buf[0]`; always a multiple of [`BLOCK`].
     base: u64,
+    /// Fed every non-zero block as it is written, when the stream's sparse digest is wanted.
+    hasher: Option<SparseHasher>,
 }
 
 impl<F: Borrow<File>> SparseWriter<F> {
@@ -122,6 +126,16 @@ impl<F: Borrow<File>> SparseWriter<F> {
             file,
             buf: Vec::with_capacity(Self::CAP),
             base: 0,
+            hasher: None,
+        }
+    }
+
+    /// Like [`SparseWriter::new`], also computing the stream's [`sparse_digest`] on the way (at
+    /// no extra read: the zero test that makes holes is the one the digest needs).
+    pub fn with_digest(file: F) -> Self {
+        SparseWriter {
+            hasher: Some(SparseHasher::new()),
+            ..SparseWriter::new(file)
         }
     }
 
@@ -154,11 +168,17 @@ impl<F: Borrow<File>> SparseWriter<F> {
 
     /// Writes out the buffer (the last partial block too) and sets the file length to the
     /// stream length, so a trailing hole still counts.
-    pub fn finish(mut self) -> io::Result<u64> {
+    pub fn finish(self) -> io::Result<u64> {
+        self.finish_digest().map(|(len, _)| len)
+    }
+
+    /// [`SparseWriter::finish`], also returning the sparse digest when the writer was made by
+    /// [`SparseWriter::with_digest`].
+    pub fn finish_digest(mut self) -> io::Result<(u64, Option<Digest>)> {
         self.flush_blocks(true)?;
         let len = self.base;
         self.file.borrow().set_len(len)?;
-        Ok(len)
+        Ok((len, self.hasher.take().map(|h| h.finish(len))))
     }
 
     /// Writes the buffered blocks that are not all zero. With `all`, a trailing partial block
@@ -172,6 +192,9 @@ impl<F: Borrow<File>> SparseWriter<F> {
         while i < upto {
             let end = (i + BLOCK).min(upto);
             let zero = is_zero(&self.buf[i..end]);
+            if !zero && let Some(h) = &mut self.hasher {
+                h.block((self.base + i as u64) / BLOCK as u64, &self.buf[i..end]);
+            }
             match (zero, run_start) {
                 (false, None) => run_start = Some(i),
                 (true, Some(s)) => {
@@ -211,6 +234,104 @@ impl<F: Borrow<File>> Write for SparseWriter<F> {
     }
 }
 
+/// Domain-separation prefix of [`sparse_digest`]; bumped if the encoding ever changes.
+pub const SPARSE_DIGEST_TAG: &[u8] = b"specc-sparse-sha256-v1\0";
+
+/// Computes the sparse digest of a byte stream from its non-zero 4 KiB blocks (see
+/// [`sparse_digest`]). Blocks must come in increasing order; zero blocks may be passed or
+/// left out, with the same result.
+#[derive(Debug, Clone)]
+pub struct SparseHasher {
+    h: sha2::Sha256,
+    /// The lowest block index still allowed (keeps the encoding canonical).
+    next: u64,
+}
+
+impl Default for SparseHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SparseHasher {
+    /// A hasher of an empty stream.
+    pub fn new() -> Self {
+        let mut h = sha2::Sha256::new();
+        h.update(SPARSE_DIGEST_TAG);
+        SparseHasher { h, next: 0 }
+    }
+
+    /// Block `index`: the [`BLOCK`] bytes at offset `index * BLOCK` (fewer for a stream's
+    /// last block). All-zero blocks are skipped, exactly like holes.
+    ///
+    /// # Panics
+    /// If `index` is not above every index passed before, or `bytes` is longer than a block:
+    /// callers walk their stream forwards, so either is a bug.
+    pub fn block(&mut self, index: u64, bytes: &[u8]) {
+        assert!(
+            bytes.len() <= BLOCK,
+            "a sparse digest block is at most {BLOCK} bytes"
+        );
+        if is_zero(bytes) {
+            return;
+        }
+        assert!(index >= self.next, "sparse digest blocks out of order");
+        self.h.update(index.to_le_bytes());
+        self.h.update(bytes);
+        self.next = index + 1;
+    }
+
+    /// The digest of a stream of `len` bytes whose non-zero blocks were all passed.
+    pub fn finish(mut self, len: u64) -> Digest {
+        self.h.update(len.to_le_bytes());
+        Digest(self.h.finalize().into())
+    }
+}
+
+/// The sparse digest of `file` and its length: SHA-256 over [`SPARSE_DIGEST_TAG`], then for
+/// every 4 KiB block (aligned to the file's start; the last may be short) that is not all
+/// zero, in increasing order, its index as u64 LE followed by its bytes, then the file length
+/// as u64 LE (docs/artifact-format.md).
+///
+/// It names the file's logical bytes exactly (a missing block is zeros, and the length says
+/// where the last block ends), but costs time in proportion to the data: holes are skipped
+/// with `SEEK_DATA`/`SEEK_HOLE` without being read or hashed, and since a written block of
+/// zeros is skipped just like a hole, how a copy allocated its zeros does not matter.
+pub fn sparse_digest(file: &File) -> io::Result<(Digest, u64)> {
+    let len = file.metadata()?.len();
+    let blocks = len.div_ceil(BLOCK as u64);
+    let mut h = SparseHasher::new();
+    let mut buf = vec![0u8; 256 * BLOCK];
+    let per_read = (buf.len() / BLOCK) as u64;
+    let mut next = 0u64;
+    for (start, elen) in data_extents(file)? {
+        // Extents need not be block aligned: widen them to whole blocks, never twice over one.
+        let mut b = (start / BLOCK as u64).max(next);
+        let end = (start + elen).div_ceil(BLOCK as u64).min(blocks);
+        while b < end {
+            let n = (end - b).min(per_read);
+            let off = b * BLOCK as u64;
+            let bytes = clamp((n * BLOCK as u64).min(len - off), buf.len());
+            file.read_exact_at(&mut buf[..bytes], off)?;
+            for (i, chunk) in buf[..bytes].chunks(BLOCK).enumerate() {
+                h.block(b + i as u64, chunk);
+            }
+            b += n;
+        }
+        next = next.max(end);
+    }
+    Ok((h.finish(len), len))
+}
+
+/// [`sparse_digest`] of bytes in memory.
+pub fn sparse_digest_of(bytes: &[u8]) -> Digest {
+    let mut h = SparseHasher::new();
+    for (i, chunk) in bytes.chunks(BLOCK).enumerate() {
+        h.block(i as u64, chunk);
+    }
+    h.finish(bytes.len() as u64)
+}
+
 /// Copies `src` into the empty file `dst`, holes and zero blocks staying holes, and feeds every
 /// logical byte (zeros of holes included) to `observe`. Returns the length.
 pub fn copy_sparse(src: &File, dst: &File, mut observe: impl FnMut(&[u8])) -> io::Result<u64> {
@@ -235,6 +356,30 @@ pub fn copy_sparse(src: &File, dst: &File, mut observe: impl FnMut(&[u8])) -> io
     observe_zeros(len - pos, &mut observe);
     w.skip_zeros(len - pos)?;
     w.finish()
+}
+
+/// Copies `src` into the empty file `dst` like [`copy_sparse`] and returns `src`'s
+/// [`sparse_digest`]; holes are skipped, neither read nor hashed.
+pub fn copy_sparse_digest(src: &File, dst: &File) -> io::Result<Digest> {
+    let len = src.metadata()?.len();
+    let mut w = SparseWriter::with_digest(dst);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    for (start, elen) in data_extents(src)? {
+        w.skip_zeros(start - pos)?;
+        let mut off = start;
+        let end = start + elen;
+        while off < end {
+            let n = clamp(end - off, buf.len());
+            src.read_exact_at(&mut buf[..n], off)?;
+            w.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        pos = end;
+    }
+    w.skip_zeros(len - pos)?;
+    let (_, d) = w.finish_digest()?;
+    d.ok_or_else(|| io::Error::other("the sparse writer lost its digest"))
 }
 
 /// Feeds `len` zero bytes to `observe` (a hash, usually).
@@ -398,6 +543,72 @@ pub(crate) mod tests {
         let mut f = File::open(path).expect("open");
         io::copy(&mut f, &mut h).expect("hash");
         h.finalize().to_vec()
+    }
+
+    #[test]
+    fn sparse_digest_ignores_how_zeros_are_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let holes = dir.path().join("holes");
+        let f = make_sparse(&holes, 8 << 20, 5, 10_000);
+        let (d, len) = sparse_digest(&f).expect("digest");
+        assert_eq!(len, 8 << 20);
+        // The same logical bytes written densely, zeros and all.
+        let dense = dir.path().join("dense");
+        let bytes = std::fs::read(&holes).expect("read");
+        std::fs::write(&dense, &bytes).expect("write");
+        let dense_f = File::open(&dense).expect("open");
+        assert!(
+            allocated(&dense_f.metadata().expect("meta")) >= 8 << 20,
+            "really dense"
+        );
+        assert_eq!(sparse_digest(&dense_f).expect("digest").0, d);
+        assert_eq!(sparse_digest_of(&bytes), d, "in memory");
+        // Through a SparseWriter (holes again, made from the stream).
+        let copied = File::create(dir.path().join("copied")).expect("create");
+        let mut w = SparseWriter::with_digest(&copied);
+        // [2 MiB, 3 MiB) holds no chunk: it goes in as a hole.
+        assert!(is_zero(&bytes[2 << 20..3 << 20]));
+        w.write_all(&bytes[..2 << 20]).expect("write");
+        w.skip_zeros(1 << 20).expect("hole");
+        w.write_all(&bytes[3 << 20..]).expect("write");
+        let (wlen, wd) = w.finish_digest().expect("finish");
+        assert_eq!((wlen, wd), (8 << 20, Some(d)));
+    }
+
+    #[test]
+    fn sparse_digest_changes_with_any_byte_and_with_the_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        let f = make_sparse(&p, 1 << 20, 3, 5000);
+        let (d, _) = sparse_digest(&f).expect("digest");
+        let g = File::options().write(true).open(&p).expect("open");
+        // One byte in a hole (the chunks are at 0, 349525 and 699050), then back to zero.
+        g.write_all_at(&[1], 900_001).expect("write");
+        let (d1, _) = sparse_digest(&f).expect("digest");
+        assert_ne!(d1, d);
+        g.write_all_at(&[0], 900_001).expect("write");
+        assert_eq!(
+            sparse_digest(&f).expect("digest").0,
+            d,
+            "zeros written = hole"
+        );
+        // One byte inside the data.
+        g.write_all_at(&[0xee], 10).expect("write");
+        assert_ne!(sparse_digest(&f).expect("digest").0, d);
+        g.write_all_at(&[((10u64 * 31) % 251) as u8 | 1], 10)
+            .expect("restore");
+        assert_eq!(sparse_digest(&f).expect("digest").0, d);
+        // A longer file of trailing zeros, and one ending in a short block.
+        g.set_len((1 << 20) + 4096).expect("grow");
+        assert_ne!(sparse_digest(&f).expect("digest").0, d);
+        g.set_len((1 << 20) + 100).expect("shrink");
+        g.write_all_at(&[9], (1 << 20) + 99).expect("write");
+        let short = sparse_digest(&f).expect("digest").0;
+        let bytes = std::fs::read(&p).expect("read");
+        assert_eq!(sparse_digest_of(&bytes), short);
+        assert_ne!(short, d);
+        // Not the plain sha256 of the bytes.
+        assert_ne!(short.0.to_vec(), sha(&p));
     }
 
     #[test]

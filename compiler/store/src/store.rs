@@ -3,7 +3,8 @@
 //! ```text
 //! <root>/lock                          flock: shared while a Store is open, exclusive for gc
 //! <root>/tmp/                          temp files of writes in progress (cleaned on open)
-//! <root>/blobs/sha256/<64 hex>         blob = the raw bytes; sparse files keep their holes
+//! <root>/blobs/sha256/<64 hex>         blob named by the sha256 of its bytes
+//! <root>/blobs/sparse-sha256/<64 hex>  sparse blob named by its sparse digest; holes kept
 //! <root>/layers/<64 hex key>/layer.json  the layer record; written last, by rename
 //! <root>/layers/<64 hex key>/used      its mtime is the layer's last use (for gc)
 //! ```
@@ -13,8 +14,13 @@
 //! `blobs/`, directory fsynced). A write killed at any point leaves temp files in `tmp/` (and at
 //! worst an empty layer directory), both of which the next exclusive open removes.
 //!
-//! A blob's digest is the sha256 of its logical bytes, holes read as zeros, so the digest of a
-//! sparse memory file does not depend on how the file system allocated it.
+//! A blob is named by a [`BlobId`]: an algorithm and a digest of its logical bytes (holes read
+//! as zeros), so a name never depends on how the file system allocated a file. Plain blobs use
+//! `sha256` (what OCI digests are). Sparse snapshot files (memory, disk diffs, the base disk)
+//! use `sparse-sha256` ([`sparse::sparse_digest`]), which hashes only their non-zero 4 KiB
+//! blocks and so costs time in proportion to the data, not to the logical size. The two live
+//! in separate directories, so a plain blob and a sparse one can never be confused even if
+//! their 32-byte digests were equal.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -31,8 +37,112 @@ use specc_plan::store::LayerStore;
 use crate::digest_serde;
 use crate::sparse::{self, SparseWriter};
 
-/// The version of `layer.json` this code writes and reads.
-pub const LAYER_RECORD_VERSION: u32 = 1;
+/// The version of `layer.json` this code writes. Version 2 added `sparse-sha256` part names;
+/// version 1 records (only `sha256` names) are still read.
+pub const LAYER_RECORD_VERSION: u32 = 2;
+
+/// The `layer.json` versions this code reads.
+pub const LAYER_RECORD_VERSIONS_READ: [u32; 2] = [1, 2];
+
+/// How a blob's name is computed from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Algorithm {
+    /// sha256 of the logical bytes (holes as zeros).
+    Sha256,
+    /// [`sparse::sparse_digest`]: sha256 of a canonical encoding of the non-zero 4 KiB blocks.
+    SparseSha256,
+}
+
+impl Algorithm {
+    /// Both algorithms.
+    pub const ALL: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::SparseSha256];
+
+    /// The name as written before the `:` of a [`BlobId`] and as the blob directory.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::SparseSha256 => "sparse-sha256",
+        }
+    }
+
+    /// What the builder names a part of `role` with: sparse images by their sparse digest
+    /// (cheap to compute), everything else by plain sha256.
+    pub fn for_role(role: Role) -> Algorithm {
+        if role.is_sparse() {
+            Algorithm::SparseSha256
+        } else {
+            Algorithm::Sha256
+        }
+    }
+}
+
+/// The name of a blob in the store: `sha256:<64 hex>` or `sparse-sha256:<64 hex>`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlobId {
+    /// How `digest` was computed.
+    pub algorithm: Algorithm,
+    /// The digest.
+    pub digest: Digest,
+}
+
+impl BlobId {
+    /// A plain `sha256` name.
+    pub fn sha256(digest: Digest) -> BlobId {
+        BlobId {
+            algorithm: Algorithm::Sha256,
+            digest,
+        }
+    }
+
+    /// A `sparse-sha256` name.
+    pub fn sparse(digest: Digest) -> BlobId {
+        BlobId {
+            algorithm: Algorithm::SparseSha256,
+            digest,
+        }
+    }
+
+    /// Parses `sha256:<64 lowercase hex>` or `sparse-sha256:<64 lowercase hex>`.
+    pub fn parse(s: &str) -> Option<BlobId> {
+        let (algo, hex) = s.split_once(':')?;
+        let algorithm = Algorithm::ALL.into_iter().find(|a| a.name() == algo)?;
+        let lower = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        lower.then_some(())?;
+        Some(BlobId {
+            algorithm,
+            digest: Digest::parse(hex)?,
+        })
+    }
+}
+
+impl std::fmt::Display for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.algorithm.name(), self.digest.to_hex())
+    }
+}
+
+impl std::fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for BlobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BlobId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<BlobId, D::Error> {
+        let s = String::deserialize(d)?;
+        BlobId::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "bad blob name {s:?}: want sha256:<64 lowercase hex> or sparse-sha256:<64 lowercase hex>"
+            ))
+        })
+    }
+}
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -57,21 +167,21 @@ pub enum StoreError {
     /// A blob's bytes do not hash to its name (or to the digest the caller expected).
     #[error("blob {expected}: digest mismatch, the bytes hash to {actual}")]
     DigestMismatch {
-        /// The digest the blob should have.
-        expected: Digest,
-        /// The digest it has.
-        actual: Digest,
+        /// The name the blob should have.
+        expected: BlobId,
+        /// The name its bytes give.
+        actual: BlobId,
     },
     /// A blob is not in the store.
     #[error("blob {0} is not in the store")]
-    MissingBlob(Digest),
+    MissingBlob(BlobId),
     /// A part's recorded size differs from its blob's size.
     #[error("layer part {role} names blob {digest} of {recorded} bytes, but the blob has {actual}")]
     PartSize {
         /// The part's role.
         role: Role,
         /// The blob.
-        digest: Digest,
+        digest: BlobId,
         /// The size in the record.
         recorded: u64,
         /// The blob's size.
@@ -95,7 +205,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     /// A `layer.json` has a version this code does not know.
-    #[error("layer record {} has version {version}; this specc reads version {LAYER_RECORD_VERSION}", path.display())]
+    #[error("layer record {} has version {version}; this specc reads versions 1 and 2", path.display())]
     RecordVersion {
         /// The file.
         path: PathBuf,
@@ -178,9 +288,8 @@ impl std::fmt::Display for Role {
 pub struct Part {
     /// What the blob is.
     pub role: Role,
-    /// The blob (sha256 of its logical bytes).
-    #[serde(with = "digest_serde")]
-    pub digest: Digest,
+    /// The blob's name (a digest of its logical bytes).
+    pub digest: BlobId,
     /// Its logical length in bytes.
     pub size: u64,
 }
@@ -231,8 +340,8 @@ impl LayerRecord {
 /// A blob that is now in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobInfo {
-    /// Its digest.
-    pub digest: Digest,
+    /// Its name.
+    pub digest: BlobId,
     /// Its logical length.
     pub size: u64,
 }
@@ -273,7 +382,7 @@ impl Store {
     /// leftovers of interrupted writes are removed first.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
-        for dir in ["tmp", "blobs/sha256", "layers"] {
+        for dir in ["tmp", "blobs/sha256", "blobs/sparse-sha256", "layers"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(|e| io_err("create", &p, e))?;
         }
@@ -307,44 +416,82 @@ impl Store {
 
     /// Where blob `digest` lives (whether or not it exists). The VMM may mmap this file; it must
     /// never be written.
-    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs/sha256").join(digest.to_hex())
+    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+        self.blob_dir(id.algorithm).join(id.digest.to_hex())
     }
 
-    /// Whether blob `digest` is in the store.
-    pub fn has_blob(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+    /// `<root>/blobs/<algorithm>`.
+    fn blob_dir(&self, algorithm: Algorithm) -> PathBuf {
+        self.root.join("blobs").join(algorithm.name())
     }
 
-    /// A writer for a new blob; bytes are hashed as they are written, zero blocks become holes.
+    /// Whether blob `id` is in the store.
+    pub fn has_blob(&self, id: &BlobId) -> bool {
+        self.blob_path(id).is_file()
+    }
+
+    /// A writer for a new `sha256` blob; bytes are hashed as they are written, zero blocks
+    /// become holes.
     pub fn blob_writer(&self) -> Result<BlobWriter<'_>> {
+        self.blob_writer_as(Algorithm::Sha256)
+    }
+
+    /// A writer for a new blob named with `algorithm`.
+    pub fn blob_writer_as(&self, algorithm: Algorithm) -> Result<BlobWriter<'_>> {
         let tmp = self.new_tmp("blob-")?;
         let file = tmp
             .as_file()
             .try_clone()
             .map_err(|e| self.io_err("open", tmp.path(), e))?;
+        let (sparse, hasher) = match algorithm {
+            Algorithm::Sha256 => (SparseWriter::new(file), Some(sha2::Sha256::new())),
+            Algorithm::SparseSha256 => (SparseWriter::with_digest(file), None),
+        };
         Ok(BlobWriter {
             store: self,
             tmp,
-            sparse: SparseWriter::new(file),
-            hasher: sha2::Sha256::new(),
+            sparse,
+            hasher,
         })
     }
 
-    /// Copies the file at `path` into the store (holes stay holes).
+    /// Copies the file at `path` into the store as a `sha256` blob (holes stay holes).
     pub fn put_file(&self, path: &Path) -> Result<BlobInfo> {
+        self.put_file_as(path, Algorithm::Sha256)
+    }
+
+    /// Copies the file at `path` into the store (holes stay holes), named with `algorithm`.
+    /// With [`Algorithm::SparseSha256`] the holes of `path` are neither read nor hashed.
+    pub fn put_file_as(&self, path: &Path, algorithm: Algorithm) -> Result<BlobInfo> {
         let src = File::open(path).map_err(|e| io_err("open", path, e))?;
         let tmp = self.new_tmp("blob-")?;
-        let mut hasher = sha2::Sha256::new();
-        sparse::copy_sparse(&src, tmp.as_file(), |b| hasher.update(b))
-            .map_err(|e| self.io_err("copy into the store", path, e))?;
-        self.seal(tmp, hasher, None)
+        let id = match algorithm {
+            Algorithm::Sha256 => {
+                let mut hasher = sha2::Sha256::new();
+                sparse::copy_sparse(&src, tmp.as_file(), |b| hasher.update(b))
+                    .map_err(|e| self.io_err("copy into the store", path, e))?;
+                BlobId::sha256(Digest(hasher.finalize().into()))
+            }
+            Algorithm::SparseSha256 => {
+                let d = sparse::copy_sparse_digest(&src, tmp.as_file())
+                    .map_err(|e| self.io_err("copy into the store", path, e))?;
+                BlobId::sparse(d)
+            }
+        };
+        self.seal(tmp, id, None)
+    }
+
+    /// Moves the file at `path` into the store as a `sha256` blob; see
+    /// [`Store::adopt_file_as`].
+    pub fn adopt_file(&self, path: &Path) -> Result<BlobInfo> {
+        self.adopt_file_as(path, Algorithm::Sha256)
     }
 
     /// Moves the file at `path` into the store without copying it when it is on the store's
     /// file system (hash in place, fsync, rename); otherwise copies it and removes the source.
     /// For the builder's freshly written snapshot files: the caller must not touch `path` again.
-    pub fn adopt_file(&self, path: &Path) -> Result<BlobInfo> {
+    /// With [`Algorithm::SparseSha256`] only the file's data is read, not its holes.
+    pub fn adopt_file_as(&self, path: &Path, algorithm: Algorithm) -> Result<BlobInfo> {
         let src = File::open(path).map_err(|e| io_err("open", path, e))?;
         let meta = src.metadata().map_err(|e| io_err("stat", path, e))?;
         let tmp_dir = self.root.join("tmp");
@@ -355,38 +502,24 @@ impl Store {
             })
             .unwrap_or(false);
         if !same_fs {
-            let info = self.put_file(path)?;
+            let info = self.put_file_as(path, algorithm)?;
             fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
             return Ok(info);
         }
-        let mut hasher = sha2::Sha256::new();
-        let len = meta.len();
-        let mut pos = 0;
-        let mut buf = vec![0u8; 1 << 20];
-        for (start, elen) in sparse::data_extents(&src).map_err(|e| io_err("map", path, e))? {
-            sparse::observe_zeros(start - pos, &mut |b: &[u8]| hasher.update(b));
-            let mut off = start;
-            while off < start + elen {
-                let n = sparse::clamp(start + elen - off, buf.len());
-                std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf[..n], off)
-                    .map_err(|e| io_err("read", path, e))?;
-                hasher.update(&buf[..n]);
-                off += n as u64;
-            }
-            pos = start + elen;
-        }
-        sparse::observe_zeros(len - pos, &mut |b: &[u8]| hasher.update(b));
+        let (id, len) = file_id(&src, algorithm).map_err(|e| io_err("read", path, e))?;
         src.sync_all().map_err(|e| io_err("sync", path, e))?;
-        let digest = Digest(hasher.finalize().into());
-        let dest = self.blob_path(&digest);
+        let dest = self.blob_path(&id);
         if dest.exists() {
             fs::remove_file(path).map_err(|e| io_err("remove", path, e))?;
         } else {
             fs::rename(path, &dest).map_err(|e| self.io_err("rename into place", &dest, e))?;
-            let dir = self.root.join("blobs/sha256");
+            let dir = self.blob_dir(algorithm);
             sync_dir(&dir).map_err(|e| self.io_err("sync", &dir, e))?;
         }
-        Ok(BlobInfo { digest, size: len })
+        Ok(BlobInfo {
+            digest: id,
+            size: len,
+        })
     }
 
     /// Puts `bytes` into the store.
@@ -403,20 +536,20 @@ impl Store {
     }
 
     /// Like [`Store::put_reader`], but refuses (and stores nothing) unless the bytes hash to
-    /// `expected`.
+    /// `expected` (named with `expected`'s algorithm).
     pub fn put_reader_expecting(
         &self,
         mut reader: impl Read,
-        expected: Option<&Digest>,
+        expected: Option<&BlobId>,
     ) -> Result<BlobInfo> {
-        let mut w = self.blob_writer()?;
+        let mut w = self.blob_writer_as(expected.map_or(Algorithm::Sha256, |e| e.algorithm))?;
         let tmp = w.tmp.path().to_owned();
         io::copy(&mut reader, &mut w).map_err(|e| self.io_err("write", &tmp, e))?;
         w.finish(expected)
     }
 
     /// Opens blob `digest` for reading without verifying it (see [`Store::verify_blob`]).
-    pub fn open_blob(&self, digest: &Digest) -> Result<File> {
+    pub fn open_blob(&self, digest: &BlobId) -> Result<File> {
         let p = self.blob_path(digest);
         File::open(&p).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -428,12 +561,15 @@ impl Store {
     }
 
     /// Reads a (small) blob whole, verifying its digest.
-    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+    pub fn read_blob(&self, digest: &BlobId) -> Result<Vec<u8>> {
         let mut f = self.open_blob(digest)?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf)
             .map_err(|e| self.io_err("read", &self.blob_path(digest), e))?;
-        let actual = Digest(sha2::Sha256::digest(&buf).into());
+        let actual = match digest.algorithm {
+            Algorithm::Sha256 => BlobId::sha256(Digest(sha2::Sha256::digest(&buf).into())),
+            Algorithm::SparseSha256 => BlobId::sparse(sparse::sparse_digest_of(&buf)),
+        };
         if actual != *digest {
             return Err(StoreError::DigestMismatch {
                 expected: *digest,
@@ -443,29 +579,12 @@ impl Store {
         Ok(buf)
     }
 
-    /// Re-hashes blob `digest` (holes hashed as zeros without reading them).
-    pub fn verify_blob(&self, digest: &Digest) -> Result<BlobInfo> {
+    /// Re-hashes blob `digest` (holes are not read).
+    pub fn verify_blob(&self, digest: &BlobId) -> Result<BlobInfo> {
         let f = self.open_blob(digest)?;
         let p = self.blob_path(digest);
-        let mut hasher = sha2::Sha256::new();
-        let len = f.metadata().map_err(|e| self.io_err("stat", &p, e))?.len();
-        let mut pos = 0;
-        let mut buf = vec![0u8; 1 << 20];
-        let extents = sparse::data_extents(&f).map_err(|e| self.io_err("map", &p, e))?;
-        for (start, elen) in extents {
-            sparse::observe_zeros(start - pos, &mut |b: &[u8]| hasher.update(b));
-            let mut off = start;
-            while off < start + elen {
-                let n = sparse::clamp(start + elen - off, buf.len());
-                std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], off)
-                    .map_err(|e| self.io_err("read", &p, e))?;
-                hasher.update(&buf[..n]);
-                off += n as u64;
-            }
-            pos = start + elen;
-        }
-        sparse::observe_zeros(len - pos, &mut |b: &[u8]| hasher.update(b));
-        let actual = Digest(hasher.finalize().into());
+        let (actual, len) =
+            file_id(&f, digest.algorithm).map_err(|e| self.io_err("read", &p, e))?;
         if actual != *digest {
             return Err(StoreError::DigestMismatch {
                 expected: *digest,
@@ -611,13 +730,13 @@ impl Store {
             .into_iter()
             .map(|e| (e.record.key, e))
             .collect();
-        let referenced = |kept: &BTreeMap<Digest, LayerEntry>| -> BTreeSet<Digest> {
+        let referenced = |kept: &BTreeMap<Digest, LayerEntry>| -> BTreeSet<BlobId> {
             kept.values()
                 .flat_map(|e| e.record.parts.iter().map(|p| p.digest))
                 .collect()
         };
         let refs = referenced(&kept);
-        let unreferenced: Vec<Digest> = sizes
+        let unreferenced: Vec<BlobId> = sizes
             .keys()
             .filter(|d| !refs.contains(d))
             .copied()
@@ -650,7 +769,7 @@ impl Store {
             kept.remove(&victim);
             report.removed_layers.push(victim);
             let refs = referenced(&kept);
-            let freed: Vec<Digest> = sizes
+            let freed: Vec<BlobId> = sizes
                 .keys()
                 .filter(|d| !refs.contains(d))
                 .copied()
@@ -665,7 +784,7 @@ impl Store {
         Ok(report)
     }
 
-    fn remove_blob(&self, d: &Digest) -> Result<()> {
+    fn remove_blob(&self, d: &BlobId) -> Result<()> {
         let p = self.blob_path(d);
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),
@@ -674,20 +793,34 @@ impl Store {
         }
     }
 
-    /// Allocated bytes of every blob, by digest. Files in `blobs/sha256` that are not named by a
-    /// digest are not blobs and are left alone.
-    fn blob_sizes(&self) -> Result<BTreeMap<Digest, u64>> {
-        let dir = self.root.join("blobs/sha256");
+    /// Allocated bytes of every blob, by name. Files in `blobs/<algorithm>` that are not named
+    /// by a digest are not blobs and are left alone.
+    fn blob_sizes(&self) -> Result<BTreeMap<BlobId, u64>> {
         let mut out = BTreeMap::new();
-        for entry in fs::read_dir(&dir).map_err(|e| self.io_err("list", &dir, e))? {
-            let entry = entry.map_err(|e| self.io_err("list", &dir, e))?;
-            let Some(d) = entry.file_name().to_str().and_then(Digest::parse) else {
-                continue;
+        for algorithm in Algorithm::ALL {
+            let dir = self.blob_dir(algorithm);
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                // A store made before sparse names existed has no such directory.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io_err("list", &dir, e)),
             };
-            let meta = entry
-                .metadata()
-                .map_err(|e| self.io_err("stat", &entry.path(), e))?;
-            out.insert(d, sparse::allocated(&meta));
+            for entry in rd {
+                let entry = entry.map_err(|e| self.io_err("list", &dir, e))?;
+                let Some(d) = entry.file_name().to_str().and_then(Digest::parse) else {
+                    continue;
+                };
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| self.io_err("stat", &entry.path(), e))?;
+                out.insert(
+                    BlobId {
+                        algorithm,
+                        digest: d,
+                    },
+                    sparse::allocated(&meta),
+                );
+            }
         }
         Ok(out)
     }
@@ -753,10 +886,9 @@ impl Store {
     fn seal(
         &self,
         tmp: tempfile::NamedTempFile,
-        hasher: sha2::Sha256,
-        expected: Option<&Digest>,
+        digest: BlobId,
+        expected: Option<&BlobId>,
     ) -> Result<BlobInfo> {
-        let digest = Digest(hasher.finalize().into());
         if let Some(expected) = expected
             && *expected != digest
         {
@@ -776,7 +908,7 @@ impl Store {
         if !dest.exists() {
             tmp.persist(&dest)
                 .map_err(|e| self.io_err("rename into place", &dest, e.error))?;
-            let dir = self.root.join("blobs/sha256");
+            let dir = self.blob_dir(digest.algorithm);
             sync_dir(&dir).map_err(|e| self.io_err("sync", &dir, e))?;
         }
         Ok(BlobInfo { digest, size })
@@ -806,13 +938,16 @@ pub struct BlobWriter<'s> {
     store: &'s Store,
     tmp: tempfile::NamedTempFile,
     sparse: SparseWriter<File>,
-    hasher: sha2::Sha256,
+    /// The plain sha256 of the stream; `None` when the sparse writer computes a sparse digest.
+    hasher: Option<sha2::Sha256>,
 }
 
 impl BlobWriter<'_> {
     /// Appends `len` zero bytes as a hole.
     pub fn write_zeros(&mut self, len: u64) -> Result<()> {
-        sparse::observe_zeros(len, &mut |b: &[u8]| self.hasher.update(b));
+        if let Some(h) = &mut self.hasher {
+            sparse::observe_zeros(len, &mut |b: &[u8]| h.update(b));
+        }
         self.sparse
             .skip_zeros(len)
             .map_err(|e| self.store.io_err("write", self.tmp.path(), e))
@@ -820,24 +955,31 @@ impl BlobWriter<'_> {
 
     /// Makes the blob durable and names it by its digest. With `expected`, a blob whose bytes
     /// hash to anything else is discarded with [`StoreError::DigestMismatch`].
-    pub fn finish(self, expected: Option<&Digest>) -> Result<BlobInfo> {
+    pub fn finish(self, expected: Option<&BlobId>) -> Result<BlobInfo> {
         let BlobWriter {
             store,
             tmp,
             sparse,
             hasher,
         } = self;
-        sparse
-            .finish()
+        let (_, sparse_digest) = sparse
+            .finish_digest()
             .map_err(|e| store.io_err("write", tmp.path(), e))?;
-        store.seal(tmp, hasher, expected)
+        let id = match (hasher, sparse_digest) {
+            (Some(h), _) => BlobId::sha256(Digest(h.finalize().into())),
+            (None, Some(d)) => BlobId::sparse(d),
+            (None, None) => unreachable!("blob_writer_as makes a hasher of one kind"),
+        };
+        store.seal(tmp, id, expected)
     }
 }
 
 impl Write for BlobWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.sparse.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         Ok(n)
     }
 
@@ -855,7 +997,7 @@ fn parse_record(path: &Path, bytes: &[u8]) -> Result<LayerRecord> {
         path: path.to_owned(),
         source,
     })?;
-    if v.version != LAYER_RECORD_VERSION {
+    if !LAYER_RECORD_VERSIONS_READ.contains(&v.version) {
         return Err(StoreError::RecordVersion {
             path: path.to_owned(),
             version: v.version,
@@ -865,6 +1007,35 @@ fn parse_record(path: &Path, bytes: &[u8]) -> Result<LayerRecord> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The name of `file`'s logical bytes under `algorithm`, and its length; holes are not read.
+fn file_id(file: &File, algorithm: Algorithm) -> io::Result<(BlobId, u64)> {
+    match algorithm {
+        Algorithm::SparseSha256 => {
+            let (d, len) = sparse::sparse_digest(file)?;
+            Ok((BlobId::sparse(d), len))
+        }
+        Algorithm::Sha256 => {
+            let mut hasher = sha2::Sha256::new();
+            let len = file.metadata()?.len();
+            let mut pos = 0;
+            let mut buf = vec![0u8; 1 << 20];
+            for (start, elen) in sparse::data_extents(file)? {
+                sparse::observe_zeros(start - pos, &mut |b: &[u8]| hasher.update(b));
+                let mut off = start;
+                while off < start + elen {
+                    let n = sparse::clamp(start + elen - off, buf.len());
+                    std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..n], off)?;
+                    hasher.update(&buf[..n]);
+                    off += n as u64;
+                }
+                pos = start + elen;
+            }
+            sparse::observe_zeros(len - pos, &mut |b: &[u8]| hasher.update(b));
+            Ok((BlobId::sha256(Digest(hasher.finalize().into())), len))
+        }
+    }
 }
 
 fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
@@ -912,8 +1083,8 @@ mod tests {
     use super::*;
     use crate::sparse::tests::make_sparse;
 
-    fn sha(bytes: &[u8]) -> Digest {
-        Digest(sha2::Sha256::digest(bytes).into())
+    fn sha(bytes: &[u8]) -> BlobId {
+        BlobId::sha256(Digest(sha2::Sha256::digest(bytes).into()))
     }
 
     fn count(dir: &Path) -> usize {
@@ -990,6 +1161,118 @@ mod tests {
     }
 
     #[test]
+    fn sparse_names_do_not_depend_on_holes_and_live_apart_from_plain_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path().join("store")).expect("open");
+        let holes = dir.path().join("holes");
+        make_sparse(&holes, 64 << 20, 3, 100 << 10);
+        let bytes = fs::read(&holes).expect("read");
+        let dense = dir.path().join("dense");
+        fs::write(&dense, &bytes).expect("write dense");
+
+        let a = store
+            .put_file_as(&holes, Algorithm::SparseSha256)
+            .expect("put");
+        assert_eq!(a.digest.algorithm, Algorithm::SparseSha256);
+        assert_eq!(a.digest.digest, sparse::sparse_digest_of(&bytes));
+        assert_eq!(a.size, 64 << 20);
+        let b = store
+            .adopt_file_as(&dense, Algorithm::SparseSha256)
+            .expect("adopt");
+        assert_eq!(a, b, "written zeros and holes name the same blob");
+        assert!(!dense.exists());
+        let mut w = store
+            .blob_writer_as(Algorithm::SparseSha256)
+            .expect("writer");
+        w.write_all(&bytes).expect("write");
+        assert_eq!(w.finish(Some(&a.digest)).expect("finish"), a);
+
+        let plain = store.put_file(&holes).expect("put plain");
+        assert_eq!(plain.digest, sha(&bytes));
+        assert_eq!(plain.digest.digest.0.len(), 32);
+        assert!(
+            store
+                .blob_path(&a.digest)
+                .starts_with(dir.path().join("store/blobs/sparse-sha256"))
+        );
+        assert!(
+            store
+                .blob_path(&plain.digest)
+                .starts_with(dir.path().join("store/blobs/sha256"))
+        );
+        for id in [a.digest, plain.digest] {
+            assert_eq!(store.verify_blob(&id).expect("verify").size, 64 << 20);
+            assert_eq!(store.read_blob(&id).expect("read"), bytes);
+        }
+        let meta = fs::metadata(store.blob_path(&a.digest)).expect("meta");
+        assert!(meta.blocks() * 512 <= 2 << 20, "the copy is sparse");
+
+        // One changed byte is another blob; a corrupt blob fails verification.
+        let f = File::options()
+            .write(true)
+            .open(store.blob_path(&a.digest))
+            .expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1], 40 << 20).expect("corrupt");
+        assert!(matches!(
+            store.verify_blob(&a.digest),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn blob_names_parse_and_print_with_their_algorithm() {
+        let d = Digest([0xab; 32]);
+        for id in [BlobId::sha256(d), BlobId::sparse(d)] {
+            assert_eq!(BlobId::parse(&id.to_string()), Some(id));
+            let json = serde_json::to_string(&id).expect("json");
+            assert_eq!(serde_json::from_str::<BlobId>(&json).expect("parse"), id);
+        }
+        assert_eq!(
+            BlobId::sparse(d).to_string(),
+            format!("sparse-sha256:{}", "ab".repeat(32))
+        );
+        assert_ne!(BlobId::sha256(d), BlobId::sparse(d));
+        for bad in [
+            "ab",
+            "md5:00",
+            "sha256:AB",
+            "sparse-sha256:",
+            &format!("sha512:{}", "ab".repeat(32)),
+        ] {
+            assert_eq!(BlobId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn version_1_records_are_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let vm = store.put_bytes(b"state").expect("put");
+        let key = Digest([0x31; 32]);
+        let old = format!(
+            r#"{{"version":1,"key":"{}","parents":[],"parts":[{{"role":"vmstate","digest":"{}","size":5}}],"created_unix_ms":1}}"#,
+            key.to_prefixed(),
+            vm.digest
+        );
+        fs::create_dir_all(store.layer_dir(&key)).expect("mkdir");
+        fs::write(store.layer_dir(&key).join("layer.json"), old).expect("write");
+        let rec = store.layer(&key).expect("read").expect("layer");
+        assert_eq!(rec.parts[0].digest, vm.digest);
+        let new = store.layer_dir(&key).join("layer.json");
+        fs::write(
+            &new,
+            fs::read_to_string(&new)
+                .expect("read")
+                .replace("\"version\":1", "\"version\":3"),
+        )
+        .expect("write");
+        assert!(matches!(
+            store.layer(&key),
+            Err(StoreError::RecordVersion { version: 3, .. })
+        ));
+    }
+
+    #[test]
     fn adopt_file_moves_a_file_on_the_same_file_system() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path().join("store")).expect("open");
@@ -1010,7 +1293,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let err = store
-            .put_reader_expecting(&b"abc"[..], Some(&Digest([1; 32])))
+            .put_reader_expecting(&b"abc"[..], Some(&BlobId::sha256(Digest([1; 32]))))
             .expect_err("mismatch");
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
         assert_eq!(count(&dir.path().join("blobs/sha256")), 0);
@@ -1026,7 +1309,7 @@ mod tests {
             vec![],
             vec![Part {
                 role: Role::Memory,
-                digest: Digest([3; 32]),
+                digest: BlobId::sha256(Digest([3; 32])),
                 size: 1,
             }],
         );
@@ -1205,7 +1488,9 @@ mod tests {
             for entry in fs::read_dir(dir.path().join("blobs/sha256")).expect("list") {
                 let name = entry.expect("entry").file_name();
                 let d = Digest::parse(name.to_str().expect("utf8")).expect("digest name");
-                store.verify_blob(&d).expect("every blob is whole");
+                store
+                    .verify_blob(&BlobId::sha256(d))
+                    .expect("every blob is whole");
             }
         }
     }

@@ -419,6 +419,27 @@ pub fn agent_binary() -> Result<PathBuf, RootfsError> {
     }
 }
 
+/// The agent binary [`agent_binary`] would return, without building anything: for computing
+/// cache keys cheaply (what matters for an image is the agent that goes into it, and this is
+/// the one that would). `None` when no agent is built yet (then call [`agent_binary`]).
+pub fn installed_agent_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SPECC_AGENT_BIN").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if workspace.join("runtime/agent/Cargo.toml").is_file() {
+        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| workspace.join("target"), PathBuf::from);
+        let bin = target_dir.join(AGENT_TARGET).join("release/specc-agent");
+        return bin.is_file().then_some(bin);
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("specc-agent")))?;
+    beside.is_file().then_some(beside)
+}
+
 /// `$SPECC_HOME/rootfs`.
 pub fn rootfs_dir() -> PathBuf {
     specc_home().join("rootfs")
@@ -570,6 +591,13 @@ fn key_inputs_with(
         }
     }
     Ok(inputs)
+}
+
+/// The cache key of the image of `base` (hex sha256 of [`key_inputs`]): the same as
+/// [`RootfsImage::key`] of the image [`ensure_rootfs`] builds for these options. For an OCI
+/// base this resolves the reference to its manifest digest (see [`key_inputs`]).
+pub fn key(base: &Base, opts: &RootfsOptions) -> Result<String, RootfsError> {
+    Ok(digest_of(&key_inputs(base, opts)?))
 }
 
 /// Builds the image of `base` into `$SPECC_HOME/rootfs`, or returns the cached one.

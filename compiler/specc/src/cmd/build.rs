@@ -13,7 +13,7 @@ use specc_machine::DEFAULT_CMDLINE;
 use specc_rig::Placement;
 use specc_store::Store;
 
-use super::common::{CompileArgs, Format, print_diagnostics};
+use super::common::{CompileArgs, Format, print_diagnostics, rekey_if_agent_changed};
 use super::run::{prepare_guest, rerun_in_rig};
 
 /// Arguments of `specc build`.
@@ -62,26 +62,40 @@ fn default_jobs(mem_bytes: u64) -> usize {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let decision = specc_rig::decide()?;
     let opts = args.compile.options()?;
-    let compiled = specc_plan::compile(&args.file, &opts)?;
+    let mut compiled = specc_plan::compile(&args.file, &opts)?;
     print_diagnostics(&compiled.diagnostics, &compiled.files, Format::Human)?;
-    let Some(spec) = compiled.spec else {
+    let Some(spec) = &compiled.spec else {
         return Ok(ExitCode::from(1));
     };
     let store = Store::open_default().context("opening the store")?;
-    let uncached = spec
-        .layers
-        .iter()
-        .filter(|l| store.layer(&l.key).ok().flatten().is_none())
-        .count();
+    let uncached = |spec: &specc_plan::ir::Spec| {
+        spec.layers
+            .iter()
+            .filter(|l| store.layer(&l.key).ok().flatten().is_none())
+            .count()
+    };
+    let t0 = Instant::now();
+    // Only a build that has something to do makes the guest (building the agent, kernel and
+    // root filesystem if needed), and then keys by what it really made.
+    let guest = if uncached(spec) > 0 {
+        let guest = prepare_guest(spec, &args.file)?;
+        compiled = rekey_if_agent_changed(&args.file, &opts, compiled, &guest.rootfs.key)?;
+        Some(guest)
+    } else {
+        None
+    };
+    let Some(spec) = compiled.spec else {
+        print_diagnostics(&compiled.diagnostics, &compiled.files, Format::Human)?;
+        return Ok(ExitCode::from(1));
+    };
+    let uncached = uncached(&spec);
     let record = specc_build::explain::record_path(&specc_plan::store::specc_home(), &args.file);
     let inputs = specc_build::explain::inputs(&spec);
     // Inside the rig this command is a re-run: the host already explained.
     if args.explain && !specc_rig::in_rig() {
         explain(&spec, &store, &record, &inputs, args.json);
     }
-    let t0 = Instant::now();
-    if uncached > 0 {
-        let guest = prepare_guest(&spec, &args.file)?;
+    if let (Some(guest), true) = (guest, uncached > 0) {
         if decision.placement == Placement::Rig {
             return rerun_in_rig(&decision, &guest);
         }
