@@ -5,7 +5,10 @@
 //! (pages load lazily from the page cache, and every VM restored from one file shares the
 //! clean ones), and a live fork relies on `fork(2)` copying private mappings copy-on-write.
 //! Why huge pages: a fork's pause is the page-table copy, which is 512x smaller with 2 MiB
-//! pages (DESIGN.md section 6).
+//! pages (DESIGN.md section 6). Only the anonymous mapping gets them: a memory file's private
+//! mapping stays at 4 KiB (the copies of written pages are anonymous pages inside a file-backed
+//! mapping, which no THP path handles), so forking a restored VM copies one entry per page it
+//! touched (docs/benchmarks.md, fork).
 
 use std::fs::File;
 use std::path::PathBuf;
