@@ -2,4 +2,5 @@
 
 pub mod builder;
 pub mod explain;
+pub mod keys;
 pub mod steps;

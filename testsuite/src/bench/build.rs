@@ -412,7 +412,11 @@ pub fn run_noop(args: NoopArgs) -> anyhow::Result<()> {
     }
 
     // What the process does before it knows there is nothing to build, without its start-up.
-    let opts = specc_plan::Options::with_default_cache();
+    // Keyed the way every `specc` command keys (kernel and root filesystem input digests).
+    let opts = specc_plan::Options {
+        resolver: Some(specc_build::keys::default_resolver()),
+        ..specc_plan::Options::with_default_cache()
+    };
     let mut inprocess = Vec::with_capacity(args.runs);
     for i in 0..args.runs {
         let t = Instant::now();
