@@ -1,7 +1,8 @@
 #!/bin/busybox sh
-# PID 1 of the rig. Mounts the host tree (read-only 9p) and the writable shares, runs the job
-# script chrooted into the host tree with its stdout/stderr on virtio-serial ports, reports the
-# exit code on the control port. The host kills QEMU once it has read the exit line.
+# PID 1 of the rig. Mounts the host tree (read-only 9p) and the writable shares, moves it onto
+# / and runs the job script with the host tree as its root, its stdout/stderr on virtio-serial
+# ports, and reports the exit code on the control port. The host kills QEMU once it has read
+# the exit line.
 #
 # Kernel command line: specc.run=<host dir holding job.sh and mounts>
 # Ports (virtio-serial, fixed order): vport0p1 stdout, vport0p2 stderr, vport0p3 control.
@@ -43,9 +44,19 @@ while read -r tag path; do
     mount -t 9p -o "$o9p,cache=mmap" "$tag" "/host$path" || fail "cannot mount $tag on $path"
 done <"/host$run/mounts"
 
+# The job must see the host tree as the root of the mount namespace, not merely as its
+# chroot: the kernel refuses a new user namespace to a process whose root is not the top of
+# the namespace root's mount stack, and passt (and rootless tools) sandbox themselves in one.
+# So move the tree onto / as switch_root does. This shell keeps the initramfs as its own root
+# (lookups start below the moved mount), so its busybox, /dev and /proc stay usable for the
+# exit report; the job is chrooted into the moved mount through the working directory. PID 1
+# must never exec or exit: the kernel panics when init dies.
+cd /host || fail "cannot enter the host tree"
+mount -o move /host / || fail "cannot move the host tree onto /"
+
 read -r up _ </proc/uptime
 echo "start $up" >"$ctl"
-chroot /host /bin/sh "$run/job.sh" </dev/null >/dev/vport0p1 2>/dev/vport0p2
+chroot . /bin/sh "$run/job.sh" </dev/null >/dev/vport0p1 2>/dev/vport0p2
 rc=$?
 # Dirty mmap pages of the writable shares reach the host only on writeback.
 sync
