@@ -72,11 +72,18 @@ fn build_layer(dir: &Path) -> String {
 struct Specd {
     child: Child,
     socket: PathBuf,
+    state: PathBuf,
+}
+
+/// Sockets cannot live on the rig's 9p view of the project tree: the daemon's state (and run
+/// dirs in it) goes to the rig's local /tmp.
+fn run_dir(state: &Path) -> PathBuf {
+    state.join("run")
 }
 
 impl Specd {
     fn start(state: &Path, budget: u64) -> Specd {
-        let socket = state.join("specd.sock");
+        let socket = run_dir(state).join("specd.sock");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -85,25 +92,33 @@ impl Specd {
         let child = Command::new(binary("specd"))
             .arg("--state")
             .arg(state)
+            .arg("--run-dir")
+            .arg(run_dir(state))
             .args(["--tick-ms", "200", "--budget", &budget.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting specd");
-        let client = Client::new(&socket);
+        let mut d = Specd {
+            child,
+            socket,
+            state: state.to_owned(),
+        };
+        let client = d.client();
         let t0 = Instant::now();
         while client
             .call::<api::Health>("GET", "/v1/health", None::<&()>)
             .is_err()
         {
+            let exited = d.child.try_wait().unwrap();
             assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "specd did not come up"
+                exited.is_none() && t0.elapsed() < Duration::from_secs(60),
+                "specd did not come up ({exited:?})"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Specd { child, socket }
+        d
     }
 
     fn client(&self) -> Client {
@@ -118,6 +133,10 @@ impl Specd {
 
 impl Drop for Specd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.state.join("specd.log")).unwrap_or_default();
+            eprintln!("--- specd log ---\n{log}");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -203,21 +222,29 @@ fn wait_state(c: &Client, id: &str, state: Option<VmState>, limit: Duration) {
     }
 }
 
+/// Where the host side leaves the built layer's key for the run inside the rig.
+fn key_file() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("specd-test-layer-key")
+}
+
 #[test]
 fn daemon_lifecycle_with_linux_guests() {
     if !specc_rig::in_rig() {
         for p in ["specc-vmm", "specc", "specd"] {
             cargo_build(p);
         }
+        // Built out here: `specc build` prepares the kernel, rootfs and agent on the host and
+        // runs its VMs in the rig itself.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        std::fs::write(key_file(), build_layer(dir.path())).unwrap();
     }
     if specc_rig::testing::run_in_rig_unless_hardware("daemon_lifecycle_with_linux_guests")
         .ran_in_rig()
     {
         return;
     }
-    // Inside the target directory: the rig shares the project tree, not the host's /tmp.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let key = build_layer(dir.path());
+    let key = std::fs::read_to_string(key_file()).expect("the layer key from the host side");
+    let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("specd");
     std::fs::create_dir_all(&state).unwrap();
     let d = Specd::start(&state, u64::MAX >> 1);

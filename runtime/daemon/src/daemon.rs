@@ -108,8 +108,12 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
 /// How the daemon is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the database and the VMs' directories live.
+    /// Where the database and the VMs' directories (disks, snapshots) live.
     pub state_dir: PathBuf,
+    /// Where the VMs' run directories (sockets, console logs, a fork child's first disk diff)
+    /// live: the state's filesystem (a snapshot renames the disk diff into the state
+    /// directory), and one that can hold unix sockets (not 9p).
+    pub run_dir: PathBuf,
     /// The store root (`$SPECC_HOME/store`) artifacts are read from.
     pub store: PathBuf,
     /// Disk budget for the VMs' own files; sticky VMs at rest are evicted above it.
@@ -242,8 +246,9 @@ impl Daemon {
     /// Opens the daemon's state and settles every VM whose transition a previous daemon left
     /// unfinished.
     pub fn open(config: Config) -> Result<Arc<Daemon>, DaemonError> {
-        std::fs::create_dir_all(config.state_dir.join("vms"))
-            .map_err(io_err(format!("creating {}", config.state_dir.display())))?;
+        for d in [config.state_dir.join("vms"), config.run_dir.join("vms")] {
+            std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
         let db = Db::open(&config.state_dir.join("state.db"))?;
         let store = Store::open(config.store.clone())
             .map_err(|e| DaemonError::Source(format!("opening the store: {}", chain(&e))))?;
@@ -265,6 +270,14 @@ impl Daemon {
     /// The virtualization mode VMs run under.
     pub fn mode(&self) -> &str {
         &self.mode
+    }
+
+    /// The run directory of `id`'s `generation`-th VMM process.
+    fn run_dir_of(&self, id: &str, generation: u32) -> PathBuf {
+        self.config
+            .run_dir
+            .join("vms")
+            .join(format!("{id}-{generation}"))
     }
 
     fn db(&self) -> MutexGuard<'_, Db> {
@@ -431,12 +444,9 @@ impl Daemon {
     pub fn logs(&self, id: &str, lines: usize) -> Result<String, DaemonError> {
         let slot = self.slot(id)?;
         let live = Self::lock(&slot, id)?;
-        let Some(run_dir) = live
-            .rec
-            .run_dir
-            .clone()
-            .or_else(|| latest_run_dir(&live.rec))
-        else {
+        let Some(run_dir) = live.rec.run_dir.clone().or_else(|| {
+            (live.rec.generation > 0).then(|| self.run_dir_of(&live.rec.vm.id, live.rec.generation))
+        }) else {
             return Ok(String::new());
         };
         drop(live);
@@ -563,16 +573,25 @@ impl Daemon {
             message,
         };
         rec.generation += 1;
-        let run_dir = rec.dir.join(format!("run-{}", rec.generation));
+        let run_dir = self.run_dir_of(&rec.vm.id, rec.generation);
         let top = rec.dir.join(format!("disk-{}.diff", rec.generation));
         rec.run_dir = Some(run_dir.clone());
         self.db().put(rec)?;
+        let vmstate = match &rec.restore {
+            RestorePoint::Image { vmstate, .. } => vmstate.clone(),
+            RestorePoint::Snapshot { dir } => dir.join(specc_vmm::snapshot_dir::VMSTATE_FILE),
+            RestorePoint::Forked => PathBuf::new(),
+        };
+        // The shape is the snapshot's; the VMM checks the memory files against it.
+        let shape: Option<specc_vmm::snapshot_dir::VmSnapshot> =
+            specc_snapshot::read_state_file(&vmstate, specc_vmm::snapshot_dir::VMSTATE_LIMIT).ok();
+        let (vcpus, mem_bytes) = shape.map_or((1, 0), |s| (s.vcpus, s.mem_bytes));
         let config = |layers: Vec<PathBuf>| MachineConfig {
             // Unused on restore: the kernel is in the snapshot's memory.
             kernel: PathBuf::new(),
             cmdline: DEFAULT_CMDLINE.to_owned(),
-            vcpus: 1,
-            mem_bytes: 0,
+            vcpus,
+            mem_bytes,
             disk: Disk {
                 layers,
                 top: top.clone(),
@@ -804,15 +823,19 @@ impl Daemon {
             .iter()
             .flat_map(|r| r.lineage.iter().cloned().chain([r.vm.id.clone()]))
             .collect();
-        let Ok(entries) = std::fs::read_dir(self.config.state_dir.join("vms")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !needed.contains(&name)
-                && let Err(err) = std::fs::remove_dir_all(e.path())
-            {
-                tracing::warn!(dir = %e.path().display(), "cannot remove: {err}");
+        // State dirs are named by id, run dirs `<id>-<generation>`.
+        for root in [&self.config.state_dir, &self.config.run_dir] {
+            let Ok(entries) = std::fs::read_dir(root.join("vms")) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.split_once('-').map_or(name.as_str(), |(id, _)| id);
+                if !needed.contains(id)
+                    && let Err(err) = std::fs::remove_dir_all(e.path())
+                {
+                    tracing::warn!(dir = %e.path().display(), "cannot remove: {err}");
+                }
             }
         }
     }
@@ -841,7 +864,7 @@ impl Daemon {
         for i in 0..count {
             let cid = random_id()?;
             let dir = self.config.state_dir.join("vms").join(&cid);
-            let run_dir = dir.join("run-1");
+            let run_dir = self.run_dir_of(&cid, 1);
             std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
             let mut lineage = vec![id.to_owned()];
             lineage.extend(live.rec.lineage.iter().cloned());
@@ -1310,8 +1333,4 @@ fn snapshot_complete(rec: &Record) -> bool {
         && pending_snapshot(rec)
             .join(specc_vmm::snapshot_dir::VMSTATE_FILE)
             .is_file()
-}
-
-fn latest_run_dir(rec: &Record) -> Option<PathBuf> {
-    (rec.generation > 0).then(|| rec.dir.join(format!("run-{}", rec.generation)))
 }

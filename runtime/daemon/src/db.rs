@@ -90,6 +90,11 @@ impl Db {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
+        // One daemon per state directory: the exclusive lock refuses a second one, and lets WAL
+        // keep its index in heap memory instead of a shared-memory file (which 9p, the rig's
+        // view of the host tree, cannot map).
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(err)?;
         // WAL with full sync: a committed transition survives kill -9 and power loss.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
@@ -104,6 +109,9 @@ impl Db {
              );",
         )
         .map_err(err)?;
+        // Takes the exclusive lock now rather than at the first write.
+        conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
+            .map_err(err)?;
         Ok(Db {
             conn,
             path: path.to_owned(),

@@ -16,3 +16,17 @@ pub mod db;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+
+use std::path::PathBuf;
+
+/// The daemon's default state directory: `$SPECC_HOME/specd`.
+pub fn default_state_dir() -> PathBuf {
+    specc_plan::store::specc_home().join("specd")
+}
+
+/// Where clients look for the API socket: `$SPECD_SOCKET`, else `<default state>/run/specd.sock`.
+pub fn default_socket() -> PathBuf {
+    std::env::var_os("SPECD_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| default_state_dir().join("run/specd.sock"))
+}

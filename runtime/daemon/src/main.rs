@@ -16,7 +16,12 @@ struct Args {
     /// Where the state database and the VMs' files live [default: $SPECC_HOME/specd].
     #[arg(long, value_name = "DIR")]
     state: Option<PathBuf>,
-    /// The API's unix socket [default: <state>/specd.sock].
+    /// Sockets and the VMs' run directories [default: <state>/run]. On the same filesystem as
+    /// the state (a snapshot moves a VM's disk diff from here into the state directory) and
+    /// one where unix sockets can be bound (not 9p).
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// The API's unix socket [default: $SPECD_SOCKET, else <run-dir>/specd.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Also serve the API on this TCP address (e.g. 127.0.0.1:7070). No authentication: bind
@@ -58,10 +63,15 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let home = specc_plan::store::specc_home();
-    let state = args.state.unwrap_or_else(|| home.join("specd"));
-    let socket = args.socket.unwrap_or_else(|| state.join("specd.sock"));
+    let state = args.state.unwrap_or_else(specd::default_state_dir);
+    let run_dir = args.run_dir.unwrap_or_else(|| state.join("run"));
+    let socket = args
+        .socket
+        .or_else(|| std::env::var_os("SPECD_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| run_dir.join("specd.sock"));
     let config = Config {
         state_dir: state.clone(),
+        run_dir,
         store: args.store.unwrap_or_else(|| home.join("store")),
         budget_bytes: args.budget,
         agent_timeout: Duration::from_secs(args.agent_timeout),

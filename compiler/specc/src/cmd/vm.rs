@@ -13,7 +13,7 @@ use specd::client::Client;
 /// Arguments of `specc vm`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The daemon's socket [default: $SPECD_SOCKET, else $SPECC_HOME/specd/specd.sock].
+    /// The daemon's socket [default: $SPECD_SOCKET, else $SPECC_HOME/specd/run/specd.sock].
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Print JSON instead of text.
@@ -139,8 +139,7 @@ struct LogsArgs {
 }
 
 fn socket(arg: Option<PathBuf>) -> PathBuf {
-    arg.or_else(|| std::env::var_os("SPECD_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| specc_plan::store::specc_home().join("specd/specd.sock"))
+    arg.unwrap_or_else(specd::default_socket)
 }
 
 fn print_vms(vms: &[Vm], json: bool) -> anyhow::Result<()> {
