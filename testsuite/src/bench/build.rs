@@ -146,7 +146,7 @@ pub fn parse_events(stdout: &str) -> anyhow::Result<Vec<BuildEvent>> {
 
 /// The `specc` binary beside this one, with `specc` and `specc-vmm` built first in this
 /// binary's profile (the builder runs `specc-vmm` from the same directory).
-fn specc_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn specc_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let profile_dir = exe.parent().context("this executable has no directory")?;
     let target_dir = profile_dir
@@ -200,7 +200,7 @@ fn specc_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A fresh directory for the spec inside the target directory, which the rig shares.
-fn spec_dir() -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn spec_dir() -> anyhow::Result<tempfile::TempDir> {
     let exe = std::env::current_exe()?;
     let tmp = exe
         .parent()

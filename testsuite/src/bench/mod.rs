@@ -8,6 +8,7 @@
 pub mod boot;
 pub mod build;
 pub mod count;
+pub mod daemon;
 pub mod density;
 pub mod fork;
 pub mod pause;

@@ -29,6 +29,12 @@ enum Scenario {
     BuildNoop(bench::build::NoopArgs),
     /// Per-layer restore + snapshot + store time beyond the step, and memory written per layer.
     LayerOverhead(bench::build::OverheadArgs),
+    /// specd: API request to an exec-able VM from a cached layer.
+    ApiCreate(bench::daemon::Args),
+    /// specd: suspended VM, exec → wake → first exec result.
+    Wake(bench::daemon::Args),
+    /// specd: many VMs, many concurrent exec calls (errors, p50, p99).
+    Load(bench::daemon::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +54,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::Density(args) => bench::density::run(args),
         Scenario::BuildNoop(args) => bench::build::run_noop(args),
         Scenario::LayerOverhead(args) => bench::build::run_overhead(args),
+        Scenario::ApiCreate(args) => bench::daemon::run(bench::daemon::Scenario::Create, &args),
+        Scenario::Wake(args) => bench::daemon::run(bench::daemon::Scenario::Wake, &args),
+        Scenario::Load(args) => bench::daemon::run(bench::daemon::Scenario::Load, &args),
     }
 }

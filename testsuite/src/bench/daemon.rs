@@ -1,0 +1,310 @@
+//! `specc-bench api-create|wake|load`: the daemon end to end, through its HTTP API, with a
+//! busybox layer built by `specc build`.
+//!
+//! - `api-create`: `POST /v1/vms` of a cached layer until the VM answers, and until the first
+//!   exec's result (the VM is exec-able).
+//! - `wake`: a suspended VM, exec → wake → the exec's result (the exec does the wake).
+//! - `load`: `--vms` VMs, then `--execs` exec calls at once spread over them: errors, p50, p99.
+//!
+//! The daemon's VMs run in the rig unless this host has hardware KVM: the whole scenario
+//! re-runs itself there (the layer is built first, out here).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use specd::api::{self, CreateVm, ExecEvent, IdlePolicy, Persistence, Source, Vm};
+use specd::client::Client;
+
+use super::{Mode, Report, ms, p50_p95, percentile};
+
+/// Arguments of the daemon scenarios.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Print one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Samples for `api-create` and `wake`.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// VMs for `load`.
+    #[arg(long, default_value_t = 50)]
+    pub vms: usize,
+    /// Concurrent exec calls for `load`.
+    #[arg(long, default_value_t = 500)]
+    pub execs: usize,
+}
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// API request → exec-able VM.
+    Create,
+    /// Suspend → wake → first exec result.
+    Wake,
+    /// Many VMs, many concurrent execs.
+    Load,
+}
+
+const KEY_ENV: &str = "SPECC_BENCH_LAYER_KEY";
+
+/// Runs one daemon scenario.
+pub fn run(scenario: Scenario, args: &Args) -> anyhow::Result<()> {
+    ensure!(
+        args.runs > 0 && args.vms > 0,
+        "need at least one run and one VM"
+    );
+    let key = match std::env::var(KEY_ENV) {
+        Ok(k) => k,
+        Err(_) => {
+            let specc = super::build::specc_binary()?;
+            let dir = super::build::spec_dir()?;
+            build_head_key(&specc, dir.path())?
+        }
+    };
+    let decision = specc_rig::decide()?;
+    if decision.placement == specc_rig::Placement::Rig {
+        eprintln!("{}", decision.line);
+        // SAFETY: no other thread of this process exists yet.
+        unsafe { std::env::set_var(KEY_ENV, &key) };
+        let status = specc_rig::run_self_in_rig(specc_rig::RigConfig::default())?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let mode = if specc_rig::in_rig() {
+        Mode::Rig
+    } else {
+        Mode::detect()
+    };
+    let state = tempfile::tempdir().context("creating the daemon's state dir")?;
+    let daemon = Daemon::start(state.path())?;
+    let c = daemon.client();
+    let report = match scenario {
+        Scenario::Create => api_create(&c, &key, args, mode)?,
+        Scenario::Wake => wake(&c, &key, args, mode)?,
+        Scenario::Load => load(&c, &key, args, mode)?,
+    };
+    report.print(args.json)
+}
+
+/// Builds a one-layer busybox spec; returns its head layer's key.
+fn build_head_key(specc: &Path, dir: &Path) -> anyhow::Result<String> {
+    let spec = dir.join("daemon.kdl");
+    std::fs::write(
+        &spec,
+        r#"spec "bench-daemon" {
+    base "busybox"
+    vm vcpus=1 memory="128MiB" disk="64MiB"
+    layer "app" after="base" {
+        run "echo ready > /root/ready"
+    }
+}
+"#,
+    )?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the testsuite crate has no parent")?;
+    eprintln!("specc-bench: building the layer the daemon starts VMs from");
+    let out = Command::new(specc)
+        .current_dir(root)
+        .args(["build", "--json"])
+        .arg(&spec)
+        .output()
+        .context("running specc build")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "specc build failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["layer"] == "app" && (v["event"] == "finished" || v["event"] == "cached"))
+        .find_map(|v| v["key"].as_str().map(str::to_owned))
+        .with_context(|| format!("no key for layer app in:\n{stdout}"))
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(state: &Path) -> anyhow::Result<Daemon> {
+        let exe = std::env::current_exe()?;
+        let bin = exe.with_file_name("specd");
+        ensure!(
+            bin.is_file(),
+            "{} is missing: build it with `cargo build -p specd` in this profile",
+            bin.display()
+        );
+        let log = std::fs::File::create(state.join("specd.log"))?;
+        let child = Command::new(&bin)
+            .arg("--state")
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut d = Daemon {
+            child,
+            socket: state.join("run/specd.sock"),
+        };
+        let t0 = Instant::now();
+        while d
+            .client()
+            .call::<api::Health>("GET", "/v1/health", None::<&()>)
+            .is_err()
+        {
+            if d.child.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(60) {
+                let log = std::fs::read_to_string(state.join("specd.log")).unwrap_or_default();
+                bail!("specd did not come up:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // The VMs were deleted by the scenario; whatever is left dies with the rig or is
+        // reaped by the next daemon on this state dir (a temp dir that goes now).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn create(c: &Client, key: &str, name: &str) -> anyhow::Result<Vm> {
+    let req = CreateVm {
+        source: Source::Layer { key: key.into() },
+        name: Some(name.into()),
+        persistence: Persistence::Persistent,
+        idle: IdlePolicy::default(),
+        ports: vec![],
+        net: false,
+    };
+    Ok(c.call("POST", "/v1/vms", Some(&req))?)
+}
+
+/// Runs `true`; returns whether the exec woke the VM.
+fn exec_true(c: &Client, id: &str) -> anyhow::Result<bool> {
+    let req = api::Exec {
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        stdin_b64: None,
+        timeout_ms: Some(60_000),
+    };
+    match c.exec(id, &req, |_| {})? {
+        ExecEvent::Exit {
+            code: Some(0),
+            woke,
+            ..
+        } => Ok(woke),
+        other => bail!("exec on {id} ended with {other:?}"),
+    }
+}
+
+fn delete(c: &Client, id: &str) -> anyhow::Result<()> {
+    c.request("DELETE", &format!("/v1/vms/{id}"), None)?;
+    Ok(())
+}
+
+fn api_create(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<Report> {
+    let (mut created, mut first_exec) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        let t0 = Instant::now();
+        let vm = create(c, key, &format!("bench-{i}"))?;
+        created.push(t0.elapsed());
+        exec_true(c, &vm.id)?;
+        first_exec.push(t0.elapsed());
+        delete(c, &vm.id)?;
+    }
+    let mut r = Report::new("api-create", mode);
+    r.figure("runs_count", args.runs as f64);
+    p50_p95(&mut r, "create_to_agent", &mut created);
+    p50_p95(&mut r, "create_to_exec_result", &mut first_exec);
+    Ok(r)
+}
+
+fn wake(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<Report> {
+    let vm = create(c, key, "bench-wake")?;
+    let (mut suspend, mut woke) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        let t0 = Instant::now();
+        let _: Vm = c.call("POST", &format!("/v1/vms/{}/suspend", vm.id), None::<&()>)?;
+        suspend.push(t0.elapsed());
+        let t1 = Instant::now();
+        ensure!(
+            exec_true(c, &vm.id)?,
+            "run {i}: the exec did not wake the VM"
+        );
+        woke.push(t1.elapsed());
+    }
+    delete(c, &vm.id)?;
+    let mut r = Report::new("wake", mode);
+    r.figure("runs_count", args.runs as f64);
+    p50_p95(&mut r, "suspend", &mut suspend);
+    p50_p95(&mut r, "wake_to_exec_result", &mut woke);
+    Ok(r)
+}
+
+fn load(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<Report> {
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..args.vms {
+        ids.push(create(c, key, &format!("load-{i}"))?.id);
+    }
+    let created = t0.elapsed();
+    let t1 = Instant::now();
+    let results: Vec<Result<Duration, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.execs)
+            .map(|i| {
+                let (c, id) = (c.clone(), ids[i % ids.len()].clone());
+                s.spawn(move || {
+                    let t = Instant::now();
+                    exec_true(&c, &id)
+                        .map(|_| t.elapsed())
+                        .map_err(|e| format!("{e:#}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("exec thread panicked".into()))
+            })
+            .collect()
+    });
+    let all = t1.elapsed();
+    let mut ok: Vec<Duration> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    if let Some(e) = errors.first() {
+        eprintln!("specc-bench: {} exec errors, the first: {e}", errors.len());
+    }
+    for id in &ids {
+        delete(c, id)?;
+    }
+    let mut r = Report::new("load", mode);
+    r.figure("vms_count", args.vms as f64)
+        .figure("execs_count", args.execs as f64)
+        .figure("errors_count", errors.len() as f64)
+        .figure("create_all_s", created.as_secs_f64())
+        .figure("execs_all_s", all.as_secs_f64());
+    if !ok.is_empty() {
+        r.figure("exec_p50_ms", ms(super::median(&mut ok)))
+            .figure("exec_p99_ms", ms(percentile(&mut ok, 99)));
+    }
+    Ok(r)
+}
