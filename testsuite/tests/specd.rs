@@ -32,43 +32,6 @@ fn binary(name: &str) -> PathBuf {
     p
 }
 
-/// Builds a one-layer spec; returns its head layer's key.
-fn build_layer(dir: &Path) -> String {
-    let marker = format!("{}-{:?}", std::process::id(), Instant::now());
-    let spec = dir.join("vm.kdl");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"spec "daemon-test" {{
-    base "busybox"
-    vm vcpus=1 memory="128MiB" disk="64MiB"
-    layer "app" after="base" {{
-        run "echo '{marker}' > /root/built"
-    }}
-}}
-"#
-        ),
-    )
-    .unwrap();
-    let out = Command::new(binary("specc"))
-        .args(["build", "--json"])
-        .arg(&spec)
-        .output()
-        .expect("running specc build");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "specc build failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["layer"] == "app" && (v["event"] == "finished" || v["event"] == "cached"))
-        .find_map(|v| v["key"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| panic!("no key for layer app in:\n{stdout}"))
-}
-
 struct Specd {
     child: Child,
     socket: PathBuf,
@@ -236,7 +199,9 @@ fn daemon_lifecycle_with_linux_guests() {
         // Built out here: `specc build` prepares the kernel, rootfs and agent on the host and
         // runs its VMs in the rig itself.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        std::fs::write(key_file(), build_layer(dir.path())).unwrap();
+        let key = specc_testsuite::bench::daemon::build_head_key(&binary("specc"), dir.path())
+            .expect("building the layer");
+        std::fs::write(key_file(), key).unwrap();
     }
     if specc_rig::testing::run_in_rig_unless_hardware("daemon_lifecycle_with_linux_guests")
         .ran_in_rig()
@@ -262,7 +227,7 @@ fn daemon_lifecycle_with_linux_guests() {
     let r = exec(
         &c,
         &a.id,
-        "cat /root/built; hostname; echo oops >&2; exit 3",
+        "cat /root/ready; hostname; echo oops >&2; exit 3",
     );
     assert_eq!(r.code, Some(3));
     assert!(r.stdout.contains("alpha"), "hostname: {}", r.stdout);
@@ -363,7 +328,7 @@ fn daemon_lifecycle_with_linux_guests() {
     wait_state(&c, &e.id, Some(VmState::Paused), Duration::from_secs(20));
     wait_state(&c, &e.id, Some(VmState::Suspended), Duration::from_secs(60));
     wait_state(&c, &eph.id, None, Duration::from_secs(60));
-    let r = exec(&c, &e.id, "cat /root/built");
+    let r = exec(&c, &e.id, "cat /root/ready");
     assert!(r.woke && r.code == Some(0));
 
     // Storage budget: the lowest-priority sticky VM at rest goes first.

@@ -87,8 +87,9 @@ pub fn run(scenario: Scenario, args: &Args) -> anyhow::Result<()> {
     report.print(args.json)
 }
 
-/// Builds a one-layer busybox spec; returns its head layer's key.
-fn build_head_key(specc: &Path, dir: &Path) -> anyhow::Result<String> {
+/// Builds a one-layer busybox spec in `dir` with `specc build` (VMs in the rig unless this
+/// host has hardware KVM); returns the key of its layer `app`. Shared with the specd e2e test.
+pub fn build_head_key(specc: &Path, dir: &Path) -> anyhow::Result<String> {
     let spec = dir.join("daemon.kdl");
     std::fs::write(
         &spec,
