@@ -212,7 +212,8 @@ pub(crate) fn prepare_guest(spec: &ir::Spec, file: &Path) -> anyhow::Result<Gues
             k.vmlinux
         }
     };
-    let base = guest_base(&spec.base, file.parent().unwrap_or(Path::new(".")))?;
+    let base = specc_build::keys::guest_base(&spec.base, file.parent().unwrap_or(Path::new(".")))
+        .map_err(anyhow::Error::msg)?;
     let agent = rootfs::agent_binary().context("finding the guest agent")?;
     let image = rootfs::ensure_rootfs(
         &base,
@@ -250,24 +251,4 @@ pub(crate) fn rerun_in_rig(
 
 pub(crate) fn exit_code_of(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
-}
-
-/// The rootfs builder's base for a spec's base; a relative OCI layout path is relative to the
-/// directory of the spec that names it.
-fn guest_base(base: &ir::Base, spec_dir: &Path) -> anyhow::Result<rootfs::Base> {
-    Ok(match base {
-        ir::Base::Scratch => rootfs::Base::Scratch,
-        ir::Base::Busybox => rootfs::Base::Busybox,
-        ir::Base::Debian { suite } => rootfs::Base::Debian {
-            suite: suite.clone(),
-        },
-        ir::Base::Spec { spec, path } => {
-            guest_base(&spec.base, path.parent().unwrap_or(Path::new(".")))?
-        }
-        ir::Base::Oci { reference } => rootfs::Base::Oci {
-            reference: specc_guestkit::oci::ImageRef::parse(reference)?
-                .relative_to(spec_dir)
-                .to_reference(),
-        },
-    })
 }
