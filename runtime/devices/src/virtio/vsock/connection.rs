@@ -60,6 +60,8 @@ pub(super) struct Conn {
     /// Events the fd is registered for.
     pub(super) interest: EventSet,
     host_write_shut: bool,
+    /// We sent the guest SHUTDOWN(SEND) for a host half-close; the guest may still send.
+    pub(super) told_guest_eof: bool,
 }
 
 impl Conn {
@@ -84,6 +86,7 @@ impl Conn {
             peer_shut_rcv: false,
             interest: EventSet::empty(),
             host_write_shut: false,
+            told_guest_eof: false,
         }
     }
 

@@ -481,8 +481,11 @@ impl VsockHandler {
         if !self.backlog.is_empty() {
             return Some(RxKind::Backlog);
         }
-        // Connections whose host side is finished and whose data is delivered get SHUTDOWN.
+        // Connections whose host side stopped sending and whose data is delivered get SHUTDOWN:
+        // SEND only for a half-close (the guest may still send, the host still reads), both
+        // flags once the host is gone entirely or the guest has stopped sending too.
         let mut closing = Vec::new();
+        let mut half_closed = Vec::new();
         let mut data = None;
         for (key, c) in &self.conns {
             if c.state == State::Established
@@ -494,8 +497,19 @@ impl VsockHandler {
                 break;
             }
             if c.state == State::Established && c.host_eof && c.to_guest.is_empty() {
-                closing.push(*key);
+                if c.hup || c.peer_shut_send {
+                    closing.push(*key);
+                } else if !c.told_guest_eof {
+                    half_closed.push(*key);
+                }
             }
+        }
+        for key in half_closed {
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.told_guest_eof = true;
+            }
+            let p = self.to_guest(key, OP_SHUTDOWN, SHUTDOWN_SEND);
+            self.push_backlog(p);
         }
         for key in closing {
             if let Some(c) = self.conns.get_mut(&key) {

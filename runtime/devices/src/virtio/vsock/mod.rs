@@ -179,6 +179,30 @@ mod tests {
     }
 
     #[test]
+    fn host_half_close_lets_the_guest_answer_before_the_connection_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let (mut g, mut host, local) = established(&uds, 65536);
+        host.write_all(b"request").unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let (h, data) = g.recv();
+        assert_eq!((h.op, data.as_slice()), (OP_RW, &b"request"[..]));
+        // The host will send no more, but still reads: SHUTDOWN(SEND) only, no close.
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        g.send(pkt(1234, local, OP_RW, 65536, 7), b"reply");
+        let mut buf = [0u8; 5];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"reply");
+        let mut h = pkt(1234, local, OP_SHUTDOWN, 65536, 7);
+        h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        g.send(h, &[]);
+        let (h, _) = g.recv();
+        assert_eq!({ h.op }, OP_RST);
+        assert_eq!(host.read(&mut buf).unwrap(), 0, "host side sees EOF");
+    }
+
+    #[test]
     fn guest_initiated_connection_reaches_the_port_socket() {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
