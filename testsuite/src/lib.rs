@@ -2,10 +2,33 @@
 
 pub mod bench;
 
+/// The guest of the Linux end-to-end tests: the guest kernel's vmlinux and the busybox image.
+pub struct BusyboxGuest {
+    pub kernel: std::path::PathBuf,
+    pub image: std::path::PathBuf,
+}
+
+impl BusyboxGuest {
+    /// One vCPU and 256 MiB, the image as the only disk layer and its diff at `top`.
+    pub fn config(&self, top: std::path::PathBuf, net: bool) -> specc_machine::MachineConfig {
+        specc_machine::MachineConfig {
+            kernel: self.kernel.clone(),
+            cmdline: specc_machine::DEFAULT_CMDLINE.into(),
+            vcpus: 1,
+            mem_bytes: 256 << 20,
+            disk: specc_machine::Disk {
+                layers: vec![self.image.clone()],
+                top,
+            },
+            net,
+        }
+    }
+}
+
 /// For the Linux end-to-end tests: builds (or finds cached) the guest kernel, the 256 MiB
 /// busybox image with the agent, and specc-vmm, on the host at native speed (inside the rig
-/// the same caches are visible). Returns the vmlinux and the image. Panics with the cause.
-pub fn prepare_busybox_guest() -> (std::path::PathBuf, std::path::PathBuf) {
+/// the same caches are visible). Panics with the cause.
+pub fn prepare_busybox_guest() -> BusyboxGuest {
     use specc_guestkit::kernel::{KernelKind, ensure_kernel};
     use specc_guestkit::rootfs::{self, Base, RootfsOptions};
     let kernel = ensure_kernel(KernelKind::Guest, &|l| eprintln!("kernel: {l}"))
@@ -25,5 +48,8 @@ pub fn prepare_busybox_guest() -> (std::path::PathBuf, std::path::PathBuf) {
         .status()
         .expect("running cargo build -p specc-vmm");
     assert!(status.success(), "cargo build -p specc-vmm failed");
-    (kernel.vmlinux, image.path)
+    BusyboxGuest {
+        kernel: kernel.vmlinux,
+        image: image.path,
+    }
 }

@@ -7,30 +7,20 @@
 
 use std::time::{Duration, Instant};
 
-use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
+use specc_machine::Machine;
 use specc_protocol::{ExecRequest, WriteFileRequest};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
 #[test]
 fn busybox_guest_boots_execs_writes_files_and_powers_off() {
-    let (kernel, image) = specc_testsuite::prepare_busybox_guest();
+    let guest = specc_testsuite::prepare_busybox_guest();
     if run_in_rig_unless_hardware("busybox_guest_boots_execs_writes_files_and_powers_off")
         .ran_in_rig()
     {
         return;
     }
     let run = tempfile::tempdir().unwrap();
-    let config = MachineConfig {
-        kernel,
-        cmdline: DEFAULT_CMDLINE.into(),
-        vcpus: 1,
-        mem_bytes: 256 << 20,
-        disk: Disk {
-            layers: vec![image],
-            top: run.path().join("disk.diff"),
-        },
-        net: false,
-    };
+    let config = guest.config(run.path().join("disk.diff"), false);
     let t0 = Instant::now();
     let mut vm = Machine::start(&config, run.path()).expect("starting specc-vmm");
     let mut agent = vm

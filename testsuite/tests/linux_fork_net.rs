@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
+use specc_machine::Machine;
 use specc_protocol::ExecRequest;
 use specc_protocol::client::Client;
 use specc_rig::testing::run_in_rig_unless_hardware;
@@ -106,7 +106,7 @@ fn assert_network(
 
 #[test]
 fn fork_children_of_a_linux_guest_each_have_a_working_network() {
-    let (kernel, image) = specc_testsuite::prepare_busybox_guest();
+    let guest = specc_testsuite::prepare_busybox_guest();
     if run_in_rig_unless_hardware("fork_children_of_a_linux_guest_each_have_a_working_network")
         .ran_in_rig()
     {
@@ -128,17 +128,7 @@ fn fork_children_of_a_linux_guest_each_have_a_working_network() {
     });
 
     let run = tempfile::tempdir().unwrap();
-    let config = MachineConfig {
-        kernel,
-        cmdline: DEFAULT_CMDLINE.into(),
-        vcpus: 1,
-        mem_bytes: 256 << 20,
-        disk: Disk {
-            layers: vec![image],
-            top: run.path().join("source/disk.diff"),
-        },
-        net: true,
-    };
+    let config = guest.config(run.path().join("source/disk.diff"), true);
     let mut source = Machine::start(&config, &run.path().join("source")).expect("starting");
     let mut agent = source
         .connect_agent(Duration::from_secs(300))

@@ -2,7 +2,8 @@
 //! loopback, and the host reaches it through `Machine::connect_port` (a fresh vsock
 //! connection to the agent turned into a raw pipe by `connect`). Bytes go both ways in
 //! volume, the guest service's close reaches the host as EOF, a port nobody listens on is
-//! refused, and the agent keeps serving other connections while a pipe is open. Runs directly
+//! refused, a host half-close reaches the guest service as EOF while its reply still comes
+//! back, and the agent keeps serving other connections while a pipe is open. Runs directly
 //! on hardware KVM, inside the rig elsewhere.
 
 // An integration test file is a test module of its own.
@@ -12,7 +13,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use specc_machine::{DEFAULT_CMDLINE, Disk, Launch, Machine, MachineConfig, MachineError, Source};
+use specc_machine::{Launch, Machine, MachineConfig, MachineError, Source};
 use specc_protocol::{ClientError, ErrorKind, ExecRequest};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
@@ -27,18 +28,7 @@ fn refused(e: &MachineError) -> bool {
 }
 
 fn busybox_config(run: &std::path::Path) -> MachineConfig {
-    let (kernel, image) = specc_testsuite::prepare_busybox_guest();
-    MachineConfig {
-        kernel,
-        cmdline: DEFAULT_CMDLINE.into(),
-        vcpus: 1,
-        mem_bytes: 256 << 20,
-        disk: Disk {
-            layers: vec![image],
-            top: run.join("disk.diff"),
-        },
-        net: false,
-    }
+    specc_testsuite::prepare_busybox_guest().config(run.join("disk.diff"), false)
 }
 
 #[test]
@@ -86,21 +76,8 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
         .expect("running nc in the guest")
     });
 
-    // The service is up once the connect stops being refused.
     let t_listen = Instant::now();
-    let deadline = t_listen + Duration::from_secs(120);
-    let mut pipe = loop {
-        match vm.connect_port(PORT, Duration::from_secs(60)) {
-            Ok(s) => break s,
-            Err(e) if refused(&e) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!(
-                "connect_port({PORT}): {e:?}\nconsole:\n{}",
-                vm.console_tail(40)
-            ),
-        }
-    };
+    let mut pipe = connect_when_listening(&vm, PORT);
     let connected = t_listen.elapsed();
 
     // While the pipe is open the agent serves other requests on other connections.
@@ -150,6 +127,41 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
         String::from_utf8_lossy(&nc.stderr)
     );
 
+    // A request/response service that answers only after its input ends: the host's
+    // half-close must reach the guest as EOF while the way back stays open.
+    let half = PORT + 1;
+    let vsock = vm.vsock_path();
+    let service = std::thread::spawn(move || {
+        let mut c = specc_protocol::Client::connect_uds(
+            &vsock,
+            specc_protocol::AGENT_VSOCK_PORT,
+            Duration::from_secs(60),
+        )
+        .expect("third agent connection");
+        c.exec_output(&ExecRequest::new([
+            "nc",
+            "-l",
+            "-p",
+            &half.to_string(),
+            "-e",
+            "sh",
+            "-c",
+            "cat | sha256sum",
+        ]))
+        .expect("running nc in the guest")
+    });
+    let mut pipe = connect_when_listening(&vm, half);
+    let request = vec![b'q'; 64 << 10];
+    pipe.write_all(&request).expect("sending the request");
+    pipe.shutdown(std::net::Shutdown::Write)
+        .expect("half-closing the pipe");
+    let mut reply = String::new();
+    pipe.read_to_string(&mut reply)
+        .expect("reading the reply after the half-close");
+    assert_eq!(reply, format!("{:x}  -\n", Sha256::digest(&request)));
+    let nc = service.join().expect("the half-close service thread");
+    assert!(nc.status.success(), "half-close nc: {:?}", nc.status);
+
     let status = vm
         .power_off(&mut agent, Duration::from_secs(60))
         .expect("power off");
@@ -164,6 +176,23 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
         xfer.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3
     );
+}
+
+/// Connect to a guest port once its service listens (until then the agent refuses).
+fn connect_when_listening(vm: &Machine, port: u16) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match vm.connect_port(port, Duration::from_secs(60)) {
+            Ok(s) => return s,
+            Err(e) if refused(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!(
+                "connect_port({port}): {e:?}\nconsole:\n{}",
+                vm.console_tail(40)
+            ),
+        }
+    }
 }
 
 /// What a daemon restart looks like to a VM: launched detached, the handle released (the VM

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use specc_machine::{After, DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
+use specc_machine::{After, Disk, Machine, MachineConfig};
 use specc_protocol::ExecRequest;
 use specc_protocol::client::Client;
 use specc_rig::testing::run_in_rig_unless_hardware;
@@ -47,7 +47,7 @@ fn assert_ticking(agent: &mut Client<UnixStream>, who: &str) {
 
 #[test]
 fn forks_of_a_linux_guest_are_independent_and_a_restored_snapshot_has_the_hosts_time() {
-    let (kernel, image) = specc_testsuite::prepare_busybox_guest();
+    let guest = specc_testsuite::prepare_busybox_guest();
     if run_in_rig_unless_hardware(
         "forks_of_a_linux_guest_are_independent_and_a_restored_snapshot_has_the_hosts_time",
     )
@@ -56,17 +56,7 @@ fn forks_of_a_linux_guest_are_independent_and_a_restored_snapshot_has_the_hosts_
         return;
     }
     let run = tempfile::tempdir().unwrap();
-    let config = MachineConfig {
-        kernel,
-        cmdline: DEFAULT_CMDLINE.into(),
-        vcpus: 1,
-        mem_bytes: 256 << 20,
-        disk: Disk {
-            layers: vec![image],
-            top: run.path().join("source/disk.diff"),
-        },
-        net: false,
-    };
+    let config = guest.config(run.path().join("source/disk.diff"), false);
     let mut source = Machine::start(&config, &run.path().join("source")).expect("starting");
     let mut agent = source
         .connect_agent(Duration::from_secs(300))

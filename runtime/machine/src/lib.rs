@@ -518,10 +518,9 @@ impl Machine {
     /// listening in the guest is `MachineError::Agent(ClientError::Agent(e))` with
     /// `e.kind == ErrorKind::ConnectionRefused`.
     ///
-    /// Shutting down the stream's write side ends the guest's *both* directions with this
-    /// VMM (its vsock device turns a host EOF into a full shutdown): half-close the host side
-    /// only once the answer is read. A guest service closing its side reaches the host as EOF
-    /// with the other direction still open.
+    /// Half-close works both ways: shutting down the stream's write side reaches the guest
+    /// service as EOF while its answer still comes back, and a guest service closing its side
+    /// reaches the host as EOF with the other direction still open.
     pub fn connect_port(
         &self,
         guest_port: u16,
