@@ -10,7 +10,7 @@
 //! to `jobs` VMs at a time.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,15 @@ pub enum BuildError {
         #[source]
         source: Box<steps::StepError>,
     },
+    /// The guest's network could not be configured.
+    #[error("layer `{layer}`: configuring the guest's network (DHCP from passt) failed")]
+    Network {
+        /// Layer name.
+        layer: String,
+        /// The cause.
+        #[source]
+        source: Box<steps::StepError>,
+    },
     /// Running the VM failed.
     #[error("layer `{layer}`: the VM failed")]
     Machine {
@@ -143,7 +152,8 @@ pub struct Builder {
     pub vcpus: u8,
     /// Guest memory of the build VMs.
     pub mem_bytes: u64,
-    /// Give build VMs a network (passt).
+    /// Give build VMs a network (passt): the spec's `vm network=`. It must be the same for
+    /// every layer of a chain (the device set is part of each snapshot).
     pub net: bool,
     /// VMs at a time.
     pub jobs: usize,
@@ -201,7 +211,7 @@ impl Builder {
                 });
             }
         }
-        remove_stale_scratch(store);
+        remove_dead_scratch(store);
         let mut running = vec![false; n];
         let jobs = self.jobs.max(1);
         let mut first_error = None;
@@ -292,12 +302,23 @@ impl Builder {
         // Scratch space on the store's file system, so snapshot files move into it by rename;
         // not in the store's own `tmp/`, which a store opened by another process (one that
         // cannot see our lock, such as the host of a rig) may clean.
-        let building = store.root().join("building");
-        std::fs::create_dir_all(&building).map_err(BuildError::Scratch)?;
+        let scratch_err = |e: std::io::Error| {
+            if is_enospc(&e) {
+                store_full(store, name)
+            } else {
+                BuildError::Scratch(e)
+            }
+        };
+        let building = store.root().join(SCRATCH_DIR);
+        std::fs::create_dir_all(&building).map_err(scratch_err)?;
         let scratch = tempfile::Builder::new()
-            .prefix(&format!("build-{}-", &layer.key.to_hex()[..12]))
+            .prefix(&format!(
+                "build-{}-{}-",
+                &layer.key.to_hex()[..12],
+                scratch_owner()
+            ))
             .tempdir_in(&building)
-            .map_err(BuildError::Scratch)?;
+            .map_err(scratch_err)?;
         // Sockets and logs live apart, in the system's temporary directory: the store may be on
         // a file system without unix sockets (9p inside the rig).
         let run = tempfile::Builder::new()
@@ -339,6 +360,19 @@ impl Builder {
             layer: name,
             events,
         };
+        // Configured once, in the base: every later layer restores a guest that has it, and
+        // only waits for its new passt.
+        if self.net {
+            let net = if base_disk.is_some() {
+                steps::configure_network(&mut agent, &mut out)
+            } else {
+                steps::await_network(&mut agent, &mut out)
+            };
+            net.map_err(|source| BuildError::Network {
+                layer: name.to_owned(),
+                source: Box::new(source),
+            })?;
+        }
         steps::apply_steps(&mut agent, &layer.steps, &mut out).map_err(|(i, source)| {
             BuildError::Step {
                 layer: name.to_owned(),
@@ -356,7 +390,15 @@ impl Builder {
         let snap = scratch.path().join("snap");
         let shot = machine
             .snapshot(&snap, base_disk.is_none(), After::Exit)
-            .map_err(machine_err)?;
+            .map_err(|e| {
+                // The VMM writes the snapshot next to the store; its error comes as text.
+                let text = error_chain(&e);
+                if text.contains("os error 28") || text.contains("No space left on device") {
+                    store_full(store, name)
+                } else {
+                    machine_err(e)
+                }
+            })?;
         drop(agent);
         let _ = machine.wait_timeout(Duration::from_secs(30));
         let t_snap = t2.elapsed();
@@ -430,22 +472,86 @@ impl Builder {
     }
 }
 
-/// Removes scratch directories of builds that were killed (older than a day: a live build's
-/// are minutes old).
-fn remove_stale_scratch(store: &Store) {
-    let Ok(dir) = std::fs::read_dir(store.root().join("building")) else {
-        return;
+/// Where under the store root layer builds keep their VM's files until the store adopts them.
+pub const SCRATCH_DIR: &str = "building";
+
+/// Names the process that owns a build's scratch directories (`<boot id>.<pid>`), so a later
+/// build can tell a dead build's leftovers from a live one's. A build re-run inside the rig
+/// is owned by the host process that started the rig (`SCRATCH_OWNER_ENV`): a rig's processes
+/// are gone when it is, and only the host can see whether that process still runs.
+pub fn scratch_owner() -> String {
+    if let Some(owner) = std::env::var(SCRATCH_OWNER_ENV)
+        .ok()
+        .filter(|o| parse_owner(&format!("build-000000000000-{o}-x")).is_some())
+    {
+        return owner;
+    }
+    format!("{}.{}", boot_id(), std::process::id())
+}
+
+/// The variable a host process sets for the build it re-runs inside the rig
+/// ([`scratch_owner`]).
+pub const SCRATCH_OWNER_ENV: &str = "SPECC_BUILD_OWNER";
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(12)
+        .collect()
+}
+
+/// `build-<key 12 hex>-<boot id>.<pid>-<random>` → (boot id, pid).
+fn parse_owner(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix("build-")?;
+    let (_key, rest) = rest.split_once('-')?;
+    let (owner, _random) = rest.split_once('-')?;
+    let (boot, pid) = owner.split_once('.')?;
+    (boot.len() == 12 && boot.chars().all(|c| c.is_ascii_hexdigit()))
+        .then_some(())
+        .and(pid.parse().ok().map(|pid| (boot, pid)))
+}
+
+/// Removes the scratch directories of killed builds: those whose owner ran on this boot and
+/// is gone, and any older than a day (an owner this kernel cannot see: a rig's, another
+/// machine's on a shared store). Returns how many it removed. A live build's are kept;
+/// its owner is still there.
+pub fn remove_dead_scratch(store: &Store) -> usize {
+    let Ok(dir) = std::fs::read_dir(store.root().join(SCRATCH_DIR)) else {
+        return 0;
     };
+    let here = boot_id();
+    let mut removed = 0;
     for e in dir.flatten() {
+        let name = e.file_name();
+        let dead = match parse_owner(&name.to_string_lossy()) {
+            Some((boot, pid)) if boot == here => !Path::new(&format!("/proc/{pid}")).exists(),
+            _ => false,
+        };
         let old = e
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > Duration::from_secs(24 * 3600));
-        if old {
-            let _ = std::fs::remove_dir_all(e.path());
+        if (dead || old) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
         }
+    }
+    removed
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+}
+
+fn store_full(store: &Store, layer: &str) -> BuildError {
+    BuildError::Store {
+        layer: layer.to_owned(),
+        source: Box::new(specc_store::StoreError::Full {
+            root: store.root().to_owned(),
+        }),
     }
 }
 
@@ -504,4 +610,39 @@ pub fn restore_sources(
     }
     let vmstate = blob(&lineage[lineage.len() - 1], Role::Vmstate, "vmstate")?;
     Ok((vmstate, image, disks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_scratch_of_a_dead_owner_on_this_boot_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let building = store.root().join(SCRATCH_DIR);
+        std::fs::create_dir_all(&building).unwrap();
+        // A process that has ended: its pid is free (until reused, which only keeps the
+        // directory longer).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let boot = boot_id();
+        assert_eq!(boot.len(), 12, "{boot:?}");
+        let dead = building.join(format!("build-0123456789ab-{boot}.{dead_pid}-x1"));
+        let live = building.join(format!("build-0123456789ab-{}-x2", scratch_owner()));
+        let other_boot = building.join(format!("build-0123456789ab-000000000000.{dead_pid}-x3"));
+        let unnamed = building.join("something-else");
+        for d in [&dead, &live, &other_boot, &unnamed] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("memory"), b"data").unwrap();
+        }
+        assert_eq!(remove_dead_scratch(&store), 1);
+        assert!(!dead.exists());
+        assert!(live.exists() && other_boot.exists() && unnamed.exists());
+        assert_eq!(
+            parse_owner(&live.file_name().unwrap().to_string_lossy()).map(|o| o.1),
+            Some(std::process::id())
+        );
+    }
 }

@@ -156,6 +156,63 @@ pub fn apply_step(
     }
 }
 
+/// Brings the guest's `eth0` up by DHCP from its passt (busybox `udhcpc`, or systemd-networkd
+/// where the guest runs systemd) and waits for the default route, so the steps that follow can
+/// fetch. Done once, after boot: a VM restored from the snapshot keeps the configuration, and
+/// its new passt hands out the same addresses.
+pub fn configure_network(agent: &mut Agent, out: &mut dyn StepOutput) -> Result<(), StepError> {
+    run_root(agent, NETWORK_SCRIPT, out)?;
+    await_network(agent, out)
+}
+
+/// Waits until the gateway answers ARP: after a restore the VM talks to a new passt, which
+/// may take seconds to start (under emulation), and the guest's first connection would fail
+/// with "no route to host" once its ARP requests time out. Guests without `arping` (busybox
+/// has it) are not waited for.
+pub fn await_network(agent: &mut Agent, out: &mut dyn StepOutput) -> Result<(), StepError> {
+    run_root(agent, AWAIT_NETWORK_SCRIPT, out)
+}
+
+const AWAIT_NETWORK_SCRIPT: &str = r#"gw=$(ip route show default 2>/dev/null | awk '{print $3; exit}')
+dev=$(ip route show default 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')
+if [ -z "$gw" ] || [ -z "$dev" ] || ! command -v arping >/dev/null; then exit 0; fi
+i=0
+until arping -q -c 1 -w 1 -I "$dev" "$gw" >/dev/null 2>&1; do
+    i=$((i + 1))
+    if [ "$i" -ge 60 ]; then echo "network: the gateway $gw does not answer ARP on $dev after 60 tries" >&2; exit 1; fi
+done
+"#;
+
+const NETWORK_SCRIPT: &str = r#"set -e
+if [ ! -d /run/systemd/system ]; then
+    command -v udhcpc >/dev/null || { echo "network: the guest has neither systemd-networkd nor udhcpc" >&2; exit 127; }
+    cat > /run/specc-dhcp.sh <<'EOF'
+#!/bin/sh
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    if [ -n "$dns" ]; then
+        : > /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    fi
+    ;;
+esac
+EOF
+    chmod 755 /run/specc-dhcp.sh
+    ip link set eth0 up
+    udhcpc -i eth0 -n -q -f -t 10 -s /run/specc-dhcp.sh
+fi
+# A default route is the sign that DHCP is done (networkd runs it on its own).
+i=0
+until awk '$2 == "00000000" { found = 1 } END { exit !found }' /proc/net/route; do
+    i=$((i + 1))
+    if [ "$i" -gt 600 ]; then echo "network: no default route after 60 s" >&2; exit 1; fi
+    sleep 0.1
+done
+"#;
+
 fn run_root(agent: &mut Agent, script: &str, out: &mut dyn StepOutput) -> Result<(), StepError> {
     run_shell(agent, script, &BTreeMap::new(), "/", "root", out)
 }

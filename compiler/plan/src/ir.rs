@@ -170,6 +170,9 @@ pub struct Vm {
     pub disk: u64,
     /// A kernel image to boot instead of the default guest kernel (absolute host path).
     pub kernel: Option<PathBuf>,
+    /// Build and run VMs get a network device (passt, user mode). Part of the VM's device set,
+    /// so of every snapshot: it enters the base layer's key.
+    pub network: bool,
 }
 
 impl Default for Vm {
@@ -179,6 +182,7 @@ impl Default for Vm {
             memory: 512 << 20,
             disk: 2 << 30,
             kernel: None,
+            network: false,
         }
     }
 }
@@ -272,6 +276,20 @@ pub struct Layer {
     pub file_order: usize,
     /// Where it was declared (the `spec` node for `base`).
     pub source: SourceRef,
+    /// The environment, working directory and user in force after its steps: what its
+    /// children start from and what a command run in a VM of this layer gets.
+    pub context: RunContext,
+}
+
+/// The environment, working directory and user commands run with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunContext {
+    /// The full environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: String,
+    /// User (name or uid).
+    pub user: String,
 }
 
 /// A step with where it was written.

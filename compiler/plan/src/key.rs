@@ -1,7 +1,7 @@
 //! Cache keys (DESIGN section 5).
 //!
-//! `key(base) = H(version, "base", base digest, kernel digest, vcpus, memory, disk)` and
-//! `key(layer) = H(version, "layer", parent keys in order, canonical encoding of its steps)`.
+//! `key(base) = H(version, "base", base digest, kernel digest, vcpus, memory, disk[, "network"])`
+//! and `key(layer) = H(version, "layer", parent keys in order, canonical encoding of its steps)`.
 //! Every string is length-prefixed, so no two different step lists encode the same bytes.
 //! Not in a key: layer names (renaming a layer keeps its cache), host paths of copy sources
 //! (moving the project keeps its cache), mtimes, secret values.
@@ -199,6 +199,11 @@ pub fn assign_keys(spec: &mut Spec) {
             e.u64(u64::from(spec.vm.vcpus));
             e.u64(spec.vm.memory);
             e.u64(spec.vm.disk);
+            // So is its device set. Appended only when on, which keeps the keys of specs
+            // without a network as they were.
+            if spec.vm.network {
+                e.str("network");
+            }
             e.finish()
         } else {
             let mut e = Enc::new("layer");

@@ -331,6 +331,60 @@ mod tests {
     }
 
     #[test]
+    fn a_network_changes_every_key_and_no_network_keeps_the_keys_it_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = keys(dir.path(), SPEC, &fake(1, 2));
+        let vm = |v: &str| {
+            SPEC.replace(
+                "base \"busybox\"\n",
+                &format!("base \"busybox\"\n    {v}\n"),
+            )
+        };
+        let off = keys(dir.path(), &vm("vm network=#false"), &fake(1, 2));
+        assert_eq!(plain, off, "network=#false is the default");
+        let on = keys(dir.path(), &vm("vm network=#true"), &fake(1, 2));
+        assert!(
+            all_differ(&plain, &on),
+            "the device set is in every snapshot"
+        );
+        let c = compile_str(
+            &dir.path().join("s.kdl"),
+            &vm("vm network=\"yes\""),
+            &Options::default(),
+        );
+        assert!(c.spec.is_none(), "a string is not a boolean");
+    }
+
+    #[test]
+    fn each_layer_ends_with_the_env_workdir_and_user_its_children_start_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "spec \"s\" {\n    base \"busybox\"\n    env A=\"1\"\n    layer \"a\" {\n        \
+                    env B=\"2\"\n        workdir \"/srv\"\n    }\n    layer \"b\" after=\"base\" {\n        \
+                    user \"nobody\"\n    }\n    layer \"c\" after=\"a,b\" {\n        env A=\"3\"\n    }\n}\n";
+        let c = compile_str(&dir.path().join("s.kdl"), text, &Options::default());
+        let spec = c.spec.unwrap_or_else(|| panic!("{:?}", c.diagnostics));
+        let ctx = |name: &str| {
+            let l = spec.layers.iter().find(|l| l.name == name).unwrap();
+            let env: Vec<String> = l
+                .context
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            (
+                env.join(" "),
+                l.context.workdir.clone(),
+                l.context.user.clone(),
+            )
+        };
+        assert_eq!(ctx("base"), ("A=1".into(), "/".into(), "root".into()));
+        assert_eq!(ctx("a"), ("A=1 B=2".into(), "/srv".into(), "root".into()));
+        assert_eq!(ctx("b"), ("A=1".into(), "/".into(), "nobody".into()));
+        // From the first parent only, as the VM continues from it.
+        assert_eq!(ctx("c"), ("A=3 B=2".into(), "/srv".into(), "root".into()));
+    }
+
+    #[test]
     fn a_failing_resolver_is_an_error_not_a_made_up_key() {
         let dir = tempfile::tempdir().unwrap();
         let f = Arc::new(Fake::default());

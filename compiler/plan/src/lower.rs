@@ -1376,9 +1376,9 @@ impl<'o> Lowerer<'o> {
             &Shape {
                 min_args: 0,
                 max_args: 0,
-                props: Some(&["vcpus", "memory", "disk", "kernel"]),
+                props: Some(&["vcpus", "memory", "disk", "kernel", "network"]),
                 children: false,
-                usage: "vm vcpus=2 memory=\"1GiB\" disk=\"4GiB\"",
+                usage: "vm vcpus=2 memory=\"1GiB\" disk=\"4GiB\" network=#true",
             },
         );
         let mut vm = Vm::default();
@@ -1429,6 +1429,12 @@ impl<'o> Lowerer<'o> {
                     .help = Some("the path is relative to this file; leave `kernel=` out for the default guest kernel".into());
             }
             vm.kernel = Some(std::path::absolute(&path).unwrap_or(path));
+        }
+        if let Some(v) = self.prop_value(it, "network").cloned() {
+            match v.literal {
+                Literal::Bool(b) => vm.network = b,
+                _ => self.wrong_type(it, &v, "`network`", "#true or #false"),
+            }
         }
         vm
     }
@@ -2467,7 +2473,6 @@ impl<'o> Lowerer<'o> {
             };
             let mut steps = d.steps;
             apply_state(&mut steps, &mut state);
-            end_state.push(state);
             layers.push(Layer {
                 name: d.name,
                 origin: d.origin,
@@ -2476,7 +2481,13 @@ impl<'o> Lowerer<'o> {
                 key: Digest::default(),
                 file_order: i,
                 source: d.source,
+                context: RunContext {
+                    env: state.env.clone(),
+                    workdir: state.workdir.clone(),
+                    user: state.user.clone(),
+                },
             });
+            end_state.push(state);
         }
         layers
     }

@@ -125,11 +125,12 @@ fn dump(spec: &Spec) -> String {
     let vm = &spec.vm;
     let _ = writeln!(
         out,
-        "vm vcpus={} memory={} disk={} kernel={:?}",
+        "vm vcpus={} memory={} disk={} kernel={:?}{}",
         vm.vcpus,
         vm.memory,
         vm.disk,
-        vm.kernel.as_ref().map(|k| k.display().to_string())
+        vm.kernel.as_ref().map(|k| k.display().to_string()),
+        if vm.network { " network" } else { "" }
     );
     for p in &spec.params {
         let _ = writeln!(

@@ -24,9 +24,6 @@ pub struct Args {
     /// One JSON event per line on stdout (layer cached/started/output/finished/failed).
     #[arg(long)]
     pub json: bool,
-    /// Give the build VMs a network (passt, user mode), for `run` steps that fetch.
-    #[arg(long)]
-    pub net: bool,
     /// Build VMs at a time (default: one per core, at most what memory allows).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
@@ -97,7 +94,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let (Some(guest), true) = (guest, uncached > 0) {
         if decision.placement == Placement::Rig {
+            // Inside, the scratch files of a killed host's rig cannot be told from a live
+            // one's; out here they can.
+            specc_build::builder::remove_dead_scratch(&store);
             return rerun_in_rig(&decision, &guest);
+        }
+        if spec.vm.network {
+            super::run::prepare_rig_network()?;
         }
         let builder = Builder {
             kernel: guest.kernel,
@@ -105,7 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             cmdline: DEFAULT_CMDLINE.to_owned(),
             vcpus: u8::try_from(spec.vm.vcpus).context("at most 254 vCPUs")?,
             mem_bytes: spec.vm.memory,
-            net: args.net,
+            net: spec.vm.network,
             jobs: args.jobs.unwrap_or_else(|| default_jobs(spec.vm.memory)),
             agent_timeout: Duration::from_secs(args.agent_timeout),
         };

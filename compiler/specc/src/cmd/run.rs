@@ -22,7 +22,8 @@ use super::common::{CompileArgs, Format, print_diagnostics};
 pub struct Args {
     /// The spec file.
     pub file: PathBuf,
-    /// Give the guest a network (passt, user mode).
+    /// Give the guest a network (passt, user mode) even if the spec has no `vm network=#true`
+    /// (only for a spec that is not built: a built snapshot has the devices it was built with).
     #[arg(long)]
     pub net: bool,
     /// Seconds to wait for the guest agent after starting the VMM.
@@ -67,6 +68,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return rerun_in_rig(&decision, &guest);
     }
 
+    // A built head layer (`specc build`) is restored from its snapshot; otherwise the base
+    // boots and every layer's steps are applied now, uncached.
+    let store = specc_store::Store::open_default().context("opening the store")?;
+    let head = &spec.layers[spec.head().0];
+    let built = store.layer(&head.key).ok().flatten().is_some();
+    if built && args.net && !spec.vm.network {
+        anyhow::bail!(
+            "--net: {} is built without a network device; set `vm network=#true` in the spec \
+             (and build again) for a network",
+            spec.name
+        );
+    }
+    let net = spec.vm.network || args.net;
+    if net {
+        prepare_rig_network()?;
+    }
     let run_dir = tempfile::Builder::new()
         .prefix("specc-run-")
         .tempdir()
@@ -80,13 +97,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             layers: vec![guest.rootfs.path.clone()],
             top: run_dir.path().join("disk.diff"),
         },
-        net: args.net,
+        net,
     };
-    // A built head layer (`specc build`) is restored from its snapshot; otherwise the base
-    // boots and every layer's steps are applied now, uncached.
-    let store = specc_store::Store::open_default().context("opening the store")?;
-    let head = &spec.layers[spec.head().0];
-    let built = store.layer(&head.key).ok().flatten().is_some();
     let t1 = Instant::now();
     let mut machine = if built {
         let (vmstate, memory, disks) = specc_build::builder::restore_sources(&store, &head.key)?;
@@ -109,7 +121,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if built {
         let _ = store.touch_layer(&head.key);
         Machine::announce_restored(&mut agent, &spec.name)?;
+        if net {
+            let mut err = std::io::stderr();
+            let mut out = |_stderr: bool, b: &[u8]| {
+                let _ = err.write_all(b);
+            };
+            specc_build::steps::await_network(&mut agent, &mut out)
+                .context("waiting for the guest's network")?;
+        }
     } else {
+        if net {
+            let mut err = std::io::stderr();
+            let mut out = |_stderr: bool, b: &[u8]| {
+                let _ = err.write_all(b);
+            };
+            specc_build::steps::configure_network(&mut agent, &mut out)
+                .context("configuring the guest's network")?;
+        }
         apply_layers(&spec, &mut agent)?;
     }
     let layers_took = t_layers.elapsed();
@@ -118,7 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let status = agent
         .exec(
-            &ExecRequest::new(argv),
+            &command_request(argv, &head.context),
             |b| {
                 let _ = out.write_all(b).and_then(|()| out.flush());
             },
@@ -157,6 +185,55 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (None, Some(sig), _) => exit_code_of(128 + sig),
         (None, None, _) => ExitCode::from(1),
     })
+}
+
+/// CMD as the spec's last layer leaves things: its environment, working directory and user,
+/// as a `run` step at the end of the head layer would see them.
+fn command_request(argv: Vec<String>, context: &ir::RunContext) -> ExecRequest {
+    let mut req = ExecRequest::new(argv);
+    req.env = context
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    req.cwd = Some(context.workdir.clone());
+    req.user = Some(match context.user.parse::<u32>() {
+        Ok(uid) => specc_protocol::User::Uid(uid),
+        Err(_) => specc_protocol::User::Name(context.user.clone()),
+    });
+    req
+}
+
+/// Inside the rig, which has no network device, gives passt what it needs to start: an
+/// interface with a default route (a tap nobody opens). A guest then reaches the rig's own
+/// loopback through its gateway address, and nothing beyond. Elsewhere nothing to do.
+pub(crate) fn prepare_rig_network() -> anyhow::Result<()> {
+    if !specc_rig::in_rig() {
+        return Ok(());
+    }
+    let has_default = std::fs::read_to_string("/proc/net/route")
+        .context("reading /proc/net/route")?
+        .lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(1) == Some("00000000"));
+    if has_default {
+        return Ok(());
+    }
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ip tuntap add specc-net0 mode tap && ip addr add 10.0.2.15/24 dev specc-net0 && \
+             ip link set specc-net0 up && ip route add default via 10.0.2.2 dev specc-net0 onlink \
+             && ip link set lo up",
+        ])
+        .output()
+        .context("running ip(8)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "setting up the rig's stand-in interface for passt: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 /// Applies, in order, every layer the spec's head layer stands on (base specs' layers first).
@@ -242,6 +319,11 @@ pub(crate) fn rerun_in_rig(
     // concurrently.
     unsafe {
         std::env::set_var("SPECC_AGENT_BIN", &guest.agent);
+        // This process, which outlives the rig, owns the build's scratch files in the store.
+        std::env::set_var(
+            specc_build::builder::SCRATCH_OWNER_ENV,
+            specc_build::builder::scratch_owner(),
+        );
         // The rig has no route to a registry; an OCI base was pulled just now, out here.
         std::env::set_var(specc_guestkit::oci::OFFLINE_ENV, "1");
     }

@@ -1,0 +1,132 @@
+//! A spec with `vm network=#true`: a `run` step fetches a file over HTTP from a server of this
+//! test (reached through the passt gateway, which passt maps to the host's loopback), the
+//! file is in the built layer (`specc run` restores the head and reads it), and a rebuild is
+//! cached without fetching again. Runs next to the build VMs: inside the rig on machines
+//! without hardware KVM (the rig has no network, so the server is inside it too).
+
+// An integration test file is a test module of its own.
+#![allow(clippy::tests_outside_test_module)]
+
+mod build_common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use build_common::{DISK, build_ok, events_of, marker, prepare_on_host, specc};
+use specc_rig::testing::run_in_rig_unless_hardware;
+
+/// Serves `body` for every GET on the loopback; returns the port and the request lines seen.
+fn serve(body: String) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listening on the loopback");
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            // The rest of the head, up to the blank line.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim() != "" {
+                line.clear();
+            }
+            log.lock().unwrap().push(first.trim().to_owned());
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_run_step_fetches_over_the_network_into_the_layer() {
+    prepare_on_host();
+    if run_in_rig_unless_hardware("a_run_step_fetches_over_the_network_into_the_layer").ran_in_rig()
+    {
+        return;
+    }
+    if specc_rig::in_rig() {
+        // The rig boots with its loopback down (specc brings it up with passt's stand-in
+        // interface, but the server listens first).
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("running ip");
+        assert!(up.success(), "ip link set lo up: {up}");
+    }
+    let m = marker();
+    let body = format!("fetched over passt {m}\n");
+    let (port, seen) = serve(body.clone());
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let spec = dir.path().join("net.kdl");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"spec "net" {{
+    base "busybox"
+    vm vcpus=1 memory="128MiB" disk="{DISK}" network=#true
+
+    layer "fetch" {{
+        run "gw=$(ip route show default | awk '{{print $3; exit}}'); wget -q -O /root/fetched http://$gw:{port}/file-{m}"
+    }}
+
+    layer "after" {{
+        run "wc -c < /root/fetched > /root/size"
+    }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+
+    let first = build_ok(&spec, &[]);
+    for layer in ["fetch", "after"] {
+        assert_eq!(
+            events_of(&first, layer),
+            ["started", "finished"],
+            "{first:?}"
+        );
+    }
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "one fetch by the guest: {seen:?}");
+        assert!(seen[0].starts_with(&format!("GET /file-{m} ")), "{seen:?}");
+    }
+
+    // The fetched file is in the built head's disk: `specc run` restores the snapshot (with
+    // its network device, over a new passt) and reads it.
+    let out = specc(&["run"])
+        .arg(&spec)
+        .args(["--", "sh", "-c", "cat /root/fetched; cat /root/size"])
+        .output()
+        .expect("running specc run");
+    assert!(
+        out.status.success(),
+        "specc run failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{body}{}\n", body.len())
+    );
+
+    // Cached: the key covers the command, not what it fetched (docs/spec-language.md), so no
+    // second request reaches the server.
+    let again = build_ok(&spec, &[]);
+    for layer in ["base", "fetch", "after"] {
+        assert_eq!(events_of(&again, layer), ["cached"], "{again:?}");
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "a cached layer fetches nothing"
+    );
+}
