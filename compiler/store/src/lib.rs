@@ -14,7 +14,7 @@ pub mod store;
 
 pub use specc_plan::ir::Digest;
 pub use store::{
-    Algorithm, BlobId, BlobInfo, GcReport, LayerRecord, Part, Role, Store, StoreError,
+    Algorithm, BlobId, BlobInfo, GcReport, LayerRecord, Part, Pin, Role, Store, StoreError,
 };
 
 /// Serde for [`Digest`] as `"sha256:<64 hex>"`.

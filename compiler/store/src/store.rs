@@ -7,6 +7,7 @@
 //! <root>/blobs/sparse-sha256/<64 hex>  sparse blob named by its sparse digest; holes kept
 //! <root>/layers/<64 hex key>/layer.json  the layer record; written last, by rename
 //! <root>/layers/<64 hex key>/used      its mtime is the layer's last use (for gc)
+//! <root>/pins/<name>                   a pin: layers gc keeps (JSON, written by rename)
 //! ```
 //!
 //! Architecture invariant: a layer is complete iff its `layer.json` exists, and `layer.json` is
@@ -212,6 +213,14 @@ pub enum StoreError {
         /// Its version.
         version: u32,
     },
+    /// A pin file cannot be parsed, or a pin name is not allowed.
+    #[error("pin {}: {why}", path.display())]
+    BadPin {
+        /// The pin file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// Garbage collection needs the store to itself.
     #[error("store {} is in use by another process; gc needs it to itself", root.display())]
     Busy {
@@ -359,6 +368,24 @@ pub struct GcReport {
     pub bytes_before: u64,
     /// Allocated bytes of all blobs after.
     pub bytes_after: u64,
+    /// Pins found.
+    pub pins: usize,
+    /// Layers kept because a pin holds them (pinned, or an ancestor of a pinned layer).
+    pub pinned_layers: usize,
+    /// Allocated bytes of the blobs of those layers.
+    pub pinned_bytes: u64,
+}
+
+/// A pin (`<root>/pins/<name>`): layers that gc keeps, with their ancestors and blobs, for as
+/// long as the pin exists. specd pins the layer each of its VMs was restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// Format version, 1.
+    pub version: u32,
+    /// Who holds it (for people reading gc's report).
+    pub owner: String,
+    /// Layer keys, hex.
+    pub layers: Vec<String>,
 }
 
 /// A layer as listed by [`Store::layers`].
@@ -382,7 +409,13 @@ impl Store {
     /// leftovers of interrupted writes are removed first.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
-        for dir in ["tmp", "blobs/sha256", "blobs/sparse-sha256", "layers"] {
+        for dir in [
+            "tmp",
+            "blobs/sha256",
+            "blobs/sparse-sha256",
+            "layers",
+            "pins",
+        ] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(|e| io_err("create", &p, e))?;
         }
@@ -688,6 +721,81 @@ impl Store {
             .map_err(|e| self.io_err("touch", &p, e))
     }
 
+    /// Pins `layers` under `name` (letters, digits, `-`, `_`, `.`; not starting with `.`):
+    /// gc keeps them, their ancestors and their blobs while the pin exists. `owner` says who
+    /// pinned them (shown by gc). Replaces an earlier pin of that name; written atomically.
+    pub fn pin(&self, name: &str, owner: &str, layers: &[Digest]) -> Result<()> {
+        let path = self.pin_path(name)?;
+        let pin = Pin {
+            version: 1,
+            owner: owner.to_owned(),
+            layers: layers.iter().map(Digest::to_hex).collect(),
+        };
+        let json = serde_json::to_vec_pretty(&pin).map_err(|e| StoreError::BadPin {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        self.write_atomic(&path, &json)?;
+        let dir = self.root.join("pins");
+        sync_dir(&dir).map_err(|e| self.io_err("sync", &dir, e))
+    }
+
+    /// Removes pin `name` (absent is fine).
+    pub fn unpin(&self, name: &str) -> Result<()> {
+        let path = self.pin_path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_err("remove", &path, e)),
+        }
+    }
+
+    /// Every pin, by name. A pin file that does not parse is an error: gc must not guess what
+    /// it protected.
+    pub fn pins(&self) -> Result<BTreeMap<String, Pin>> {
+        let dir = self.root.join("pins");
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(self.io_err("list", &dir, e)),
+        };
+        let mut out = BTreeMap::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| self.io_err("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let bytes = fs::read(&path).map_err(|e| self.io_err("read", &path, e))?;
+            let pin: Pin = serde_json::from_slice(&bytes).map_err(|e| StoreError::BadPin {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+            if pin.version != 1 || pin.layers.iter().any(|l| Digest::parse(l).is_none()) {
+                return Err(StoreError::BadPin {
+                    path,
+                    why: "unknown version or a layer key that is not 64 hex digits".into(),
+                });
+            }
+            out.insert(name, pin);
+        }
+        Ok(out)
+    }
+
+    fn pin_path(&self, name: &str) -> Result<PathBuf> {
+        let ok = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        let path = self.root.join("pins").join(name);
+        if !ok {
+            return Err(StoreError::BadPin {
+                path,
+                why: "a pin name is letters, digits, '-', '_' and '.'".into(),
+            });
+        }
+        Ok(path)
+    }
+
     /// Allocated bytes of all blobs (what the store costs on disk).
     pub fn usage(&self) -> Result<u64> {
         Ok(self.blob_sizes()?.values().sum())
@@ -700,7 +808,8 @@ impl Store {
     /// meaningless without its ancestors, so a chain is evicted from its leaves up. Using a child
     /// (`touch_layer`) therefore also protects its ancestors while the child is kept. Needs the
     /// store to itself ([`StoreError::Busy`] otherwise), so it cannot remove the blobs of a
-    /// build that is running in another process.
+    /// build that is running in another process. Pinned layers ([`Store::pin`]) and their
+    /// ancestors are never evicted, even if the budget is then not met.
     pub fn gc(&self, budget: u64) -> Result<GcReport> {
         let lock_path = self.root.join("lock");
         if !flock(&self.lock, libc::LOCK_EX | libc::LOCK_NB)
@@ -735,6 +844,21 @@ impl Store {
                 .flat_map(|e| e.record.parts.iter().map(|p| p.digest))
                 .collect()
         };
+        let pins = self.pins()?;
+        report.pins = pins.len();
+        // The pinned layers and their ancestors, as far as they are in the store.
+        let mut pinned: BTreeSet<Digest> = BTreeSet::new();
+        let mut todo: Vec<Digest> = pins
+            .values()
+            .flat_map(|p| p.layers.iter().filter_map(|l| Digest::parse(l)))
+            .collect();
+        while let Some(k) = todo.pop() {
+            if let Some(e) = kept.get(&k)
+                && pinned.insert(k)
+            {
+                todo.extend(e.record.parents.iter().copied());
+            }
+        }
         let refs = referenced(&kept);
         let unreferenced: Vec<BlobId> = sizes
             .keys()
@@ -754,7 +878,7 @@ impl Store {
                 .collect();
             let Some(victim) = kept
                 .values()
-                .filter(|e| !parents.contains(&e.record.key))
+                .filter(|e| !parents.contains(&e.record.key) && !pinned.contains(&e.record.key))
                 .min_by_key(|e| (e.last_used, e.record.key))
                 .map(|e| e.record.key)
             else {
@@ -781,6 +905,13 @@ impl Store {
             }
         }
         report.bytes_after = usage;
+        let pinned_blobs: BTreeSet<BlobId> = pinned
+            .iter()
+            .filter_map(|k| kept.get(k))
+            .flat_map(|e| e.record.parts.iter().map(|p| p.digest))
+            .collect();
+        report.pinned_layers = pinned.len();
+        report.pinned_bytes = pinned_blobs.iter().filter_map(|d| sizes.get(d)).sum();
         Ok(report)
     }
 
@@ -1383,6 +1514,43 @@ mod tests {
         let report = store.gc(0).expect("gc to zero");
         assert_eq!(report.removed_layers, vec![b.key, base.key]);
         assert_eq!(report.bytes_after, 0);
+    }
+
+    #[test]
+    fn gc_keeps_pinned_layers_and_their_ancestors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        // base <- a ; base <- b ; a is pinned (and so is base, its parent).
+        let base = layer(&store, 1, &[], 1, 64 << 10);
+        let a = layer(&store, 2, &[1], 2, 64 << 10);
+        let b = layer(&store, 3, &[1], 3, 64 << 10);
+        store.pin("vm-1", "test", &[a.key]).expect("pin");
+        // A pin of a layer the store does not have protects nothing and breaks nothing.
+        store.pin("vm-2", "test", &[Digest([99; 32])]).expect("pin");
+        assert_eq!(store.pins().expect("pins").len(), 2);
+        assert!(store.pin("../escape", "test", &[a.key]).is_err());
+
+        let report = store.gc(0).expect("gc");
+        assert_eq!(report.removed_layers, vec![b.key]);
+        assert!(store.has_layer(&a.key) && store.has_layer(&base.key));
+        for p in a.parts.iter().chain(&base.parts) {
+            assert!(store.has_blob(&p.digest));
+        }
+        assert_eq!(report.pins, 2);
+        assert_eq!(report.pinned_layers, 2);
+        assert_eq!(report.pinned_bytes, report.bytes_after);
+        assert!(report.bytes_after > 0);
+
+        // Unpinned, the chain goes from its leaf up.
+        store.unpin("vm-1").expect("unpin");
+        store.unpin("vm-1").expect("unpin twice");
+        let report = store.gc(0).expect("gc");
+        assert_eq!(report.removed_layers, vec![a.key, base.key]);
+        assert_eq!((report.pinned_layers, report.bytes_after), (0, 0));
+
+        // A damaged pin stops gc rather than let it guess.
+        fs::write(dir.path().join("pins/bad"), b"{not json").expect("write");
+        assert!(matches!(store.gc(0), Err(StoreError::BadPin { .. })));
     }
 
     #[test]

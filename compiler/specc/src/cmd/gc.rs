@@ -30,6 +30,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         r.removed_blobs,
         r.removed_tmp
     );
+    if r.pins > 0 {
+        println!(
+            "kept because of {} pins (specd VMs): {} layers, {}",
+            r.pins,
+            r.pinned_layers,
+            human(r.pinned_bytes)
+        );
+    }
+    if let Some(max) = args.max_size
+        && r.bytes_after > max
+    {
+        println!(
+            "still over {}: the rest is pinned (delete the VMs that need it to free it)",
+            human(max)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
