@@ -9,10 +9,11 @@
 #![allow(clippy::tests_outside_test_module)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use specc_testsuite::specd::Specd;
 use specd::api::{self, CreateVm, ExecEvent, IdlePolicy, Persistence, Source, Vm, VmState};
 use specd::client::Client;
 
@@ -32,77 +33,13 @@ fn binary(name: &str) -> PathBuf {
     p
 }
 
-struct Specd {
-    child: Child,
-    socket: PathBuf,
-    state: PathBuf,
-}
-
-/// Sockets cannot live on the rig's 9p view of the project tree: the daemon's state (and run
-/// dirs in it) goes to the rig's local /tmp.
-fn run_dir(state: &Path) -> PathBuf {
-    state.join("run")
-}
-
-impl Specd {
-    fn start(state: &Path, budget: u64) -> Specd {
-        let socket = run_dir(state).join("specd.sock");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(state.join("specd.log"))
-            .unwrap();
-        let child = Command::new(binary("specd"))
-            .arg("--state")
-            .arg(state)
-            .arg("--run-dir")
-            .arg(run_dir(state))
-            .args(["--tick-ms", "200", "--budget", &budget.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting specd");
-        let mut d = Specd {
-            child,
-            socket,
-            state: state.to_owned(),
-        };
-        let client = d.client();
-        let t0 = Instant::now();
-        while client
-            .call::<api::Health>("GET", "/v1/health", None::<&()>)
-            .is_err()
-        {
-            let exited = d.child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && t0.elapsed() < Duration::from_secs(60),
-                "specd did not come up ({exited:?})"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.socket)
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Specd {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.state.join("specd.log")).unwrap_or_default();
-            eprintln!("--- specd log ---\n{log}");
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A daemon on `state` with fast idle ticks and `budget` bytes of storage budget.
+fn start(state: &Path, budget: u64) -> Specd {
+    Specd::start(
+        state,
+        &["--tick-ms", "200", "--budget", &budget.to_string()],
+    )
+    .expect("starting specd")
 }
 
 struct Ran {
@@ -212,7 +149,7 @@ fn daemon_lifecycle_with_linux_guests() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("specd");
     std::fs::create_dir_all(&state).unwrap();
-    let d = Specd::start(&state, u64::MAX >> 1);
+    let d = start(&state, u64::MAX >> 1);
     let c = d.client();
 
     // Create, exec (streams, stderr apart, exit code), files.
@@ -296,8 +233,8 @@ fn daemon_lifecycle_with_linux_guests() {
 
     // kill -9 of the daemon: every VM keeps running and is attached again after a restart.
     let before: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
-    d.kill9();
-    let d = Specd::start(&state, u64::MAX >> 1);
+    d.kill9().unwrap();
+    let d = start(&state, u64::MAX >> 1);
     let c = d.client();
     let after: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
     assert_eq!(after.len(), before.len(), "{after:?}");
@@ -312,8 +249,8 @@ fn daemon_lifecycle_with_linux_guests() {
     }
     // A suspended VM survives a restart too.
     post(&c, &b.id, "suspend");
-    d.kill9();
-    let d = Specd::start(&state, u64::MAX >> 1);
+    d.kill9().unwrap();
+    let d = start(&state, u64::MAX >> 1);
     let c = d.client();
     assert_eq!(show(&c, &b.id).unwrap().state, VmState::Suspended);
     assert!(exec(&c, &b.id, "cat /root/only-b").stdout == "mine\n");
@@ -356,8 +293,8 @@ fn daemon_lifecycle_with_linux_guests() {
     let vms: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();
     let total: u64 = vms.iter().map(|v| v.disk_bytes).sum();
     let lo_bytes = vms.iter().find(|v| v.id == lo.id).unwrap().disk_bytes;
-    d.kill9();
-    let d = Specd::start(&state, total - lo_bytes / 2);
+    d.kill9().unwrap();
+    let d = start(&state, total - lo_bytes / 2);
     let c = d.client();
     wait_state(&c, &lo.id, None, Duration::from_secs(10));
     assert_eq!(show(&c, &hi.id).map(|v| v.state), Some(VmState::Suspended));

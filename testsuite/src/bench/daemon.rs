@@ -9,8 +9,8 @@
 //! The daemon's VMs run in the rig unless this host has hardware KVM: the whole scenario
 //! re-runs itself there (the layer is built first, out here).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -77,7 +77,7 @@ pub fn run(scenario: Scenario, args: &Args) -> anyhow::Result<()> {
         Mode::detect()
     };
     let state = tempfile::tempdir().context("creating the daemon's state dir")?;
-    let daemon = Daemon::start(state.path())?;
+    let daemon = crate::specd::Specd::start(state.path(), &[])?;
     let c = daemon.client();
     let report = match scenario {
         Scenario::Create => api_create(&c, &key, args, mode)?,
@@ -124,62 +124,6 @@ pub fn build_head_key(specc: &Path, dir: &Path) -> anyhow::Result<String> {
         .filter(|v| v["layer"] == "app" && (v["event"] == "finished" || v["event"] == "cached"))
         .find_map(|v| v["key"].as_str().map(str::to_owned))
         .with_context(|| format!("no key for layer app in:\n{stdout}"))
-}
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(state: &Path) -> anyhow::Result<Daemon> {
-        let exe = std::env::current_exe()?;
-        let bin = exe.with_file_name("specd");
-        ensure!(
-            bin.is_file(),
-            "{} is missing: build it with `cargo build -p specd` in this profile",
-            bin.display()
-        );
-        let log = std::fs::File::create(state.join("specd.log"))?;
-        let child = Command::new(&bin)
-            .arg("--state")
-            .arg(state)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut d = Daemon {
-            child,
-            socket: state.join("run/specd.sock"),
-        };
-        let t0 = Instant::now();
-        while d
-            .client()
-            .call::<api::Health>("GET", "/v1/health", None::<&()>)
-            .is_err()
-        {
-            if d.child.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(60) {
-                let log = std::fs::read_to_string(state.join("specd.log")).unwrap_or_default();
-                bail!("specd did not come up:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.socket)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // The VMs were deleted by the scenario; whatever is left dies with the rig or is
-        // reaped by the next daemon on this state dir (a temp dir that goes now).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn create(c: &Client, key: &str, name: &str) -> anyhow::Result<Vm> {
