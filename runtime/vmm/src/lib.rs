@@ -19,6 +19,7 @@ pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod probe;
+pub mod promote;
 pub mod snapshot;
 pub mod snapshot_dir;
 pub mod virtio;
@@ -83,6 +84,10 @@ pub struct Vmm {
     freeze_seq: u64,
     /// The files guest memory was restored from, if it was (what a diff snapshot is against).
     memory_image: Option<snapshot_dir::MemoryImage>,
+    /// Guest RAM was moved into anonymous huge pages (see [`promote`]).
+    promoted: bool,
+    /// Whether a fork promotes file-backed guest RAM first.
+    promote_on_fork: bool,
 }
 
 impl Vmm {
@@ -113,6 +118,8 @@ impl Vmm {
             ended: None,
             freeze_seq: 0,
             memory_image: None,
+            promoted: false,
+            promote_on_fork: true,
         }
     }
 
@@ -367,6 +374,7 @@ pub fn handle_request(
             "vcpus": config.vcpus,
             "mem_bytes": config.mem_bytes,
             "restored": vmm.memory_image.is_some(),
+            "promoted": vmm.promoted,
             "vcpu_exits": vmm.vcpu_exits(),
         })),
         Request::Pause => done(
@@ -1060,6 +1068,168 @@ mod tests {
             Some(0),
             "live fork probe failed (10: a child failed to restore, 20: a child did not finish \
              with its own marker, 30: a child's write reached the source): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pattern_ok(vmm: &Vmm) -> bool {
+        (0x40_0000u64..0x140_0000).step_by(4096).all(|a| {
+            let want = if a < 0xc0_0000 {
+                a ^ 0xc3c3
+            } else {
+                a ^ 0x5a5a
+            };
+            vmm.memory().read_obj::<u64>(GuestAddress(a)).ok() == Some(want)
+        })
+    }
+
+    /// Runs in its own process (see the fork test): forks a VM restored from a snapshot, whose
+    /// memory the first fork promotes to anonymous huge pages while the guest runs.
+    fn restored_fork_probe() -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 64 << 20);
+        // 16 MiB of distinct data in the memory file; the restored VM then rewrites half of it,
+        // so its memory holds both clean file pages and private written ones.
+        for a in (0x40_0000u64..0x140_0000).step_by(4096) {
+            vmm.memory().write_obj(a ^ 0x5a5a, GuestAddress(a)).unwrap();
+        }
+        let snap = dir.path().join("snap");
+        snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        drop(vmm);
+        let rc = rerun_config(&c, &dir.path().join("src"));
+        let mut vmm = snapshot_dir::restore(&snap, &rc).unwrap();
+        for a in (0x40_0000u64..0xc0_0000).step_by(4096) {
+            vmm.memory().write_obj(a ^ 0xc3c3, GuestAddress(a)).unwrap();
+        }
+        if !vmm.needs_promotion() {
+            return 5;
+        }
+        let before: Vec<u64> = ram_starts(&vmm);
+        for round in 0..2 {
+            let dirs: Vec<PathBuf> = (0..3)
+                .map(|i| dir.path().join(format!("r{round}child{i}")))
+                .collect();
+            match vmm.fork(&rc, &dirs).unwrap() {
+                snapshot::Forked::Child { config, index } => {
+                    let marker = 100 + index as u64;
+                    let intact = pattern_ok(&vmm);
+                    vmm.memory()
+                        .write_obj(marker, GuestAddress(RESULTS + 32))
+                        .unwrap();
+                    vmm.memory()
+                        .write_obj(marker, GuestAddress(0x100_0000))
+                        .unwrap();
+                    vmm.memory()
+                        .write_obj(1u64, GuestAddress(RESULTS + 16))
+                        .unwrap();
+                    let ok = intact
+                        && vmm.wait() == VmExit::PowerOff
+                        && result(&vmm, 0) == 2000
+                        && result(&vmm, 4) == marker
+                        && vmm.memory().read_obj::<u64>(GuestAddress(0x100_0000)).ok()
+                            == Some(marker)
+                        && config.serial.log.as_deref().is_some_and(|l| {
+                            std::fs::read_to_string(l).is_ok_and(|s| s == "done\n")
+                        });
+                    let _ =
+                        std::fs::write(dirs[index].join("result"), if ok { "ok" } else { "bad" });
+                    // SAFETY: ends the child without running the test harness's destructors.
+                    unsafe { libc::_exit(0) }
+                }
+                snapshot::Forked::Source(report) => {
+                    eprintln!(
+                        "round {round}: pause {} us, promotion {:?}",
+                        report.pause_us, report.promotion
+                    );
+                    if (round == 0) != report.promotion.is_some() {
+                        return 40 + round;
+                    }
+                    for (i, ch) in report.children.iter().enumerate() {
+                        if ch.error.is_some() || ch.pid <= 0 || ch.ready_us.is_none() {
+                            eprintln!("child {i}: {ch:?}");
+                            return 10;
+                        }
+                    }
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    for d in &dirs {
+                        while !d.join("result").exists() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        if std::fs::read_to_string(d.join("result")).ok().as_deref() != Some("ok") {
+                            eprintln!("{} did not report ok", d.display());
+                            return 20;
+                        }
+                    }
+                }
+            }
+            // No child's writes reached the source, which still waits at 1000 with its data.
+            if result(&vmm, 4) != 0 || result(&vmm, 0) != 1000 || !pattern_ok(&vmm) {
+                return 30;
+            }
+        }
+        if vmm.needs_promotion() || ram_starts(&vmm) != before {
+            return 50;
+        }
+        // The written data now lies in huge pages (the copy, at the same address).
+        let huge = smaps_kib(&before, "AnonHugePages:");
+        eprintln!("AnonHugePages {huge} KiB");
+        if huge < 16 << 10 {
+            return 60;
+        }
+        // A diff snapshot of the promoted VM against its memory file is still exact.
+        vmm.memory()
+            .write_obj(0xd1ff_u64, GuestAddress(0x130_0000))
+            .unwrap();
+        let diff = dir.path().join("diff");
+        snapshot_dir::write(&mut vmm, &rc, &diff, true).unwrap();
+        vmm.resume().unwrap();
+        vmm.memory()
+            .write_obj(0x5a5a ^ 0x130_0000_u64, GuestAddress(0x130_0000))
+            .unwrap();
+        let again = rerun_config(&c, &dir.path().join("again"));
+        let back = snapshot_dir::restore(&diff, &again).unwrap();
+        let diff_ok = back.memory().read_obj::<u64>(GuestAddress(0x130_0000)).ok() == Some(0xd1ff)
+            && (0x40_0000u64..0x130_0000).step_by(4096).all(|a| {
+                let want = if a < 0xc0_0000 {
+                    a ^ 0xc3c3
+                } else {
+                    a ^ 0x5a5a
+                };
+                back.memory().read_obj::<u64>(GuestAddress(a)).ok() == Some(want)
+            });
+        if !diff_ok {
+            return 70;
+        }
+        finish_count(back, &dir.path().join("again"));
+        finish_count(vmm, &dir.path().join("src"));
+        0
+    }
+
+    #[test]
+    fn a_restored_vm_is_promoted_on_its_first_fork_and_its_forks_diverge() {
+        if std::env::var_os("SPECC_VMM_RESTORED_FORK_PROBE").is_some() {
+            std::process::exit(restored_fork_probe());
+        }
+        require_kvm();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_restored_vm_is_promoted_on_its_first_fork_and_its_forks_diverge",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("SPECC_VMM_RESTORED_FORK_PROBE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "restored fork probe failed (5: restored memory not file-backed, 10: a child failed \
+             to restore, 20: a child did not finish with its own marker and the source's data, \
+             30: a child's write reached the source or the source's data changed, 40/41: the \
+             first fork did not promote or the second did, 50: memory still file-backed or \
+             moved, 60: no huge pages after promotion, 70: diff snapshot after promotion \
+             wrong): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

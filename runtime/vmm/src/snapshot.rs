@@ -58,6 +58,9 @@ pub enum ForkError {
     /// No child directories were given.
     #[error("a fork needs at least one child")]
     NoChildren,
+    /// Promoting the source's memory failed midway and its memory is lost (it was stopped).
+    #[error("promoting the source's memory")]
+    Promote(#[source] crate::promote::Error),
 }
 
 /// What a fork call returns, in each process.
@@ -81,6 +84,10 @@ pub struct ForkReport {
     pub pause_us: u64,
     /// One entry per requested child, in request order.
     pub children: Vec<ChildReport>,
+    /// The first fork of a restored VM promotes its memory first (its swap is part of
+    /// `pause_us`).
+    #[serde(default)]
+    pub promotion: Option<crate::promote::PromotionReport>,
 }
 
 /// One fork child.
@@ -192,15 +199,56 @@ impl Vmm {
         for d in dirs {
             std::fs::create_dir_all(d).map_err(|e| ForkError::ChildDir(d.clone(), e))?;
         }
+        let was_paused = self.paused;
+        // A paused source has no running guest to copy under; it forks with 4 KiB entries.
+        let precopied = if self.promote_on_fork && !was_paused && self.needs_promotion() {
+            match self.precopy() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(
+                        "fork: promoting memory failed, forking 4 KiB pages: {}",
+                        crate::error_chain(&e)
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // The source's pause starts here.
         let t0 = Instant::now();
-        let was_paused = self.paused;
-        if !was_paused {
-            self.pause().map_err(ForkError::Capture)?;
+        if !was_paused && let Err(e) = self.pause() {
+            if let Some(p) = precopied {
+                self.abandon(p);
+            }
+            return Err(ForkError::Capture(e));
         }
         tracing::debug!("fork: vcpus paused {:?}", t0.elapsed());
         self.pause_devices();
         tracing::debug!("fork: devices paused {:?}", t0.elapsed());
+        let mut promotion = None;
+        let mut retired = None;
+        if let Some(p) = precopied {
+            match self.finish_promotion(p) {
+                Ok((report, r)) => {
+                    promotion = Some(report);
+                    retired = Some(r);
+                }
+                Err(e) if e.memory_lost() => {
+                    self.stop();
+                    self.ended = Some(crate::VmExit::VcpuError {
+                        vcpu: 0,
+                        message: format!("guest memory lost: {}", crate::error_chain(&e)),
+                    });
+                    return Err(ForkError::Promote(e));
+                }
+                Err(e) => tracing::warn!(
+                    "fork: promoting memory failed, forking 4 KiB pages: {}",
+                    crate::error_chain(&e)
+                ),
+            }
+            tracing::debug!("fork: memory promoted {:?}", t0.elapsed());
+        }
         let seq = self.next_freeze_seq();
         let frozen = |i: usize| -> PathBuf {
             let top = config
@@ -225,6 +273,9 @@ impl Vmm {
             Ok(s) => s,
             Err(e) => {
                 self.restart(was_paused);
+                if let Some(r) = retired {
+                    self.retire(r);
+                }
                 return Err(e);
             }
         };
@@ -234,6 +285,9 @@ impl Vmm {
             Ok(p) => p,
             Err(e) => {
                 self.restart(was_paused);
+                if let Some(r) = retired {
+                    self.retire(r);
+                }
                 return Err(ForkError::Os("pipe", e));
             }
         };
@@ -245,9 +299,15 @@ impl Vmm {
         if pid < 0 {
             let e = std::io::Error::last_os_error();
             self.restart(was_paused);
+            if let Some(r) = retired {
+                self.retire(r);
+            }
             return Err(ForkError::Os("fork", e));
         }
         if pid == 0 {
+            // The old mappings were not inherited (MADV_DONTFORK): unmapping their addresses
+            // here would hit whatever this process maps there next.
+            std::mem::forget(retired);
             drop(rd);
             drop(resumed_wr);
             // The child's restore (closing descriptors, a new KVM VM, forking its siblings)
@@ -273,10 +333,17 @@ impl Vmm {
         // Lets the first child start (closing the pipe would too).
         let _ = std::io::Write::write_all(&mut &resumed_wr, b"r");
         drop(resumed_wr);
+        if let Some(r) = retired {
+            self.retire(r);
+        }
         reap_in_background(vec![pid]);
         let children = collect_reports(rd, dirs, Duration::from_secs(60));
         devices.map_err(ForkError::Resume)?;
-        Ok(Forked::Source(ForkReport { pause_us, children }))
+        Ok(Forked::Source(ForkReport {
+            pause_us,
+            children,
+            promotion,
+        }))
     }
 
     fn restart(&mut self, was_paused: bool) {
@@ -329,6 +396,8 @@ impl Vmm {
             Ok(mut vmm) => {
                 // The child's private pages differ from the same files as the source's.
                 vmm.memory_image = self.memory_image.clone();
+                // Its memory is a copy of the source's, anonymous if the source's was.
+                vmm.promoted = self.promoted;
                 write_report(&report, index, me, Ok(()), t0);
                 drop(report);
                 reap_in_background(grandchildren);

@@ -46,6 +46,10 @@ pub struct Args {
     /// Guest memory the host writes before the fork, in MiB.
     #[arg(long, default_value_t = 256)]
     pub touched_mib: u64,
+    /// Fork a VM restored from a snapshot of the booted one instead: the fork first promotes
+    /// its memory (a private mapping of the memory file) to anonymous huge pages.
+    #[arg(long)]
+    pub restored: bool,
 }
 
 /// A child ends itself after this long, should the bench not get to kill it.
@@ -94,6 +98,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut vmm = specc_vmm::boot(&config).context("booting the halt guest")?;
     count::wait_until(vmm.memory(), HALT_STARTED, "start", |v| v == 1)?;
     let touched = count::touch(vmm.memory(), args.touched_mib << 20)?;
+    if args.restored {
+        let snap = dir.path().join("snap");
+        specc_vmm::snapshot_dir::write(&mut vmm, &config, &snap, false)
+            .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
+            .context("snapshot of the halt guest")?;
+        drop(vmm);
+        vmm = specc_vmm::snapshot_dir::restore(&snap, &config)
+            .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
+            .context("restoring the halt guest")?;
+    }
     let source_pid = std::process::id();
     let source_before = rollup(source_pid)?;
     let meminfo_before = meminfo()?;
@@ -138,6 +152,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let n = args.children as f64;
 
     let mut out = Report::new("density", mode);
+    out.figure("restored_count", f64::from(u8::from(args.restored)));
+    if let Some(p) = &report.promotion {
+        out.figure("promote_copied_bytes", p.copied_bytes as f64);
+        out.figure("promote_precopy_ms", p.precopy_us as f64 / 1000.0);
+    }
+    out.figure("fork_pause_ms", report.pause_us as f64 / 1000.0);
     out.figure("children_count", n);
     out.figure("guest_memory_mib", args.memory_mib as f64);
     out.figure("touched_bytes", touched as f64);
@@ -287,6 +307,24 @@ mod tests {
                     children: 2,
                     memory_mib: 32,
                     touched_mib: 8,
+                    restored: false,
+                })
+            },
+        );
+    }
+
+    #[test]
+    fn idle_children_of_a_restored_vm_are_measured_and_killed() {
+        count::in_own_process(
+            "bench::density::tests::idle_children_of_a_restored_vm_are_measured_and_killed",
+            "SPECC_BENCH_DENSITY_RESTORED_PROBE",
+            || {
+                run(Args {
+                    json: true,
+                    children: 2,
+                    memory_mib: 32,
+                    touched_mib: 8,
+                    restored: true,
                 })
             },
         );

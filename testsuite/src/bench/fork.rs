@@ -42,9 +42,14 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     pub children: usize,
     /// Also fork a VM restored from a snapshot of the source, at each size: its guest RAM is
-    /// a private mapping of the memory file, which gets no huge pages.
+    /// a private mapping of the memory file, which gets no huge pages until the first fork
+    /// promotes it to anonymous huge pages.
     #[arg(long)]
     pub restored: bool,
+    /// With `--restored`: do not promote the restored VM's memory (every fork then copies
+    /// 4 KiB page-table entries; the behaviour before promotion existed).
+    #[arg(long)]
+    pub no_promote: bool,
 }
 
 /// The file a child writes into its run directory once its guest has run.
@@ -55,6 +60,7 @@ struct Outcome {
     pause: Duration,
     ready: Vec<Duration>,
     running: Vec<Duration>,
+    promotion: Option<specc_vmm::promote::PromotionReport>,
 }
 
 /// Runs the scenario.
@@ -112,6 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 dir.path(),
                 &label,
                 args.runs,
+                !args.no_promote,
                 &mut report,
             )?;
         }
@@ -135,13 +142,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// restored VM's RAM from the host and forks it `runs` times: `fork_pause_restored_<label>`.
 /// A restored VM's RAM is a `MAP_PRIVATE` mapping of the memory file, and the pages written
 /// since the restore are 4 KiB anonymous copies in that file-backed mapping (no transparent
-/// huge pages there), so `fork(2)` copies one page-table entry per touched 4 KiB page.
+/// huge pages there), so `fork(2)` would copy one page-table entry per touched 4 KiB page.
+/// With `promote`, the first fork first moves that RAM into anonymous huge pages (copied
+/// while the guest runs, swapped in during the pause): its pause is
+/// `fork_pause_restored_<label>_first_ms`, the copy's figures `promote_<label>_*`, and the
+/// p50/p95/min are of the forks after it.
 fn restored_forks(
     vmm: &mut Vmm,
     config: &VmConfig,
     dir: &Path,
     label: &str,
     runs: usize,
+    promote: bool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let snap = dir.join(format!("{label}-snap"));
@@ -152,13 +164,52 @@ fn restored_forks(
     let mut restored = specc_vmm::snapshot_dir::restore(&snap, config)
         .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
         .context("restoring the source's snapshot")?;
+    restored.set_promote_on_fork(promote);
     count::touch(restored.memory(), u64::MAX)?;
     let mut pauses = Vec::with_capacity(runs);
     for r in 0..runs {
         let dirs = vec![dir.join(format!("{label}-restored-run{r}"))];
         let o = fork_once(&mut restored, config, &dirs)
             .with_context(|| format!("fork {r} of the restored VM at {label}"))?;
-        pauses.push(o.pause);
+        anyhow::ensure!(
+            o.promotion.is_some() == (promote && r == 0),
+            "fork {r} of the restored VM: promotion {:?} (expected only on the first fork{})",
+            o.promotion,
+            if promote {
+                ""
+            } else {
+                ": none with --no-promote"
+            }
+        );
+        if let Some(p) = &o.promotion {
+            report.figure(
+                &format!("fork_pause_restored_{label}_first_ms"),
+                ms(o.pause),
+            );
+            let f =
+                |name: &str, us: u64| (format!("promote_{label}_{name}_ms"), us as f64 / 1000.0);
+            for (name, v) in [
+                f("precopy", p.precopy_us),
+                f("copy", p.copy_us),
+                f("swap", p.swap_us),
+            ] {
+                report.figure(&name, v);
+            }
+            report.figure(
+                &format!("promote_{label}_copied_bytes"),
+                p.copied_bytes as f64,
+            );
+            report.figure(
+                &format!("promote_{label}_rounds_count"),
+                f64::from(p.rounds),
+            );
+            report.figure(
+                &format!("promote_{label}_final_pages_count"),
+                p.final_pages as f64,
+            );
+        } else {
+            pauses.push(o.pause);
+        }
     }
     p50_p95(report, &format!("fork_pause_restored_{label}"), &mut pauses);
     if let Some(min) = pauses.iter().min() {
@@ -213,6 +264,7 @@ fn fork_once(vmm: &mut Vmm, config: &VmConfig, dirs: &[PathBuf]) -> anyhow::Resu
         pause: Duration::from_micros(report.pause_us),
         ready,
         running,
+        promotion: report.promotion,
     })
 }
 
@@ -287,6 +339,7 @@ mod tests {
                     sizes_mib: vec![16, 32],
                     children: 3,
                     restored: true,
+                    no_promote: false,
                 })
             },
         );

@@ -223,7 +223,12 @@ fn run_linux(args: &Args) -> anyhow::Result<()> {
     };
     // The restored VMMs log their restore time; nothing else of theirs at debug level.
     // SAFETY: no other thread of this process reads the environment (the VMMs are processes).
-    unsafe { std::env::set_var("SPECC_VMM_LOG", "warn,specc_vmm::snapshot_dir=debug") };
+    unsafe {
+        std::env::set_var(
+            "SPECC_VMM_LOG",
+            "warn,specc_vmm::snapshot_dir=debug,specc_vmm::promote=debug",
+        )
+    };
     let dir = tempfile::tempdir()?;
     let config = MachineConfig {
         kernel: kernel.vmlinux.clone(),
@@ -286,6 +291,7 @@ fn run_linux(args: &Args) -> anyhow::Result<()> {
         );
     }
     let mut report = Report::new("restore", mode);
+    restored_linux_forks(&snap, &config, &dir.path().join("forked"), &mut report)?;
     p50_p95(&mut report, "restore_linux_vmm", &mut vmm_side);
     p50_p95(&mut report, "restore_linux_agent", &mut agent_side);
     p50_p95(&mut report, "restore_linux_restored", &mut restored);
@@ -295,6 +301,84 @@ fn run_linux(args: &Args) -> anyhow::Result<()> {
     report.figure("guest_memory_mib", args.memory_mib as f64);
     report.figure("runs_count", args.runs as f64);
     report.print(args.json)
+}
+
+/// Restores the snapshot once more and forks that VM twice, one child each: the first fork
+/// promotes the restored VM's memory to anonymous huge pages (`fork_restored_linux_first_ms`,
+/// and the promotion's own figures from the VMM's log), the second forks huge pages
+/// (`fork_restored_linux_second_ms`). Each child's agent must answer, and the source's after
+/// both forks.
+fn restored_linux_forks(
+    snap: &Path,
+    config: &specc_machine::MachineConfig,
+    run_dir: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    use specc_machine::{Disk, Machine, MachineConfig};
+    let rc = MachineConfig {
+        disk: Disk {
+            layers: Vec::new(),
+            top: run_dir.join("disk.diff"),
+        },
+        ..config.clone()
+    };
+    let mut vm = Machine::restore(snap, &rc, run_dir)?;
+    let mut client = vm
+        .connect_agent(Duration::from_secs(120))
+        .context("forked source: the agent")?;
+    Machine::announce_restored(&mut client, "forked-source").context("forked source")?;
+    for (k, name) in ["first", "second"].iter().enumerate() {
+        let dirs = vec![run_dir.join(format!("child{k}"))];
+        let (pause_us, children) = vm
+            .fork(&dirs)
+            .with_context(|| format!("{name} fork of the restored VM"))?;
+        report.figure(
+            &format!("fork_restored_linux_{name}_ms"),
+            pause_us as f64 / 1000.0,
+        );
+        for c in children {
+            let mut m = c
+                .machine
+                .with_context(|| format!("{name} fork: the child failed: {:?}", c.report))?;
+            let mut a = m
+                .connect_agent(Duration::from_secs(120))
+                .with_context(|| format!("{name} fork: the child's agent"))?;
+            Machine::announce_restored(&mut a, &format!("child{k}"))
+                .with_context(|| format!("{name} fork: the child"))?;
+            m.power_off(&mut a, Duration::from_secs(60))?;
+        }
+    }
+    Machine::announce_restored(&mut client, "forked-source-after")
+        .context("the forked source after its forks")?;
+    let status = vm.power_off(&mut client, Duration::from_secs(60))?;
+    anyhow::ensure!(status.success(), "the forked source ended with {status}");
+    let log = std::fs::read_to_string(run_dir.join("vmm.log"))?;
+    let swapped = log
+        .lines()
+        .find(|l| l.contains("promote: swapped"))
+        .with_context(|| format!("the first fork did not promote memory:\n{log}"))?;
+    for field in ["precopy_us", "copy_us", "devices_stopped_us", "swap_us"] {
+        if let Some(v) = logged_field(swapped, field) {
+            report.figure(
+                &format!("promote_linux_{}_ms", field.trim_end_matches("_us")),
+                v as f64 / 1000.0,
+            );
+        }
+    }
+    if let Some(v) = logged_field(swapped, "copied_bytes") {
+        report.figure("promote_linux_copied_bytes", v as f64);
+    }
+    Ok(())
+}
+
+/// `field: N` in a logged `Debug` line (a whole field name: `copy_us` is not `precopy_us`).
+fn logged_field(line: &str, field: &str) -> Option<u64> {
+    let key = format!(" {field}: ");
+    let rest = &line[line.find(&key)? + key.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The VMM-side restore time a `specc-vmm --restore` logged (`restore_us=N`; the log may
@@ -387,6 +471,15 @@ mod tests {
             linux: false,
         })
         .expect("restore scenario");
+    }
+
+    #[test]
+    fn promotion_figures_are_read_from_a_logged_report() {
+        let line = "DEBUG specc_vmm::promote: promote: swapped PromotionReport { precopy_us: \
+                    4825, copy_us: 4797, devices_stopped_us: 12, swap_us: 469 }";
+        assert_eq!(logged_field(line, "copy_us"), Some(4797));
+        assert_eq!(logged_field(line, "swap_us"), Some(469));
+        assert_eq!(logged_field(line, "rounds"), None);
     }
 
     #[test]

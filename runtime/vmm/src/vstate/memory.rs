@@ -11,10 +11,14 @@
 //! touched (docs/benchmarks.md, fork).
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch::x86_64::layout::ram_regions;
 
@@ -66,6 +70,14 @@ pub enum Error {
     /// Assembling the regions failed.
     #[error("assembling guest memory")]
     Collection(#[source] vm_memory::GuestRegionCollectionError),
+    /// A system call of moving guest memory into anonymous huge pages failed; guest memory is
+    /// as it was.
+    #[error("promoting guest memory to anonymous huge pages: {0}")]
+    Promote(&'static str, #[source] std::io::Error),
+    /// Swapping the mappings failed and so did putting the old ones back: the guest's memory
+    /// is lost and the VM must end.
+    #[error("promoting guest memory: {0}; putting the old mapping back failed too")]
+    PromoteLost(&'static str, #[source] std::io::Error),
 }
 
 /// Creates guest RAM of `mem_bytes` following the fixed layout.
@@ -137,11 +149,392 @@ pub fn create(
     GuestMemoryMmap::from_regions(regions).map_err(Error::Collection)
 }
 
+const HUGE: usize = 2 << 20;
+const PAGE: usize = 4096;
+
+/// An anonymous private mapping of `len` bytes, `MADV_HUGEPAGE`d, starting at the same offset
+/// within a 2 MiB page as `like` (so that `mremap` between the two moves whole page tables and
+/// huge pages), or a `PROT_NONE` reservation of the same shape.
+fn map_like(like: usize, len: usize, usable: bool) -> Result<*mut u8, Error> {
+    let prot = if usable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_NONE
+    };
+    let total = len + HUGE;
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(Error::Promote("mmap", std::io::Error::last_os_error()));
+    }
+    let b = base as usize;
+    let start = b + ((like % HUGE) + HUGE - (b % HUGE)) % HUGE;
+    // SAFETY: the head and tail trimmed here lie inside the mapping just created and are not
+    // used by anybody.
+    unsafe {
+        if start > b {
+            libc::munmap(base, start - b);
+        }
+        if b + total > start + len {
+            libc::munmap((start + len) as *mut libc::c_void, b + total - start - len);
+        }
+    }
+    if usable {
+        // SAFETY: exactly the mapping kept above; only changes how the kernel backs it.
+        let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: the mapping kept above, owned here.
+            unsafe { libc::munmap(start as *mut libc::c_void, len) };
+            return Err(Error::Promote("madvise(MADV_HUGEPAGE)", e));
+        }
+    }
+    Ok(start as *mut u8)
+}
+
+/// The mappings (`start`, `end`) of this process that intersect `lo..hi`, clipped to it.
+fn mappings_in(lo: usize, hi: usize) -> Result<Vec<(usize, usize)>, Error> {
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| Error::Promote("reading /proc/self/maps", e))?;
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let range = line.split(' ').next().unwrap_or("");
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if a < hi && b > lo {
+            out.push((a.max(lo), b.min(hi)));
+        }
+    }
+    Ok(out)
+}
+
+/// `mremap` of `len` bytes from `from` to `to`, replacing whatever is at `to`.
+///
+/// # Safety
+/// Both ranges must be mappings the caller owns and nothing may use them meanwhile.
+unsafe fn move_mapping(from: usize, len: usize, to: usize, dontunmap: bool) -> std::io::Result<()> {
+    let mut flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    if dontunmap {
+        flags |= libc::MREMAP_DONTUNMAP;
+    }
+    // SAFETY: the caller guarantees both ranges are its own, unused mappings.
+    let r = unsafe {
+        libc::mremap(
+            from as *mut libc::c_void,
+            len,
+            len,
+            flags,
+            to as *mut libc::c_void,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the `len` bytes at `p` are all zero. The guest may write them meanwhile: a page it
+/// writes is in KVM's dirty log and copied again, so a torn read only costs a copy.
+///
+/// # Safety
+/// `p` must be 8-byte aligned and point to `len` (a multiple of 64) readable bytes.
+unsafe fn is_zero(p: *const u8, len: usize) -> bool {
+    // SAFETY: the caller guarantees alignment and validity; values may be stale (see above).
+    let words = unsafe { std::slice::from_raw_parts(p.cast::<u64>(), len / 8) };
+    words
+        .chunks_exact(8)
+        .all(|block| block.iter().fold(0, |acc, w| acc | w) == 0)
+}
+
+#[derive(Debug)]
+struct Staged {
+    /// The region's mapping: what KVM's memory slot and every device point at.
+    host: usize,
+    len: usize,
+    /// The anonymous copy being filled, at the same offset within a 2 MiB page as `host`.
+    copy: usize,
+}
+
+/// A restored VM's guest RAM on its way into anonymous memory with transparent huge pages.
+///
+/// A memory file's `MAP_PRIVATE` mapping only ever has 4 KiB pages, so `fork(2)` of a
+/// restored VM copies one page-table entry per touched page and the source's pause grows with
+/// its memory (docs/benchmarks.md, fork). Before the first fork, [`Promotion::copy_all`] and
+/// [`Promotion::copy_pages`] fill an anonymous `MADV_HUGEPAGE` copy while the guest runs (the
+/// caller tracks what changes meanwhile), and [`Promotion::swap`], with the VM paused, puts
+/// the copy at the very addresses of the old mapping, so the KVM memory slots and every
+/// pointer the devices hold stay valid: `mremap` moves page tables a whole 2 MiB at a time,
+/// so the swap costs O(memory / 2 MiB), not O(pages). The price: the promoted VM's memory is
+/// its own, no longer the page cache's pages it shared with other VMs restored from the
+/// same file.
+#[derive(Debug)]
+pub struct Promotion {
+    staged: Vec<Staged>,
+    pagemap: File,
+}
+
+// SAFETY: the addresses are of mappings this value owns (the copies) or of guest memory,
+// which outlives the VM that owns this value; nothing here is tied to a thread.
+unsafe impl Send for Promotion {}
+
+/// What [`Promotion::copy_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CopyStats {
+    /// Bytes copied (whole 2 MiB chunks).
+    pub copied_bytes: u64,
+    /// 2 MiB chunks left unpopulated: all zero and never written since the restore.
+    pub skipped_chunks: u64,
+}
+
+impl Promotion {
+    /// Maps an empty anonymous copy of every region of `mem`.
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, Error> {
+        let pagemap = File::open("/proc/self/pagemap")
+            .map_err(|e| Error::Promote("opening /proc/self/pagemap", e))?;
+        let mut p = Promotion {
+            staged: Vec::new(),
+            pagemap,
+        };
+        for r in mem.iter() {
+            let host = r.as_ptr() as usize;
+            let len = usize::try_from(r.len()).map_err(|_| Error::Region(r.start_addr().0))?;
+            let copy = map_like(host, len, true)? as usize;
+            p.staged.push(Staged { host, len, copy });
+        }
+        Ok(p)
+    }
+
+    /// Copies all of guest memory, 2 MiB at a time, leaving out chunks that are all zero and
+    /// hold no page written since the restore (they stay unpopulated, as in a booted VM; a
+    /// diff snapshot, which takes every populated anonymous page as written, then stays
+    /// exact). Runs while the guest runs: pages it writes meanwhile must be copied again.
+    pub fn copy_all(&self) -> Result<CopyStats, Error> {
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE: u64 = 1 << 61;
+        let mut stats = CopyStats::default();
+        let mut entries = vec![0u8; HUGE / PAGE * 8];
+        for s in &self.staged {
+            let mut off = 0;
+            while off < s.len {
+                let n = (s.len - off).min(HUGE);
+                let buf = &mut entries[..n / PAGE * 8];
+                self.pagemap
+                    .read_exact_at(buf, ((s.host + off) / PAGE * 8) as u64)
+                    .map_err(|e| Error::Promote("reading /proc/self/pagemap", e))?;
+                let written = buf.chunks_exact(8).any(|e| {
+                    let v = u64::from_ne_bytes(e.try_into().unwrap_or([0; 8]));
+                    v & (PRESENT | SWAPPED) != 0 && v & FILE == 0
+                });
+                let src = (s.host + off) as *const u8;
+                // SAFETY: `off + n <= len`: inside the region's mapping, page aligned.
+                if written || !unsafe { is_zero(src, n) } {
+                    // SAFETY: source and destination are `n` bytes inside two distinct live
+                    // mappings; the destination is only written here and by `copy_pages`,
+                    // never concurrently.
+                    unsafe { libc::memcpy((s.copy + off) as *mut libc::c_void, src.cast(), n) };
+                    stats.copied_bytes += n as u64;
+                } else {
+                    stats.skipped_chunks += 1;
+                }
+                off += n;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Copies the pages set in `bitmaps` (one per region, KVM dirty-log layout); returns how
+    /// many. A bitmap shorter than its region leaves the rest alone.
+    pub fn copy_pages(&self, bitmaps: &[Vec<u64>]) -> u64 {
+        let mut pages = 0;
+        for (s, bitmap) in self.staged.iter().zip(bitmaps) {
+            for (w, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let page = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let off = page * PAGE;
+                    if off >= s.len {
+                        break;
+                    }
+                    // SAFETY: one page inside both live mappings (see `copy_all`).
+                    unsafe {
+                        libc::memcpy(
+                            (s.copy + off) as *mut libc::c_void,
+                            (s.host + off) as *const libc::c_void,
+                            PAGE,
+                        )
+                    };
+                    pages += 1;
+                }
+            }
+        }
+        pages
+    }
+
+    /// Copies every page whose bytes differ between guest memory and the copy; returns how
+    /// many. This finds what device emulation wrote during the copy (such writes go through
+    /// the host mapping, which KVM's dirty log never sees): call it with the device workers
+    /// stopped. It reads both copies, which are resident by now, so it costs a fraction of
+    /// the copy (no page is allocated unless it differs).
+    pub fn copy_differing(&self) -> u64 {
+        let mut pages = 0;
+        for s in &self.staged {
+            let mut off = 0;
+            while off < s.len {
+                let (from, to) = ((s.host + off) as *const u8, (s.copy + off) as *mut u8);
+                // SAFETY: one page inside both live mappings (see `copy_all`); the guest may
+                // write the source meanwhile, and such a page is in the dirty log.
+                unsafe {
+                    if libc::memcmp(from.cast(), to.cast(), PAGE) != 0 {
+                        libc::memcpy(to.cast(), from.cast(), PAGE);
+                        pages += 1;
+                    }
+                }
+                off += PAGE;
+            }
+        }
+        pages
+    }
+
+    /// Puts the copies in place of guest memory, at the same addresses. The old mappings are
+    /// moved (page tables and all) to [`Retired`] scratch addresses with `MREMAP_DONTUNMAP`,
+    /// so the address range is never unmapped in between (another thread's `mmap` could take
+    /// it), then each copy is moved over its region, replacing the emptied old mappings.
+    ///
+    /// The guest must be paused, device workers stopped and the last writes copied. On an
+    /// error, guest memory is as before ([`Error::Promote`]) or lost ([`Error::PromoteLost`]).
+    pub fn swap(mut self) -> Result<Retired, Error> {
+        let mut retired = Retired {
+            scratch: Vec::new(),
+        };
+        while !self.staged.is_empty() {
+            // Regions not reached stay in `self` and are unmapped by its Drop on an error;
+            // regions swapped already are fine either way (the copies hold the same bytes).
+            let s = self.staged.remove(0);
+            let prepared = mappings_in(s.host, s.host + s.len)
+                .and_then(|pieces| Ok((pieces, map_like(s.host, s.len, false)? as usize)));
+            let (pieces, scratch) = match prepared {
+                Ok(p) => p,
+                Err(e) => {
+                    // SAFETY: the copy is this value's own mapping, not yet in use.
+                    unsafe { libc::munmap(s.copy as *mut libc::c_void, s.len) };
+                    return Err(e);
+                }
+            };
+            let mut entry = Scratch {
+                base: scratch,
+                len: s.len,
+                moved: Vec::new(),
+            };
+            let mut failed = None;
+            for &(a, b) in &pieces {
+                let to = scratch + (a - s.host);
+                // SAFETY: `a..b` is part of guest memory, which the caller keeps unused;
+                // `to` is inside the scratch reservation made above.
+                match unsafe { move_mapping(a, b - a, to, true) } {
+                    Ok(()) => entry.moved.push((a, b, to)),
+                    Err(e) => {
+                        failed = Some(("mremap(MREMAP_DONTUNMAP) of guest memory", e));
+                        break;
+                    }
+                }
+            }
+            if failed.is_none() {
+                // SAFETY: the copy is ours; the destination is guest memory's own range,
+                // whose old mappings hold no pages any more (they were moved out above).
+                if let Err(e) = unsafe { move_mapping(s.copy, s.len, s.host, false) } {
+                    failed = Some(("mremap of the copy onto guest memory", e));
+                }
+            }
+            if let Some((what, e)) = failed {
+                // SAFETY: the copy was not moved (the failing step was its move or before).
+                unsafe { libc::munmap(s.copy as *mut libc::c_void, s.len) };
+                retired.scratch.push(entry);
+                retired.restore_all()?;
+                return Err(Error::Promote(what, e));
+            }
+            entry.moved.clear();
+            // A fork(2) right after the swap must not copy the old page tables.
+            // SAFETY: the scratch range is ours; only changes what fork(2) copies.
+            unsafe { libc::madvise(scratch as *mut libc::c_void, s.len, libc::MADV_DONTFORK) };
+            retired.scratch.push(entry);
+        }
+        Ok(retired)
+    }
+}
+
+impl Drop for Promotion {
+    fn drop(&mut self) {
+        for s in &self.staged {
+            // SAFETY: the copies not swapped in are this value's own mappings.
+            unsafe { libc::munmap(s.copy as *mut libc::c_void, s.len) };
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Scratch {
+    base: usize,
+    len: usize,
+    /// Pieces moved out of guest memory (`from`, `to`, scratch address) whose replacement
+    /// failed: put back by [`Retired::restore_all`].
+    moved: Vec<(usize, usize, usize)>,
+}
+
+/// The old mappings of promoted guest memory, at scratch addresses and marked
+/// `MADV_DONTFORK`. Dropping unmaps them, which costs O(pages): drop it after the VM runs
+/// again, on a thread of its own.
+#[derive(Debug)]
+pub struct Retired {
+    scratch: Vec<Scratch>,
+}
+
+// SAFETY: plain addresses of mappings this value owns.
+unsafe impl Send for Retired {}
+
+impl Retired {
+    /// Moves every piece not yet replaced back where it came from (undoing a failed swap).
+    fn restore_all(&mut self) -> Result<(), Error> {
+        for s in &mut self.scratch {
+            for (a, b, to) in s.moved.drain(..) {
+                // SAFETY: `to` holds the pages moved out of `a..b`, which still holds the
+                // emptied old mapping (MREMAP_DONTUNMAP); moving them back replaces it.
+                unsafe { move_mapping(to, b - a, a, false) }
+                    .map_err(|e| Error::PromoteLost("mremap back", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Retired {
+    fn drop(&mut self) {
+        for s in &self.scratch {
+            // SAFETY: the scratch range is this value's own; guest memory no longer uses it.
+            unsafe { libc::munmap(s.base as *mut libc::c_void, s.len) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
 
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::Bytes;
 
     use super::*;
 
@@ -170,6 +563,97 @@ mod tests {
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0x5a);
         m.write_obj(0xa5u8, GuestAddress(0x2000)).unwrap();
         assert_eq!(std::fs::read(f.path()).unwrap()[0x2000], 0x5a);
+    }
+
+    fn byte_at(m: &GuestMemoryMmap, a: u64) -> u8 {
+        m.read_obj::<u8>(GuestAddress(a)).unwrap()
+    }
+
+    /// Memory of a file with an overlay over it (two VMAs, clean and written pages, zero
+    /// chunks), promoted: same addresses and bytes, anonymous pages only, one mapping, the
+    /// file untouched, and zero chunks nobody wrote left unpopulated.
+    #[test]
+    fn promotion_swaps_an_anonymous_copy_in_at_the_same_addresses() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("memory");
+        let mut data = vec![0u8; 8 << 20];
+        data[..2 << 20].fill(0x11); // chunk 0: data; chunk 1 and 2: zero
+        data[6 << 20..].fill(0x33); // chunk 3: data
+        std::fs::write(&base, &data).unwrap();
+        let mut diff = vec![0u8; 8 << 20];
+        diff[(6 << 20) + 0x1000..(6 << 20) + 0x2000].fill(0x77);
+        std::fs::write(dir.path().join("diff"), &diff).unwrap();
+        let m = create(8 << 20, &MemoryBacking::File { path: base.clone() }, true).unwrap();
+        specc_snapshot::map_overlay(
+            &m,
+            &dir.path().join("diff"),
+            &[specc_snapshot::PageRange {
+                offset: 6 * MIB + 0x1000,
+                len: 0x1000,
+            }],
+        )
+        .unwrap();
+        m.write_slice(&[0xab; 4096], GuestAddress(0x3000)).unwrap();
+        // A page written with zeros in a zero chunk still differs from "never written".
+        m.write_slice(&[0; 4096], GuestAddress(4 * MIB)).unwrap();
+        let host = m.iter().next().unwrap().as_ptr() as usize;
+        let p = Promotion::new(&m).unwrap();
+        assert_eq!(p.staged[0].copy % HUGE, host % HUGE);
+        let stats = p.copy_all().unwrap();
+        assert_eq!(
+            stats,
+            CopyStats {
+                copied_bytes: 6 * MIB,
+                skipped_chunks: 1
+            }
+        );
+        // Written after the bulk copy: only the bitmap brings it over.
+        m.write_slice(&[0xcd; 4096], GuestAddress(0x5000)).unwrap();
+        m.write_slice(&[0xee; 4096], GuestAddress(0x6000)).unwrap();
+        assert_eq!(p.copy_pages(&[vec![1 << 5]]), 1);
+        // Written where no bitmap says so (a device): found by comparing, even in a chunk
+        // the bulk copy left out.
+        m.write_slice(&[0x99; 4096], GuestAddress(0x7000)).unwrap();
+        m.write_slice(&[0x98; 4096], GuestAddress(2 * MIB + 0x1000))
+            .unwrap();
+        assert_eq!(p.copy_differing(), 3);
+        let retired = p.swap().unwrap();
+        assert_eq!(m.iter().next().unwrap().as_ptr() as usize, host);
+        for (a, want) in [
+            (0u64, 0x11),
+            (0x3000, 0xab),
+            (0x5000, 0xcd),
+            (0x6000, 0xee), // in no bitmap: found by the comparison
+            (0x7000, 0x99),
+            (2 * MIB, 0),
+            (2 * MIB + 0x1000, 0x98),
+            (4 * MIB, 0),
+            (6 * MIB, 0x33),
+            (6 * MIB + 0x1000, 0x77),
+            (8 * MIB - 1, 0x33),
+        ] {
+            assert_eq!(byte_at(&m, a), want, "byte at {a:#x}");
+        }
+        drop(retired);
+        let maps = mappings_in(host, host + (8 << 20)).unwrap();
+        assert_eq!(maps, vec![(host, host + (8 << 20))], "one mapping");
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let mut entries = vec![0u8; 2048 * 8];
+        pagemap
+            .read_exact_at(&mut entries, (host / PAGE * 8) as u64)
+            .unwrap();
+        let entry =
+            |page: usize| u64::from_ne_bytes(entries[page * 8..page * 8 + 8].try_into().unwrap());
+        for page in 0..2048 {
+            if entry(page) & (1 << 63) != 0 {
+                assert_eq!(entry(page) & (1 << 61), 0, "page {page} is a file page");
+            }
+        }
+        assert!(
+            std::fs::read(&base).unwrap() == data,
+            "memory file untouched"
+        );
     }
 
     #[test]

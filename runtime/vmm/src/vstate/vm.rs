@@ -54,6 +54,15 @@ pub enum Error {
     /// Writing VM state failed.
     #[error("writing VM state ({0})")]
     RestoreState(&'static str, #[source] kvm_ioctls::Error),
+    /// KVM_GET_DIRTY_LOG failed.
+    #[error("KVM_GET_DIRTY_LOG for slot {slot}")]
+    DirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// A KVM VM with its guest memory registered.
@@ -101,6 +110,38 @@ impl Vm {
     }
 
     fn register_memory(&self) -> Result<(), Error> {
+        self.set_memory_flags(0)
+    }
+
+    /// Turns KVM's dirty page log of every memory slot on or off (a flags-only slot update:
+    /// the mappings stay). While it is on, every guest write and every write KVM makes on the
+    /// guest's behalf (kvmclock, steal time) sets the page's bit; device emulation in this
+    /// process writes through the host mapping and is not logged.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
+        self.set_memory_flags(if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        })
+    }
+
+    /// The pages of each slot written since dirty logging was turned on or since the previous
+    /// call (which this call clears), one bit per 4 KiB page, slots in region order.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+                let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+                self.fd
+                    .get_dirty_log(slot, len)
+                    .map_err(|source| Error::DirtyLog { slot, source })
+            })
+            .collect()
+    }
+
+    fn set_memory_flags(&self, flags: u32) -> Result<(), Error> {
         for (slot, region) in self.memory.iter().enumerate() {
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
             let host = self
@@ -112,7 +153,7 @@ impl Vm {
                 })?;
             let desc = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,

@@ -1,0 +1,272 @@
+//! Promotion of a restored VM's guest RAM to anonymous transparent huge pages, done before its
+//! first live fork so that the fork's pause does not grow with guest memory.
+//!
+//! A restored VM's RAM is a `MAP_PRIVATE` mapping of its memory file, which has 4 KiB pages
+//! only; `fork(2)` copies one page-table entry per touched page (38 ms at 256 MiB, 194 ms at
+//! 2 GiB here, docs/benchmarks.md). Promotion copies RAM into an anonymous `MADV_HUGEPAGE`
+//! mapping *while the guest runs*, then, in the fork's pause, copies what changed meanwhile and
+//! swaps the mappings in place ([`crate::vstate::memory::Promotion`]).
+//!
+//! What changed meanwhile: vCPU writes (and KVM's own, such as kvmclock) come from KVM's dirty
+//! page log, turned on for the copy. Device emulation writes guest memory through the host
+//! mapping, which the dirty log never sees; this host kernel has no soft-dirty bits
+//! (`CONFIG_MEM_SOFT_DIRTY` is off), userfaultfd cannot write-protect a private file mapping,
+//! and the devices' guest memory carries no dirty bitmap. So after the copy the device
+//! workers are stopped and every page is compared with its copy (what differs and is not
+//! in the dirty log is what a device wrote): the guest runs on meanwhile and only its I/O
+//! waits, for the comparison, which reads resident memory and costs a fraction of the copy
+//! (it still grows with memory; the vCPU pause does not).
+
+use std::time::Instant;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::Vmm;
+use crate::vstate::memory::{Promotion, Retired};
+
+/// Dirty-log rounds after the bulk copy, at most, before the final copy in the pause.
+const MAX_ROUNDS: u32 = 8;
+/// A round that finds at most this many dirty pages (1 MiB) is the last one before the pause.
+const SMALL_ROUND: u64 = 256;
+
+/// Errors of promoting guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Turning KVM's dirty log on or reading it failed.
+    #[error("KVM dirty page log")]
+    DirtyLog(#[source] crate::vstate::vm::Error),
+    /// Mapping, copying or swapping memory failed.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::Error),
+    /// Pausing or resuming the vCPUs failed.
+    #[error("pausing the vCPUs for the swap")]
+    Vcpus(#[source] crate::Error),
+    /// Restarting the device workers failed.
+    #[error("restarting the device workers")]
+    Devices(#[source] specc_devices::virtio::ActivateError),
+}
+
+impl Error {
+    /// Whether guest memory is lost (the VM must end); otherwise it is intact.
+    pub fn memory_lost(&self) -> bool {
+        matches!(
+            self,
+            Error::Memory(crate::vstate::memory::Error::PromoteLost(..))
+        )
+    }
+}
+
+/// What a promotion cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PromotionReport {
+    /// From the start until the vCPUs were paused for the swap; the guest ran.
+    pub precopy_us: u64,
+    /// The bulk copy, part of `precopy_us` (device workers running).
+    pub copy_us: u64,
+    /// From stopping the device workers until the vCPUs were paused: the comparison and a
+    /// last dirty-log round. The guest ran, its I/O waited (the devices stay stopped through
+    /// the pause that follows).
+    pub devices_stopped_us: u64,
+    /// Pages the comparison found different (device writes, and guest writes it raced).
+    pub differing_pages: u64,
+    /// Bytes of the bulk copy.
+    pub copied_bytes: u64,
+    /// 2 MiB chunks left unpopulated (all zero, never written since the restore).
+    pub skipped_chunks: u64,
+    /// Dirty-log rounds while the guest ran.
+    pub rounds: u32,
+    /// Pages those rounds copied.
+    pub round_pages: u64,
+    /// Pages copied with the vCPUs paused.
+    pub final_pages: u64,
+    /// The final copy and the swap, with the vCPUs paused (part of a fork's pause).
+    pub swap_us: u64,
+}
+
+/// A promotion between its copy (guest running) and its swap (guest paused).
+#[derive(Debug)]
+pub(crate) struct Precopied {
+    promotion: Promotion,
+    report: PromotionReport,
+    t0: Instant,
+}
+
+fn micros(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Vmm {
+    /// Whether guest RAM is still a private file mapping (a restored VM not yet promoted):
+    /// forking it would copy one page-table entry per touched 4 KiB page.
+    pub fn needs_promotion(&self) -> bool {
+        !self.promoted && self.vm.memory.iter().any(|r| r.file_offset().is_some())
+    }
+
+    /// Whether [`Vmm::fork`] promotes a restored VM's memory first (the default). Off, a
+    /// restored VM keeps sharing its memory file's pages and every fork copies 4 KiB entries.
+    pub fn set_promote_on_fork(&mut self, on: bool) {
+        self.promote_on_fork = on;
+    }
+
+    /// Promotes guest RAM to anonymous huge pages now (see the module docs), if it needs it:
+    /// what the first fork of a restored VM otherwise does first. The vCPUs stop only for the
+    /// last dirty pages and the swap; the device workers stop for the comparison after the
+    /// copy. `Ok(None)`:
+    /// nothing to do. The VM must be running (not paused).
+    pub fn promote_memory(&mut self) -> Result<Option<PromotionReport>, Error> {
+        if !self.needs_promotion() {
+            return Ok(None);
+        }
+        let pre = self.precopy()?;
+        if let Err(e) = self.pause() {
+            self.abandon(pre);
+            return Err(Error::Vcpus(e));
+        }
+        let finished = self.finish_promotion(pre);
+        let resumed = self.resume().map_err(Error::Vcpus);
+        let devices = self.resume_devices().map_err(Error::Devices);
+        let (report, retired) = finished?;
+        self.retire(retired);
+        resumed?;
+        devices?;
+        Ok(Some(report))
+    }
+
+    /// Turns the dirty log on and copies guest memory while the vCPUs and devices run, until
+    /// a round finds few dirty pages; then stops the device workers and copies what differs.
+    /// On an error everything is undone.
+    pub(crate) fn precopy(&mut self) -> Result<Precopied, Error> {
+        let t0 = Instant::now();
+        let undo = |vmm: &mut Vmm| {
+            let _ = vmm.vm.set_dirty_logging(false);
+            if let Err(e) = vmm.resume_devices() {
+                tracing::error!("resuming devices after a failed promotion: {e}");
+            }
+        };
+        let promotion = match Promotion::new(&self.vm.memory) {
+            Ok(p) => p,
+            Err(e) => {
+                undo(self);
+                return Err(e.into());
+            }
+        };
+        // On before the copy starts: whatever the guest writes after a page was read is in it.
+        if let Err(e) = self.vm.set_dirty_logging(true) {
+            undo(self);
+            return Err(Error::DirtyLog(e));
+        }
+        tracing::debug!("promote: dirty log on {:?}", t0.elapsed());
+        let mut report = PromotionReport::default();
+        let t_copy = Instant::now();
+        let stats = match promotion.copy_all() {
+            Ok(s) => s,
+            Err(e) => {
+                undo(self);
+                return Err(e.into());
+            }
+        };
+        report.copy_us = micros(t_copy);
+        report.copied_bytes = stats.copied_bytes;
+        report.skipped_chunks = stats.skipped_chunks;
+        tracing::debug!("promote: copied {stats:?} {:?}", t0.elapsed());
+        while report.rounds < MAX_ROUNDS {
+            let log = match self.vm.take_dirty_log() {
+                Ok(l) => l,
+                Err(e) => {
+                    undo(self);
+                    return Err(Error::DirtyLog(e));
+                }
+            };
+            let pages = promotion.copy_pages(&log);
+            report.rounds += 1;
+            report.round_pages += pages;
+            tracing::debug!("promote: round {} {pages} pages", report.rounds);
+            if pages <= SMALL_ROUND {
+                break;
+            }
+        }
+        let t_dev = Instant::now();
+        self.pause_devices();
+        report.differing_pages = promotion.copy_differing();
+        // What the guest wrote during the comparison, so the pause copies little.
+        match self.vm.take_dirty_log() {
+            Ok(log) => report.round_pages += promotion.copy_pages(&log),
+            Err(e) => {
+                undo(self);
+                return Err(Error::DirtyLog(e));
+            }
+        }
+        report.devices_stopped_us = micros(t_dev);
+        tracing::debug!(
+            "promote: {} pages differed {:?}",
+            report.differing_pages,
+            t0.elapsed()
+        );
+        Ok(Precopied {
+            promotion,
+            report,
+            t0,
+        })
+    }
+
+    /// With the vCPUs paused (and the device workers still stopped): copies the last dirty
+    /// pages and swaps the copy in. Returns the old mappings, to be [`Vmm::retire`]d once the
+    /// VM runs again. On an error the dirty log is turned off again and guest memory is
+    /// intact, unless [`Error::memory_lost`].
+    pub(crate) fn finish_promotion(
+        &mut self,
+        pre: Precopied,
+    ) -> Result<(PromotionReport, Retired), Error> {
+        let Precopied {
+            promotion,
+            mut report,
+            t0,
+        } = pre;
+        report.precopy_us = micros(t0);
+        let t_swap = Instant::now();
+        let log = match self.vm.take_dirty_log() {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.vm.set_dirty_logging(false);
+                return Err(Error::DirtyLog(e));
+            }
+        };
+        report.final_pages = promotion.copy_pages(&log);
+        match promotion.swap() {
+            Ok(retired) => {
+                self.promoted = true;
+                report.swap_us = micros(t_swap);
+                tracing::debug!("promote: swapped {report:?}");
+                Ok((report, retired))
+            }
+            Err(e) => {
+                let _ = self.vm.set_dirty_logging(false);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Drops a precopied promotion that will not be swapped in (the VM could not be paused).
+    pub(crate) fn abandon(&mut self, pre: Precopied) {
+        drop(pre);
+        let _ = self.vm.set_dirty_logging(false);
+        if let Err(e) = self.resume_devices() {
+            tracing::error!("resuming devices after a failed promotion: {e}");
+        }
+    }
+
+    /// After the VM runs again: turns the dirty log off (a memory-slot update, several ms
+    /// here, with the guest running) and unmaps the old mappings on a thread of their own
+    /// (O(pages), tens of ms).
+    pub(crate) fn retire(&mut self, retired: Retired) {
+        if let Err(e) = self.vm.set_dirty_logging(false) {
+            tracing::warn!("turning the dirty log off after a promotion: {e}");
+        }
+        let spawned = std::thread::Builder::new()
+            .name("promote-unmap".into())
+            .spawn(move || drop(retired));
+        if let Err(e) = spawned {
+            tracing::warn!("unmapping the old guest memory mapping on a thread: {e}");
+        }
+    }
+}
