@@ -61,7 +61,8 @@ impl Error {
 pub struct PromotionReport {
     /// From the start until the vCPUs were paused for the swap; the guest ran.
     pub precopy_us: u64,
-    /// The bulk copy, part of `precopy_us` (device workers running).
+    /// The bulk copy and the collapse of what it got as 4 KiB pages, part of `precopy_us`
+    /// (device workers running).
     pub copy_us: u64,
     /// From stopping the device workers until the vCPUs were paused: the comparison and a
     /// last dirty-log round. The guest ran, its I/O waited (the devices stay stopped through
@@ -73,6 +74,9 @@ pub struct PromotionReport {
     pub copied_bytes: u64,
     /// 2 MiB chunks left unpopulated (all zero, never written since the restore).
     pub skipped_chunks: u64,
+    /// Bytes of the copy in huge pages after the bulk copy (the rest are 4 KiB pages, which a
+    /// fork copies entry by entry: the host had no free huge pages).
+    pub huge_bytes: u64,
     /// Dirty-log rounds while the guest ran.
     pub rounds: u32,
     /// Pages those rounds copied.
@@ -165,6 +169,7 @@ impl Vmm {
                 return Err(e.into());
             }
         };
+        report.huge_bytes = promotion.collapse();
         report.copy_us = micros(t_copy);
         report.copied_bytes = stats.copied_bytes;
         report.skipped_chunks = stats.skipped_chunks;

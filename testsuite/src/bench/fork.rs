@@ -199,6 +199,11 @@ fn restored_forks(
                 &format!("promote_{label}_copied_bytes"),
                 p.copied_bytes as f64,
             );
+            report.figure(&format!("promote_{label}_huge_bytes"), p.huge_bytes as f64);
+            report.figure(
+                &format!("promote_{label}_devices_stopped_ms"),
+                p.devices_stopped_us as f64 / 1000.0,
+            );
             report.figure(
                 &format!("promote_{label}_rounds_count"),
                 f64::from(p.rounds),
