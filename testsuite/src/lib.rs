@@ -4,6 +4,7 @@ pub mod bench;
 pub mod specd;
 
 /// The guest of the Linux end-to-end tests: the guest kernel's vmlinux and the busybox image.
+#[derive(Debug)]
 pub struct BusyboxGuest {
     pub kernel: std::path::PathBuf,
     pub image: std::path::PathBuf,
