@@ -1235,6 +1235,51 @@ mod tests {
     }
 
     #[test]
+    fn promote_memory_keeps_a_restored_guest_running_on_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 32 << 20);
+        for a in (0x40_0000u64..0x140_0000).step_by(4096) {
+            vmm.memory().write_obj(a ^ 0x5a5a, GuestAddress(a)).unwrap();
+        }
+        let snap = dir.path().join("snap");
+        snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        drop(vmm);
+        let rc = rerun_config(&c, &dir.path().join("r"));
+        let mut vmm = snapshot_dir::restore(&snap, &rc).unwrap();
+        for a in (0x40_0000u64..0xc0_0000).step_by(4096) {
+            vmm.memory().write_obj(a ^ 0xc3c3, GuestAddress(a)).unwrap();
+        }
+        let report = vmm
+            .promote_memory()
+            .unwrap()
+            .expect("a restored VM needs promotion");
+        assert!(report.copied_bytes >= 16 << 20, "{report:?}");
+        assert!(!vmm.needs_promotion());
+        assert_eq!(vmm.promote_memory().unwrap(), None, "promoted once only");
+        assert!(!vmm.is_paused());
+        assert!(
+            pattern_ok(&vmm),
+            "the promoted copy holds the guest's bytes"
+        );
+        vmm.pause().unwrap();
+        assert!(matches!(
+            vmm.promote_memory(),
+            Ok(None) | Err(promote::Error::NotRunning)
+        ));
+        vmm.resume().unwrap();
+        finish_count(vmm, &dir.path().join("r"));
+        // A paused restored VM is refused: there is no running guest to copy under.
+        let mut paused =
+            snapshot_dir::restore(&snap, &rerun_config(&c, &dir.path().join("p"))).unwrap();
+        paused.pause().unwrap();
+        assert!(matches!(
+            paused.promote_memory(),
+            Err(promote::Error::NotRunning)
+        ));
+        assert!(paused.needs_promotion());
+    }
+
+    #[test]
     fn restore_refuses_a_state_count_that_does_not_match() {
         let dir = tempfile::tempdir().unwrap();
         let c = config("count", dir.path());

@@ -44,6 +44,9 @@ pub enum Error {
     /// Restarting the device workers failed.
     #[error("restarting the device workers")]
     Devices(#[source] specc_devices::virtio::ActivateError),
+    /// The VM is paused (or ended): promotion copies while the guest runs.
+    #[error("the VM is not running; promotion copies its memory while it runs")]
+    NotRunning,
 }
 
 impl Error {
@@ -120,6 +123,9 @@ impl Vmm {
     pub fn promote_memory(&mut self) -> Result<Option<PromotionReport>, Error> {
         if !self.needs_promotion() {
             return Ok(None);
+        }
+        if self.paused || self.ended.is_some() {
+            return Err(Error::NotRunning);
         }
         let pre = self.precopy()?;
         if let Err(e) = self.pause() {
