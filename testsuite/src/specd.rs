@@ -100,6 +100,23 @@ impl Specd {
         std::fs::read_to_string(self.state.join("specd.log")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Its state directory.
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the daemon with SIGKILL and reaps it; its VMs keep running.
     pub fn kill9(mut self) -> anyhow::Result<()> {
         self.child.kill().context("killing specd")?;
@@ -117,5 +134,36 @@ impl Drop for Specd {
         // by the next daemon on this state directory.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Removes, when dropped, the store pins (`$SPECC_HOME/store/pins/`) that a daemon on one
+/// state directory wrote: a run that fails leaves VMs in a temporary state directory that goes
+/// away, and their pins would keep the layer from `specc gc` forever. Drop it after the
+/// daemon (declare it before), so no daemon pins again behind it.
+#[derive(Debug)]
+pub struct PinSweep {
+    prefix: String,
+}
+
+impl PinSweep {
+    /// For the daemon on `state`.
+    pub fn new(state: &Path) -> PinSweep {
+        PinSweep {
+            prefix: ::specd::daemon::pin_prefix(state),
+        }
+    }
+}
+
+impl Drop for PinSweep {
+    fn drop(&mut self) {
+        let Ok(store) = specc_store::Store::open_default() else {
+            return;
+        };
+        for name in store.pins().unwrap_or_default().keys() {
+            if name.starts_with(&self.prefix) {
+                let _ = store.unpin(name);
+            }
+        }
     }
 }

@@ -78,12 +78,23 @@ fn exec(c: &Client, id: &str, script: &str) -> Ran {
 }
 
 fn create(c: &Client, key: &str, name: &str, persistence: Persistence, idle: IdlePolicy) -> Vm {
+    create_with_ports(c, key, name, persistence, idle, vec![])
+}
+
+fn create_with_ports(
+    c: &Client,
+    key: &str,
+    name: &str,
+    persistence: Persistence,
+    idle: IdlePolicy,
+    ports: Vec<u16>,
+) -> Vm {
     let req = CreateVm {
         source: Source::Layer { key: key.into() },
         name: Some(name.into()),
         persistence,
         idle,
-        ports: vec![],
+        ports,
         net: false,
     };
     c.call("POST", "/v1/vms", Some(&req))
@@ -122,6 +133,35 @@ fn wait_state(c: &Client, id: &str, state: Option<VmState>, limit: Duration) {
     }
 }
 
+/// One request/response over the daemon's host side of an exposed port: `ask` up, a
+/// half-close (the guest service reads to EOF), then all it writes until it closes. None when the connection gives nothing back
+/// (the guest service is not listening yet: the daemon then drops the connection).
+fn ask_port(host_port: u16, ask: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", host_port)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    tcp.write_all(ask).ok()?;
+    tcp.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut got = Vec::new();
+    tcp.read_to_end(&mut got).ok()?;
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// [`ask_port`] until the guest service answers; panics after `limit`.
+fn ask_port_until_served(host_port: u16, ask: &[u8], limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Some(answer) = ask_port(host_port, ask) {
+            return answer;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "nothing answered on host port {host_port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Where the host side leaves the built layer's key for the run inside the rig.
 fn key_file() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("specd-test-layer-key")
@@ -146,11 +186,23 @@ fn daemon_lifecycle_with_linux_guests() {
         return;
     }
     let key = std::fs::read_to_string(key_file()).expect("the layer key from the host side");
+    if specc_rig::in_rig() {
+        // The rig's init leaves the loopback interface down; exposed ports listen on it.
+        let up = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("running ip");
+        assert!(up.success(), "ip link set lo up: {up}");
+    }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("specd");
     std::fs::create_dir_all(&state).unwrap();
     let d = start(&state, u64::MAX >> 1);
     let c = d.client();
+    let store = specc_store::Store::open_default().expect("opening the store");
+    // A failed run leaves VMs behind in a state directory that goes away: their pins would
+    // keep the layer from `specc gc` forever.
+    let _unpin = specc_testsuite::specd::PinSweep::new(&state);
 
     // Create, exec (streams, stderr apart, exit code), files.
     let a = create(
@@ -161,6 +213,14 @@ fn daemon_lifecycle_with_linux_guests() {
         IdlePolicy::default(),
     );
     assert_eq!(a.state, VmState::Running);
+    // The daemon pins the layer its VM restores from, so `specc gc` keeps it.
+    let pins = store.pins().expect("the store's pins");
+    assert!(
+        pins.iter()
+            .any(|(name, p)| name.ends_with(&a.id) && p.layers == [key.clone()]),
+        "no pin for {}: {pins:?}",
+        a.id
+    );
     let r = exec(
         &c,
         &a.id,
@@ -255,13 +315,116 @@ fn daemon_lifecycle_with_linux_guests() {
     assert_eq!(show(&c, &b.id).unwrap().state, VmState::Suspended);
     assert!(exec(&c, &b.id, "cat /root/only-b").stdout == "mine\n");
 
+    // An exposed port: host TCP → the daemon → vsock → the guest's service, which reads to
+    // EOF (the client's half-close must arrive as one, with the way back open) and answers
+    // upper-cased, with its hostname, then closes. A loop keeps it listening; it runs in a
+    // session of its own so that the exec that started it can end.
+    const GUEST_PORT: u16 = 8080;
+    let web = create_with_ports(
+        &c,
+        &key,
+        "web",
+        Persistence::Persistent,
+        IdlePolicy::default(),
+        vec![GUEST_PORT],
+    );
+    let host_port = web
+        .ports
+        .iter()
+        .find(|p| p.guest == GUEST_PORT)
+        .map(|p| p.host)
+        .expect("the exposed port's mapping");
+    let started = exec(
+        &c,
+        &web.id,
+        &format!(
+            "setsid sh -c 'while true; do nc -l -p {GUEST_PORT} -e sh -c \
+             \"tr a-z A-Z; echo; hostname\"; done' \
+             </dev/null >/dev/null 2>&1 &"
+        ),
+    );
+    assert_eq!(started.code, Some(0), "{}", started.stderr);
+    let answer = ask_port_until_served(host_port, b"hello", Duration::from_secs(60));
+    assert_eq!(answer, "HELLO\nweb\n");
+    // Suspended, the VM has no process; a new connection wakes it and is served.
+    let pid = show(&c, &web.id).unwrap().pid.expect("pid");
+    assert_eq!(post(&c, &web.id, "suspend").state, VmState::Suspended);
+    assert!(!alive(pid), "VMM {pid} still runs after suspend");
+    let answer = ask_port(host_port, b"again").expect("a connection to a suspended VM is served");
+    assert_eq!(answer, "AGAIN\nweb\n");
+    assert_eq!(show(&c, &web.id).unwrap().state, VmState::Running);
+
+    // Stop keeps only the disk: the VMM exits and the memory files go; exec answers 409 until
+    // start cold-boots the VM from its own disk (written files are there, /tmp is not).
+    exec(
+        &c,
+        &web.id,
+        "echo on-disk > /root/persist; echo in-ram > /tmp/volatile",
+    );
+    let pid = show(&c, &web.id).unwrap().pid.expect("pid");
+    let stopped = post(&c, &web.id, "stop");
+    assert_eq!((stopped.state, stopped.pid), (VmState::Stopped, None));
+    assert!(!alive(pid), "VMM {pid} still runs after stop");
+    let req = api::Exec {
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        stdin_b64: None,
+        timeout_ms: None,
+    };
+    match c.exec(&web.id, &req, |_| {}) {
+        Err(specd::client::ClientError::Api {
+            status: 409,
+            message,
+        }) => {
+            assert!(message.contains("start it first"), "{message}");
+        }
+        other => panic!("exec on a stopped VM: {other:?}"),
+    }
+    let memory_files: Vec<PathBuf> = std::fs::read_dir(state.join("vms").join(&web.id))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("memory"))
+        })
+        .collect();
+    assert!(
+        memory_files.is_empty(),
+        "memory kept after stop: {memory_files:?}"
+    );
+    // Durable: a restarted daemon finds it stopped.
+    d.kill9().unwrap();
+    let d = start(&state, u64::MAX >> 1);
+    let c = d.client();
+    assert_eq!(show(&c, &web.id).unwrap().state, VmState::Stopped);
+    let booted = post(&c, &web.id, "start");
+    assert_eq!(booted.state, VmState::Running);
+    let r = exec(
+        &c,
+        &web.id,
+        "cat /root/persist /root/ready; test -e /tmp/volatile && echo RAM-SURVIVED; hostname",
+    );
+    assert_eq!(r.stdout, "on-disk\nready\nweb\n");
+    // A booted VM suspends (its memory is written whole) and wakes like any other.
+    exec(&c, &web.id, "echo booted > /tmp/mark");
+    assert_eq!(post(&c, &web.id, "suspend").state, VmState::Suspended);
+    let r = exec(&c, &web.id, "cat /tmp/mark /root/persist");
+    assert!(r.woke, "the exec should have woken the VM");
+    assert_eq!(r.stdout, "booted\non-disk\n");
+
     // Idle timers: pause, then suspend; an ephemeral VM is deleted instead.
     let idle = IdlePolicy {
         pause_after_s: Some(1),
         suspend_after_s: Some(4),
     };
-    let e = create(&c, &key, "idler", Persistence::Persistent, idle);
+    // The VM whose pause is watched is created last: under load a create takes longer than
+    // the whole pause window of a VM created before it.
     let eph = create(&c, &key, "fleeting", Persistence::Ephemeral, idle);
+    let e = create(&c, &key, "idler", Persistence::Persistent, idle);
     wait_state(&c, &e.id, Some(VmState::Paused), Duration::from_secs(20));
     wait_state(&c, &e.id, Some(VmState::Suspended), Duration::from_secs(60));
     wait_state(&c, &eph.id, None, Duration::from_secs(60));
@@ -325,5 +488,10 @@ fn daemon_lifecycle_with_linux_guests() {
     }
     let left: Vec<_> = std::fs::read_dir(state.join("vms")).unwrap().collect();
     assert!(left.is_empty(), "files left: {left:?}");
+    let pins = store.pins().expect("the store's pins");
+    assert!(
+        !pins.keys().any(|n| vms.iter().any(|v| n.ends_with(&v.id))),
+        "pins left: {pins:?}"
+    );
     drop(d);
 }

@@ -107,20 +107,26 @@ pub enum VmState {
     Suspended,
     /// Being restored from its suspend snapshot.
     Waking,
+    /// Powering off: syncing the guest's disk and freezing it; memory is discarded.
+    Stopping,
     /// Powered off: disk kept, memory gone.
     Stopped,
+    /// Cold-booting from its kernel and its own disk.
+    Starting,
 }
 
 impl VmState {
     /// All states, for metrics.
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 9] = [
         VmState::Creating,
         VmState::Running,
         VmState::Paused,
         VmState::Suspending,
         VmState::Suspended,
         VmState::Waking,
+        VmState::Stopping,
         VmState::Stopped,
+        VmState::Starting,
     ];
 
     /// The name used on the wire and in the database.
@@ -132,7 +138,9 @@ impl VmState {
             VmState::Suspending => "suspending",
             VmState::Suspended => "suspended",
             VmState::Waking => "waking",
+            VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
         }
     }
 

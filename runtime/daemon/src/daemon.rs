@@ -35,6 +35,9 @@ use crate::db::{Db, DbError, Record, RestorePoint};
 use crate::metrics::Metrics;
 use crate::policy::{self, IdleAction};
 
+/// How long past an exec's own timeout the daemon waits for the agent's answer.
+const EXEC_GRACE: Duration = Duration::from_secs(30);
+
 /// VMMs outlive the daemon (see the module's invariants).
 const DETACHED: specc_machine::Launch = specc_machine::Launch { detached: true };
 
@@ -73,6 +76,12 @@ pub enum DaemonError {
         /// What went wrong, with causes.
         message: String,
     },
+    /// The VM is stopped: it must be started (cold boot) before it can be reached.
+    #[error(
+        "VM {0} is stopped (powered off, only its disk kept): start it first \
+         (`POST /v1/vms/{0}/start`, `specc vm start {0}`)"
+    )]
+    Stopped(String),
     /// A filesystem operation on the daemon's state failed.
     #[error("{what}: {source}")]
     Io {
@@ -89,7 +98,7 @@ impl DaemonError {
         match self {
             DaemonError::NotFound(_) => 404,
             DaemonError::BadRequest(_) => 400,
-            DaemonError::Conflict { .. } => 409,
+            DaemonError::Conflict { .. } | DaemonError::Stopped(_) => 409,
             DaemonError::Source(_) => 422,
             DaemonError::Db(_) | DaemonError::Vm { .. } | DaemonError::Io { .. } => 500,
         }
@@ -122,6 +131,9 @@ pub struct Config {
     pub agent_timeout: Duration,
     /// How often the idle timers and the budget are checked.
     pub tick: Duration,
+    /// The kernel a stopped VM cold-boots with when its layers carry none (default: the
+    /// guest kernel `specc kernel build` made).
+    pub kernel: Option<PathBuf>,
 }
 
 /// One VM's slot: its record and process behind a lock, its activity outside it.
@@ -164,6 +176,19 @@ pub struct Daemon {
     mode: String,
     /// This daemon, for the threads it starts (set once by [`Daemon::open`]).
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
+}
+
+/// The start of the names of the store pins a daemon on `state_dir` writes
+/// (`specd-<tag>-`, then the VM id). Removing the pins of a state directory that was deleted
+/// with VMs still in it lets `specc gc` free their layers.
+pub fn pin_prefix(state_dir: &Path) -> String {
+    // FNV-1a: a stable tag for the state directory, so that daemons sharing one store never
+    // sweep each other's pins.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in state_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("specd-{:08x}-", h & 0xffff_ffff)
 }
 
 /// Milliseconds since the epoch.
@@ -341,10 +366,21 @@ impl Daemon {
             match (rec.vm.state, alive) {
                 // A VMM that answers is this VM, whatever the last transition was (a suspend
                 // whose snapshot did not complete leaves it running).
-                (VmState::Running | VmState::Paused | VmState::Waking, Some((m, paused)))
+                (
+                    VmState::Running | VmState::Paused | VmState::Waking | VmState::Starting,
+                    Some((m, paused)),
+                )
                 | (VmState::Suspending, Some((m, paused)))
                     if !snapshot_complete(&rec) =>
                 {
+                    machine = Some(m);
+                    rec.vm.state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                }
+                (VmState::Stopping, Some((m, paused))) if !stop_complete(&rec) => {
                     machine = Some(m);
                     rec.vm.state = if paused {
                         VmState::Paused
@@ -360,6 +396,16 @@ impl Daemon {
                     let snap = pending_snapshot(&rec);
                     self.finish_suspend(&mut rec, snap);
                 }
+                (VmState::Stopping, alive) if stop_complete(&rec) => {
+                    // The stop's snapshot is whole: finish the stop.
+                    if let Some((mut m, _)) = alive {
+                        let _ = m.kill();
+                    }
+                    let snap = stop_snapshot(&rec);
+                    self.finish_stop(&mut rec, &snap)?;
+                    discard_memory(&rec);
+                    rec.vm.disk_bytes = disk_usage(&rec.dir);
+                }
                 (VmState::Creating, alive) => {
                     // The creator never got an answer: undo it.
                     if let Some((mut m, _)) = alive {
@@ -371,18 +417,29 @@ impl Daemon {
                     continue;
                 }
                 (
-                    VmState::Running | VmState::Paused | VmState::Waking | VmState::Suspending,
+                    VmState::Running
+                    | VmState::Paused
+                    | VmState::Waking
+                    | VmState::Suspending
+                    | VmState::Stopping
+                    | VmState::Starting,
                     None,
                 ) => {
-                    // The VMM is gone (host crash, OOM kill): back to the last snapshot.
-                    if rec.restore == RestorePoint::Forked {
+                    // The VMM is gone (host crash, OOM kill): back to the last snapshot, or
+                    // to its disk if it had booted.
+                    if matches!(rec.restore, RestorePoint::Boot { .. }) {
+                        tracing::warn!(vm = %id, state = before.as_str(), "VMM is gone: the VM is stopped with what its disk holds");
+                        rec.vm.state = VmState::Stopped;
+                        rec.run_dir = None;
+                    } else if rec.restore == RestorePoint::Forked {
                         tracing::warn!(vm = %id, "fork child's VMM is gone and it has no snapshot: removing it");
                         self.db().delete(&id)?;
                         continue;
+                    } else {
+                        tracing::warn!(vm = %id, state = before.as_str(), "VMM is gone: the VM returns to its last snapshot");
+                        rec.vm.state = VmState::Suspended;
+                        rec.run_dir = None;
                     }
-                    tracing::warn!(vm = %id, state = before.as_str(), "VMM is gone: the VM returns to its last snapshot");
-                    rec.vm.state = VmState::Suspended;
-                    rec.run_dir = None;
                 }
                 _ => {}
             }
@@ -394,6 +451,10 @@ impl Daemon {
                 .and_then(Machine::pid)
                 .and_then(|p| i32::try_from(p).ok());
             self.db().put(&rec)?;
+            // VMs made before pins existed get theirs now.
+            if let Err(e) = self.pin(&rec) {
+                tracing::warn!(vm = %id, "{e}");
+            }
             let guest_ports: Vec<u16> = rec.vm.ports.iter().map(|p| p.guest).collect();
             let slot = self.insert(rec, machine);
             self.expose(&slot, &id, &guest_ports)?;
@@ -457,7 +518,7 @@ impl Daemon {
 
     // ---------------------------------------------------------------- create
 
-    fn resolve(&self, source: &Source) -> Result<RestorePoint, DaemonError> {
+    fn resolve(&self, source: &Source) -> Result<(RestorePoint, specc_plan::Digest), DaemonError> {
         let src = |e: &dyn std::error::Error| DaemonError::Source(chain(e));
         let key = match source {
             Source::Layer { key } => specc_plan::Digest::parse(key).ok_or_else(|| {
@@ -490,11 +551,14 @@ impl Daemon {
                 _ => src(&e),
             })?;
         let _ = self.store.touch_layer(&key);
-        Ok(RestorePoint::Image {
-            vmstate,
-            memory,
-            disks,
-        })
+        Ok((
+            RestorePoint::Image {
+                vmstate,
+                memory,
+                disks,
+            },
+            key,
+        ))
     }
 
     /// Creates a VM from a snapshot and waits until its agent answers.
@@ -516,7 +580,7 @@ impl Daemon {
                 "name {name:?} is not a hostname (letters, digits, '-', at most 63)"
             )));
         }
-        let restore = self.resolve(&req.source)?;
+        let (restore, layer) = self.resolve(&req.source)?;
         let now = now_ms();
         let rec = Record {
             vm: Vm {
@@ -540,9 +604,13 @@ impl Daemon {
             run_dir: None,
             generation: 0,
             lineage: Vec::new(),
+            layer: Some(layer.to_hex()),
         };
         std::fs::create_dir_all(&rec.dir)
             .map_err(io_err(format!("creating {}", rec.dir.display())))?;
+        // Pinned before it is recorded: no VM exists without its pin (a pin without a VM is
+        // swept).
+        self.pin(&rec)?;
         self.db().put(&rec)?;
         let slot = self.insert(rec, None);
         let mut live = Self::lock(&slot, &id)?;
@@ -555,10 +623,16 @@ impl Daemon {
         }
         live.rec.vm.state = VmState::Running;
         live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
+        // Idle time counts from when the VM could first be used, not from the request.
+        slot.last_active.store(now_ms(), Ordering::Relaxed);
         self.save(&slot, &mut live)?;
         let vm = live.rec.vm.clone();
         drop(live);
-        self.expose(&slot, &id, &req.ports)?;
+        if let Err(e) = self.expose(&slot, &id, &req.ports) {
+            // A VM whose ports cannot be served is not what was asked for: undo it.
+            let _ = self.delete(&id);
+            return Err(e);
+        }
         Ok(self.show(&vm.id).unwrap_or(vm))
     }
 
@@ -577,10 +651,45 @@ impl Daemon {
         let top = rec.dir.join(format!("disk-{}.diff", rec.generation));
         rec.run_dir = Some(run_dir.clone());
         self.db().put(rec)?;
+        if let RestorePoint::Boot {
+            cmdline,
+            vcpus,
+            mem_bytes,
+            disks,
+            top,
+        } = &rec.restore
+        {
+            let kernel = self.kernel_for(rec)?;
+            let config = MachineConfig {
+                kernel,
+                cmdline: cmdline.clone(),
+                vcpus: *vcpus,
+                mem_bytes: *mem_bytes,
+                disk: Disk {
+                    layers: disks.clone(),
+                    top: top.clone(),
+                },
+                net: rec.vm.net,
+            };
+            let mut machine =
+                Machine::launch(&config, &run_dir, specc_machine::Source::Boot, DETACHED)
+                    .map_err(|e| vm_err(chain(&e)))?;
+            // The agent of a booted guest answers once init has started it; the hostname is
+            // the VM's name, as after a restore.
+            let hello = machine
+                .connect_agent(self.config.agent_timeout)
+                .and_then(|mut agent| Machine::announce_restored(&mut agent, &rec.vm.name));
+            if let Err(e) = hello {
+                let _ = machine.kill();
+                return Err(vm_err(chain(&e)));
+            }
+            live.machine = Some(machine);
+            return Ok(());
+        }
         let vmstate = match &rec.restore {
             RestorePoint::Image { vmstate, .. } => vmstate.clone(),
             RestorePoint::Snapshot { dir } => dir.join(specc_vmm::snapshot_dir::VMSTATE_FILE),
-            RestorePoint::Forked => PathBuf::new(),
+            RestorePoint::Forked | RestorePoint::Boot { .. } => PathBuf::new(),
         };
         // The shape is the snapshot's; the VMM checks the memory files against it.
         let shape: Option<specc_vmm::snapshot_dir::VmSnapshot> =
@@ -615,7 +724,7 @@ impl Daemon {
                 specc_machine::Source::Snapshot(dir),
                 DETACHED,
             ),
-            RestorePoint::Forked => {
+            RestorePoint::Forked | RestorePoint::Boot { .. } => {
                 return Err(vm_err(
                     "a fork child without a snapshot cannot be restarted".into(),
                 ));
@@ -727,7 +836,7 @@ impl Daemon {
         self.save(slot, live)?;
         // Memory mapped from files (a restore) needs only the pages written since; a fork
         // child's memory is anonymous and is written whole (sparse).
-        let diff = live.rec.restore != RestorePoint::Forked;
+        let diff = memory_is_file_backed(&live.rec.restore);
         let shot = self.machine(live, "suspend").and_then(|m| {
             m.snapshot(&snap, diff, specc_machine::After::Exit)
                 .map_err(|e| vm_error(&live.rec, "suspend", &e))
@@ -769,6 +878,7 @@ impl Daemon {
                 return Ok(true);
             }
             VmState::Suspended => {}
+            VmState::Stopped => return Err(DaemonError::Stopped(live.rec.vm.id.clone())),
             s => return Err(conflict(&live.rec, s, "wake")),
         }
         let t0 = Instant::now();
@@ -786,6 +896,187 @@ impl Daemon {
         slot.last_active.store(now_ms(), Ordering::Relaxed);
         self.save(slot, live)?;
         Ok(true)
+    }
+
+    /// Powers a VM off: its guest syncs its file systems, the VMM exits, its memory (and the
+    /// memory of every earlier suspend) is discarded and only its disk is kept. A suspended
+    /// VM just drops its memory.
+    pub fn stop(&self, id: &str) -> Result<Vm, DaemonError> {
+        let t0 = Instant::now();
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        let r = self.stop_locked(&slot, &mut live);
+        self.metrics.observe("stop", t0.elapsed(), r.is_ok());
+        r?;
+        let vm = live.rec.vm.clone();
+        drop(live);
+        self.enforce_budget();
+        Ok(vm)
+    }
+
+    fn stop_locked(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        match live.rec.vm.state {
+            VmState::Stopped => return Ok(()),
+            VmState::Running | VmState::Paused | VmState::Suspended => {}
+            s => return Err(conflict(&live.rec, s, "stop")),
+        }
+        // Refuse before anything happens if it could never be started again.
+        self.kernel_for(&live.rec)?;
+        if live.rec.vm.state == VmState::Suspended {
+            let RestorePoint::Snapshot { dir } = live.rec.restore.clone() else {
+                return Err(conflict(&live.rec, VmState::Suspended, "stop"));
+            };
+            // One write: the record goes from suspended to stopped (the memory is removed
+            // after it).
+            self.finish_stop(&mut live.rec, &dir)?;
+            self.save(slot, live)?;
+            discard_memory(&live.rec);
+            live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
+            return self.save(slot, live);
+        }
+        if live.rec.vm.state == VmState::Paused {
+            self.resume_locked(slot, live)?;
+        }
+        // What the guest wrote is in its page cache: flush it to the disk that is kept. A
+        // guest whose agent does not answer is stopped all the same, with what it flushed.
+        if let Some(vsock) = live.rec.run_dir.as_ref().map(|d| d.join("vsock.sock")) {
+            let synced = self.agent(&live.rec.vm.id, &vsock).and_then(|mut a| {
+                a.exec_output(&ExecRequest::new(["sync"]))
+                    .map_err(|e| DaemonError::Vm {
+                        id: live.rec.vm.id.clone(),
+                        op: "sync",
+                        message: chain(&e),
+                    })
+            });
+            if let Err(e) = synced {
+                tracing::warn!(vm = %live.rec.vm.id, "stop: the guest did not sync: {e}");
+            }
+        }
+        let prev = live.rec.vm.state;
+        let snap = stop_snapshot(&live.rec);
+        let _ = std::fs::remove_dir_all(&snap);
+        live.rec.vm.state = VmState::Stopping;
+        self.save(slot, live)?;
+        // The snapshot is the one way to get the VM's whole frozen disk stack from its VMM
+        // (forks freeze layers under it); its memory is deleted right after.
+        let diff = memory_is_file_backed(&live.rec.restore);
+        let shot = self.machine(live, "stop").and_then(|m| {
+            m.snapshot(&snap, diff, specc_machine::After::Exit)
+                .map_err(|e| vm_error(&live.rec, "stop", &e))
+        });
+        if let Err(e) = shot {
+            live.rec.vm.state = prev;
+            self.save(slot, live)?;
+            return Err(e);
+        }
+        if let Some(mut m) = live.machine.take() {
+            let _ = m.wait_timeout(Duration::from_secs(30));
+        }
+        self.finish_stop(&mut live.rec, &snap)?;
+        self.save(slot, live)?;
+        discard_memory(&live.rec);
+        live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
+        self.save(slot, live)
+    }
+
+    /// Makes `rec` a stopped VM whose disk is the frozen stack of the snapshot in `snap`.
+    fn finish_stop(&self, rec: &mut Record, snap: &Path) -> Result<(), DaemonError> {
+        let shot = specc_vmm::snapshot_dir::read(snap).map_err(|e| DaemonError::Vm {
+            id: rec.vm.id.clone(),
+            op: "stop",
+            message: format!("reading {}: {}", snap.display(), chain(&e)),
+        })?;
+        // Layers inside the snapshot directory are recorded relative to it.
+        let disks = shot
+            .disks
+            .first()
+            .map(|d| {
+                d.layers
+                    .iter()
+                    .map(|l| specc_vmm::snapshot_dir::resolve(snap, l))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cmdline = if shot.cmdline.trim().is_empty() {
+            DEFAULT_CMDLINE.to_owned()
+        } else {
+            shot.cmdline
+        };
+        rec.restore = RestorePoint::Boot {
+            cmdline,
+            vcpus: shot.vcpus,
+            mem_bytes: shot.mem_bytes,
+            disks,
+            top: rec.dir.join(format!("boot-{}.diff", rec.generation)),
+        };
+        rec.vm.state = VmState::Stopped;
+        rec.vm.pid = None;
+        rec.run_dir = None;
+        Ok(())
+    }
+
+    /// The kernel a stopped VM of `rec` boots: the layer's own, else `--kernel`, else the
+    /// guest kernel `specc kernel build` left in the cache.
+    fn kernel_for(&self, rec: &Record) -> Result<PathBuf, DaemonError> {
+        let missing =
+            |why: String| DaemonError::Source(format!("no kernel to boot VM {}: {why}", rec.vm.id));
+        let mut key = rec.layer.as_deref().and_then(specc_plan::Digest::parse);
+        while let Some(k) = key {
+            let Ok(Some(layer)) = self.store.layer(&k) else {
+                break;
+            };
+            if let Some(part) = layer.part(specc_store::Role::Kernel) {
+                let p = self.store.blob_path(&part.digest);
+                if p.is_file() {
+                    return Ok(p);
+                }
+            }
+            key = layer.parents.first().copied();
+        }
+        if let Some(k) = &self.config.kernel {
+            return if k.is_file() {
+                Ok(k.clone())
+            } else {
+                Err(missing(format!("--kernel {} does not exist", k.display())))
+            };
+        }
+        match specc_guestkit::kernel::cached_kernel(specc_guestkit::kernel::KernelKind::Guest) {
+            Ok(Some(k)) if k.vmlinux.is_file() => Ok(k.vmlinux),
+            Ok(_) => Err(missing(
+                "its layers carry none, specd has no --kernel, and no guest kernel is built \
+                 (`specc kernel build`)"
+                    .into(),
+            )),
+            Err(e) => Err(missing(chain(&e))),
+        }
+    }
+
+    /// Makes a VM run: a stopped one cold-boots from its kernel and its own disk (what the
+    /// guest had written to disk is there, memory and `/tmp` are not); a suspended one wakes, a
+    /// paused one resumes. Returns whether anything had to be done.
+    pub fn start(&self, id: &str) -> Result<(Vm, bool), DaemonError> {
+        let slot = self.slot(id)?;
+        let mut live = Self::lock(&slot, id)?;
+        if live.rec.vm.state != VmState::Stopped {
+            let woke = self.wake_locked(&slot, &mut live)?;
+            return Ok((live.rec.vm.clone(), woke));
+        }
+        let t0 = Instant::now();
+        live.rec.vm.state = VmState::Starting;
+        self.save(&slot, &mut live)?;
+        let r = self.start_vm(&mut live, "start");
+        self.metrics.observe("start", t0.elapsed(), r.is_ok());
+        if let Err(e) = r {
+            live.rec.vm.state = VmState::Stopped;
+            live.rec.run_dir = None;
+            self.save(&slot, &mut live)?;
+            return Err(e);
+        }
+        live.rec.vm.state = VmState::Running;
+        live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
+        slot.last_active.store(now_ms(), Ordering::Relaxed);
+        self.save(&slot, &mut live)?;
+        Ok((live.rec.vm.clone(), true))
     }
 
     /// Deletes a VM: its process ends and its files go (those its fork children still need
@@ -838,6 +1129,50 @@ impl Daemon {
                 }
             }
         }
+        // Pins of VMs that are gone (only this daemon's: other daemons may share the store).
+        let alive: std::collections::HashSet<String> =
+            records.iter().map(|r| self.pin_name(&r.vm.id)).collect();
+        let prefix = self.pin_name("");
+        if let Ok(pins) = self.store.pins() {
+            for name in pins.keys() {
+                if name.starts_with(&prefix)
+                    && !alive.contains(name)
+                    && let Err(e) = self.store.unpin(name)
+                {
+                    tracing::warn!(pin = %name, "cannot unpin: {}", chain(&e));
+                }
+            }
+        }
+    }
+
+    /// The store pin of VM `id`: this daemon's (by its state directory) and the VM's.
+    fn pin_name(&self, id: &str) -> String {
+        format!("{}{id}", pin_prefix(&self.config.state_dir))
+    }
+
+    /// Pins the store layer `rec` restores from, so `specc gc` keeps its blobs while the VM
+    /// exists (even while the daemon is down).
+    fn pin(&self, rec: &Record) -> Result<(), DaemonError> {
+        let key = rec
+            .layer
+            .as_deref()
+            .or(match &rec.vm.source {
+                Source::Layer { key } => Some(key.as_str()),
+                _ => None,
+            })
+            .and_then(specc_plan::Digest::parse);
+        let Some(key) = key else {
+            return Ok(());
+        };
+        let owner = format!(
+            "specd {} VM {} ({})",
+            self.config.state_dir.display(),
+            rec.vm.id,
+            rec.vm.name
+        );
+        self.store
+            .pin(&self.pin_name(&rec.vm.id), &owner, &[key])
+            .map_err(|e| DaemonError::Source(format!("pinning the VM's layer: {}", chain(&e))))
     }
 
     // ---------------------------------------------------------------- fork
@@ -890,7 +1225,9 @@ impl Daemon {
                 run_dir: Some(run_dir),
                 generation: 1,
                 lineage,
+                layer: live.rec.layer.clone(),
             };
+            self.pin(&rec)?;
             self.db().put(&rec)?;
             children.push(rec);
         }
@@ -910,6 +1247,16 @@ impl Daemon {
             }
         };
         slot.last_active.store(now_ms(), Ordering::Relaxed);
+        if let RestorePoint::Boot { disks, top, .. } = &mut live.rec.restore {
+            // The fork froze the booted source's top diff beside it (`<top>.fork<n>`) and the
+            // source goes on in a fresh one: the frozen layer is now part of its boot stack.
+            for layer in fork_frozen_layers(top) {
+                if !disks.contains(&layer) {
+                    disks.push(layer);
+                }
+            }
+            self.save(&slot, &mut live)?;
+        }
         let source_ports = live.rec.vm.ports.clone();
         drop(live);
         let mut vms = Vec::new();
@@ -932,6 +1279,7 @@ impl Daemon {
             }
             rec.vm.state = VmState::Running;
             rec.vm.disk_bytes = disk_usage(&rec.dir);
+            rec.vm.last_active_ms = now_ms();
             let slot = self.insert(rec, Some(machine));
             let mut live = Self::lock(&slot, &cid)?;
             self.save(&slot, &mut live)?;
@@ -1007,6 +1355,12 @@ impl Daemon {
         let (slot, vsock, woke) = self.enter(id)?;
         let _busy = Busy(&slot);
         let mut agent = self.agent(id, &vsock)?;
+        if let Some(t) = req.timeout_ms {
+            // The agent ends the process at the timeout and answers; an answer that has not
+            // come well after that never will (a lost connection): fail instead of hanging.
+            let bound = Duration::from_millis(t) + EXEC_GRACE;
+            let _ = agent.get_ref().set_read_timeout(Some(bound));
+        }
         let mut er = ExecRequest::new(req.argv.clone());
         er.env.clone_from(&req.env);
         er.cwd.clone_from(&req.cwd);
@@ -1119,7 +1473,17 @@ impl Daemon {
             let listener = previous
                 .and_then(|h| std::net::TcpListener::bind(("127.0.0.1", h)).ok())
                 .map_or_else(|| std::net::TcpListener::bind(("127.0.0.1", 0)), Ok)
-                .map_err(io_err(format!("listening for guest port {guest}")))?;
+                .map_err(|e| {
+                    let hint = if e.kind() == io::ErrorKind::AddrNotAvailable {
+                        " on 127.0.0.1 (is the loopback interface up?)"
+                    } else {
+                        ""
+                    };
+                    DaemonError::Io {
+                        what: format!("listening for guest port {guest}{hint}"),
+                        source: e,
+                    }
+                })?;
             let host = listener
                 .local_addr()
                 .map_err(io_err("reading a listener's address"))?
@@ -1209,12 +1573,16 @@ impl Daemon {
             tcp_w.try_clone().map_err(clone)?,
             pipe_w.try_clone().map_err(clone)?,
         );
-        // The client's EOF is not passed on: the VMM's vsock turns a host half-close into a
-        // full close, which would cut off the guest's answer. The guest's close ends both.
+        // The client's EOF reaches the guest service as EOF (the VMM's vsock passes a host
+        // half-close on as SHUTDOWN(SEND)) while its answer still comes back; the guest's
+        // close ends both directions.
+        let pipe_half = pipe_w.try_clone().map_err(clone)?;
         let up = pump(
             Box::new(tcp_r),
             Box::new(pipe_w),
-            Box::new(|| {}),
+            Box::new(move || {
+                let _ = pipe_half.shutdown(std::net::Shutdown::Write);
+            }),
             slot.clone(),
         );
         let down = pump(
@@ -1279,11 +1647,34 @@ impl Daemon {
 
     /// Evicts sticky VMs at rest while the VMs' files exceed the budget.
     fn enforce_budget(&self) {
-        let vms = self.list();
+        // Only VMs not in a transition: waiting for a VM that is being created or woken would
+        // hold up the timer thread (and every other VM's idle timer) for seconds. Those in a
+        // transition are not at rest, so they are not evicted anyway; their bytes count at the
+        // next tick.
+        let slots: Vec<_> = self.slots().values().cloned().collect();
+        let vms: Vec<Vm> = slots
+            .iter()
+            .filter_map(|s| {
+                let live = s.live.try_lock().ok()?;
+                (!live.deleted).then(|| {
+                    let mut vm = live.rec.vm.clone();
+                    vm.last_active_ms = s.last_active.load(Ordering::Relaxed);
+                    vm
+                })
+            })
+            .collect();
         for id in policy::evictions(&vms, self.config.budget_bytes) {
             tracing::info!(vm = %id, budget = self.config.budget_bytes, "evicting under the storage budget");
-            match self.delete(&id) {
-                Ok(()) => self.metrics.evicted(),
+            // Counted before the VM disappears from the API (its files go after), so whoever
+            // sees it gone also sees the eviction.
+            let r = self.slot(&id).and_then(|slot| {
+                let mut live = Self::lock(&slot, &id)?;
+                self.delete_locked(&mut live)?;
+                self.metrics.evicted();
+                Ok(())
+            });
+            match r {
+                Ok(()) => self.forget(&id),
                 Err(e) => tracing::warn!(vm = %id, "eviction failed: {e}"),
             }
         }
@@ -1326,6 +1717,73 @@ fn child_name(parent: &str, _i: u32, cid: &str) -> String {
 /// The snapshot directory a `Suspending` record is writing.
 fn pending_snapshot(rec: &Record) -> PathBuf {
     rec.dir.join(format!("snap-{}", rec.vm.suspends + 1))
+}
+
+/// Whether the VM's memory is mapped from snapshot files, so a snapshot needs only the pages
+/// written since (a fork child's and a booted VM's memory is anonymous: written whole).
+fn memory_is_file_backed(restore: &RestorePoint) -> bool {
+    matches!(
+        restore,
+        RestorePoint::Image { .. } | RestorePoint::Snapshot { .. }
+    )
+}
+
+/// The layers a live fork froze from the disk diff `top` (the VMM names them `<top>.fork<n>`),
+/// oldest first.
+fn fork_frozen_layers(top: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (top.parent(), top.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.fork", name.to_string_lossy());
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let seq = n.strip_prefix(&prefix)?.parse().ok()?;
+                    Some((seq, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The snapshot directory a stop of the current VMM writes (its disk stack is what is kept).
+fn stop_snapshot(rec: &Record) -> PathBuf {
+    rec.dir.join(format!("stop-{}", rec.generation))
+}
+
+fn stop_complete(rec: &Record) -> bool {
+    rec.vm.state == VmState::Stopping
+        && stop_snapshot(rec)
+            .join(specc_vmm::snapshot_dir::VMSTATE_FILE)
+            .is_file()
+}
+
+/// Removes the memory files of every snapshot of a stopped VM: it boots from its disk only.
+/// (Fork children never read them: their memory is their own.)
+fn discard_memory(rec: &Record) {
+    let Ok(entries) = std::fs::read_dir(&rec.dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("snap-") || name.starts_with("stop-")) {
+            continue;
+        }
+        for f in [
+            specc_vmm::snapshot_dir::MEMORY_FILE,
+            specc_vmm::snapshot_dir::MEMORY_DIFF_FILE,
+        ] {
+            match std::fs::remove_file(e.path().join(f)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => tracing::warn!(vm = %rec.vm.id, "cannot discard {name}/{f}: {err}"),
+            }
+        }
+    }
 }
 
 fn snapshot_complete(rec: &Record) -> bool {

@@ -53,6 +53,21 @@ pub enum RestorePoint {
     },
     /// A live fork child: it has no snapshot until its first suspend.
     Forked,
+    /// A stopped VM: only its disk is kept; it cold-boots from a kernel chosen at start
+    /// (`Daemon::kernel_for`).
+    Boot {
+        /// The kernel command line.
+        cmdline: String,
+        /// vCPUs.
+        vcpus: u8,
+        /// Guest memory.
+        mem_bytes: u64,
+        /// The frozen disk layers, bottom first.
+        disks: Vec<PathBuf>,
+        /// The writable diff every boot from this point continues (a VMM that died keeps
+        /// what it flushed).
+        top: PathBuf,
+    },
 }
 
 /// What the daemon keeps about a VM beyond what the API shows.
@@ -73,6 +88,9 @@ pub struct Record {
     /// The VMs this one was forked from, parent first: their files hold its disk layers.
     #[serde(default)]
     pub lineage: Vec<String>,
+    /// The store layer its chain starts at (hex key): pinned in the store while the VM exists.
+    #[serde(default)]
+    pub layer: Option<String>,
 }
 
 /// The database.
@@ -215,6 +233,7 @@ mod tests {
             run_dir: None,
             generation: 1,
             lineage: vec!["p".into()],
+            layer: Some("ab".into()),
         }
     }
 

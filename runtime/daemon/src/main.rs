@@ -38,6 +38,10 @@ struct Args {
     /// Seconds a restored guest's agent may take to answer.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     agent_timeout: u64,
+    /// The kernel stopped VMs cold-boot with when their layers carry none [default: the guest
+    /// kernel `specc kernel build` made].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
     /// How often the idle timers run, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     tick_ms: u64,
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
         budget_bytes: args.budget,
         agent_timeout: Duration::from_secs(args.agent_timeout),
         tick: Duration::from_millis(args.tick_ms),
+        kernel: args.kernel,
     };
     let daemon = Daemon::open(config).context("opening the daemon's state")?;
     let server = Arc::new(

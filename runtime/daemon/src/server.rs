@@ -39,6 +39,8 @@ const FILE_LIMIT: u64 = 256 << 20;
         resume_vm,
         suspend_vm,
         wake_vm,
+        stop_vm,
+        start_vm,
         fork_vm,
         exec_vm,
         read_file,
@@ -208,6 +210,8 @@ fn route(method: &Method, path: &[&str]) -> Option<&'static str> {
         (Method::Post, ["v1", "vms", _, "resume"]) => "resume_vm",
         (Method::Post, ["v1", "vms", _, "suspend"]) => "suspend_vm",
         (Method::Post, ["v1", "vms", _, "wake"]) => "wake_vm",
+        (Method::Post, ["v1", "vms", _, "stop"]) => "stop_vm",
+        (Method::Post, ["v1", "vms", _, "start"]) => "start_vm",
         (Method::Post, ["v1", "vms", _, "fork"]) => "fork_vm",
         (Method::Post, ["v1", "vms", _, "exec"]) => "exec_vm",
         (Method::Get, ["v1", "vms", _, "files"]) => "read_file",
@@ -232,6 +236,8 @@ fn dispatch(d: &Daemon, name: &str, c: &mut Call) -> Reply {
         "resume_vm" => resume_vm(d, &id),
         "suspend_vm" => suspend_vm(d, &id),
         "wake_vm" => wake_vm(d, &id),
+        "stop_vm" => stop_vm(d, &id),
+        "start_vm" => start_vm(d, &id),
         "fork_vm" => fork_vm(d, &id, c),
         "exec_vm" => exec_vm(d, &id, c),
         "read_file" => read_file(d, &id, c),
@@ -334,6 +340,24 @@ fn suspend_vm(d: &Daemon, id: &str) -> Reply {
     responses((status = 200, body = api::Vm), (status = 409, body = api::ApiError)))]
 fn wake_vm(d: &Daemon, id: &str) -> Reply {
     result(d.wake(id).map(|(vm, _)| vm))
+}
+
+/// Powers the VM off: its guest syncs, the VMM exits, its memory is discarded and only its
+/// disk is kept. Exec and file calls on a stopped VM answer 409 until it is started.
+#[utoipa::path(post, path = "/v1/vms/{id}/stop", params(("id" = String, Path)),
+    responses((status = 200, body = api::Vm, description = "Stopped"),
+              (status = 409, body = api::ApiError), (status = 422, body = api::ApiError,
+               description = "No kernel to boot it again: nothing was done")))]
+fn stop_vm(d: &Daemon, id: &str) -> Reply {
+    result(d.stop(id))
+}
+
+/// Cold-boots a stopped VM from its kernel and its own disk (files written before the stop
+/// are there; memory and `/tmp` are not); wakes a suspended one, resumes a paused one.
+#[utoipa::path(post, path = "/v1/vms/{id}/start", params(("id" = String, Path)),
+    responses((status = 200, body = api::Vm), (status = 409, body = api::ApiError)))]
+fn start_vm(d: &Daemon, id: &str) -> Reply {
+    result(d.start(id).map(|(vm, _)| vm))
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/fork", params(("id" = String, Path)),
@@ -587,6 +611,8 @@ mod tests {
             (Method::Post, "/v1/vms/{id}/resume", "post"),
             (Method::Post, "/v1/vms/{id}/suspend", "post"),
             (Method::Post, "/v1/vms/{id}/wake", "post"),
+            (Method::Post, "/v1/vms/{id}/stop", "post"),
+            (Method::Post, "/v1/vms/{id}/start", "post"),
             (Method::Post, "/v1/vms/{id}/fork", "post"),
             (Method::Post, "/v1/vms/{id}/exec", "post"),
             (Method::Get, "/v1/vms/{id}/files", "get"),

@@ -1,5 +1,5 @@
 //! `specc vm ...`: a client of the specd API (create, ls, show, fork, pause, resume, suspend,
-//! wake, exec, cp, logs, rm).
+//! wake, stop, start, exec, cp, logs, rm).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -41,6 +41,10 @@ enum Sub {
     Suspend(IdArg),
     /// Restore a suspended VM (or resume a paused one).
     Wake(IdArg),
+    /// Power a VM off: only its disk is kept (memory is discarded); exec needs `start` first.
+    Stop(IdArg),
+    /// Cold-boot a stopped VM from its disk (or wake a suspended one).
+    Start(IdArg),
     /// Run a command in a VM (waking it if needed); exits with the command's status.
     Exec(ExecArgs),
     /// Copy a file into (`cp FILE VM:/path`) or out of (`cp VM:/path FILE`) a VM.
@@ -242,6 +246,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Sub::Pause(a) => print_vm(&post(&a.id, "pause")?, json)?,
         Sub::Resume(a) => print_vm(&post(&a.id, "resume")?, json)?,
         Sub::Wake(a) => print_vm(&post(&a.id, "wake")?, json)?,
+        Sub::Stop(a) => print_vm(&post(&a.id, "stop")?, json)?,
+        Sub::Start(a) => print_vm(&post(&a.id, "start")?, json)?,
         Sub::Suspend(a) => {
             let resp = client.request("POST", &format!("/v1/vms/{}/suspend", a.id), None)?;
             if resp.status == 204 {
