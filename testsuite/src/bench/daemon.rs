@@ -77,12 +77,19 @@ pub fn run(scenario: Scenario, args: &Args) -> anyhow::Result<()> {
         Mode::detect()
     };
     let state = tempfile::tempdir().context("creating the daemon's state dir")?;
-    let daemon = crate::specd::Specd::start(state.path(), &[])?;
+    let _unpin = crate::specd::PinSweep::new(state.path());
+    // Under load an agent connection waits its turn behind hundreds of others on two
+    // emulated vCPUs: give it longer than the default minute before calling it an error.
+    let extra: &[&str] = match scenario {
+        Scenario::Load => &["--agent-timeout", "120"],
+        _ => &[],
+    };
+    let daemon = crate::specd::Specd::start(state.path(), extra)?;
     let c = daemon.client();
     let report = match scenario {
         Scenario::Create => api_create(&c, &key, args, mode)?,
         Scenario::Wake => wake(&c, &key, args, mode)?,
-        Scenario::Load => load(&c, &key, args, mode)?,
+        Scenario::Load => load(&c, &key, args, mode, &daemon)?,
     };
     report.print(args.json)
 }
@@ -201,33 +208,125 @@ fn wake(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<Report
     Ok(r)
 }
 
-fn load(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<Report> {
+/// One stderr line about the host the load runs on: memory available, and the daemon's
+/// threads and resident memory (a load that stalls shows where it stands).
+fn progress(what: &str, daemon: &crate::specd::Specd) {
+    let field = |file: &str, key: &str| -> String {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with(key))
+                    .map(|l| l[key.len()..].trim().to_owned())
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    let status = format!("/proc/{}/status", daemon.pid());
+    eprintln!(
+        "specc-bench load: {what}; MemAvailable {}, specd threads {}, specd RSS {}",
+        field("/proc/meminfo", "MemAvailable:"),
+        field(&status, "Threads:"),
+        field(&status, "VmRSS:"),
+    );
+}
+
+/// The non-empty VMM logs of the daemon's VMs, last lines, to stderr.
+fn dump_vmm_logs(run_vms: &Path) {
+    let Ok(rd) = std::fs::read_dir(run_vms) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let text = std::fs::read_to_string(e.path().join("vmm.log")).unwrap_or_default();
+        if text.trim().is_empty() {
+            continue;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "--- {} vmm.log (end) ---\n{}",
+            e.file_name().to_string_lossy(),
+            lines[lines.len().saturating_sub(8)..].join("\n")
+        );
+    }
+}
+
+fn load(
+    c: &Client,
+    key: &str,
+    args: &Args,
+    mode: Mode,
+    daemon: &crate::specd::Specd,
+) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let mut ids = Vec::new();
     for i in 0..args.vms {
-        ids.push(create(c, key, &format!("load-{i}"))?.id);
+        ids.push(
+            create(c, key, &format!("load-{i}"))
+                .with_context(|| format!("creating VM {i}:\n{}", daemon.log_tail(30)))?
+                .id,
+        );
+        if (i + 1) % 10 == 0 {
+            progress(
+                &format!(
+                    "{} VMs created in {:.1} s",
+                    i + 1,
+                    t0.elapsed().as_secs_f64()
+                ),
+                daemon,
+            );
+        }
     }
     let created = t0.elapsed();
     let t1 = Instant::now();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let finished = std::sync::atomic::AtomicBool::new(false);
     let results: Vec<Result<Duration, String>> = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = Instant::now();
+            let (mut before, mut dumped) = (usize::MAX, false);
+            while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.elapsed() >= Duration::from_secs(15) {
+                    last = Instant::now();
+                    let n = done.load(std::sync::atomic::Ordering::Relaxed);
+                    if n == before && !dumped {
+                        // Stalled: what the VMMs said is the best clue to where.
+                        dumped = true;
+                        dump_vmm_logs(&daemon.state().join("run/vms"));
+                    }
+                    before = n;
+                    progress(
+                        &format!(
+                            "{n}/{} execs done after {:.0} s",
+                            args.execs,
+                            t1.elapsed().as_secs_f64()
+                        ),
+                        daemon,
+                    );
+                }
+            }
+        });
         let handles: Vec<_> = (0..args.execs)
             .map(|i| {
-                let (c, id) = (c.clone(), ids[i % ids.len()].clone());
+                let (c, id, done) = (c.clone(), ids[i % ids.len()].clone(), &done);
                 s.spawn(move || {
                     let t = Instant::now();
-                    exec_true(&c, &id)
+                    let r = exec_true(&c, &id)
                         .map(|_| t.elapsed())
-                        .map_err(|e| format!("{e:#}"))
+                        .map_err(|e| format!("{e:#}"));
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    r
                 })
             })
             .collect();
-        handles
+        let results = handles
             .into_iter()
             .map(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err("exec thread panicked".into()))
             })
-            .collect()
+            .collect();
+        finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
     });
     let all = t1.elapsed();
     let mut ok: Vec<Duration> = results
@@ -236,7 +335,11 @@ fn load(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<Report
         .collect();
     let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     if let Some(e) = errors.first() {
-        eprintln!("specc-bench: {} exec errors, the first: {e}", errors.len());
+        eprintln!(
+            "specc-bench: {} exec errors, the first: {e}\n--- specd log (end) ---\n{}",
+            errors.len(),
+            daemon.log_tail(40)
+        );
     }
     for id in &ids {
         delete(c, id)?;
