@@ -160,7 +160,7 @@ pub enum StoreError {
         source: io::Error,
     },
     /// The file system holding the store is full; the partial write was removed.
-    #[error("store {} is out of disk space (the partial write was removed; run `specc gc`)", root.display())]
+    #[error("store {} is out of disk space (ENOSPC; the partial write was removed: free space or run `specc gc`)", root.display())]
     Full {
         /// The store root.
         root: PathBuf,
