@@ -413,6 +413,9 @@ impl VsockHandler {
         if events.contains(EventSet::OUT) {
             broken |= conn.flush_to_host().is_err();
         }
+        // A guest that filled our buffer is blocked on credit and sends nothing that would
+        // trigger an update: tell it as soon as the host has taken the bytes.
+        let credit_update = !broken && conn.needs_credit_update();
         if events.contains(EventSet::IN) {
             broken |= conn.read_from_host().is_err();
         }
@@ -428,6 +431,9 @@ impl VsockHandler {
         }
         if broken {
             self.reset_conn(epoll, key);
+        } else if credit_update {
+            let p = self.to_guest(key, OP_CREDIT_UPDATE, 0);
+            self.push_backlog(p);
         }
     }
 
