@@ -45,13 +45,32 @@ pub fn prepare_busybox_guest() -> BusyboxGuest {
     )
     .expect("building the busybox rootfs");
     // specc-vmm beside the test binary's profile directory, where specc-machine looks.
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "specc-vmm"])
-        .status()
-        .expect("running cargo build -p specc-vmm");
-    assert!(status.success(), "cargo build -p specc-vmm failed");
+    cargo_build("specc-vmm");
     BusyboxGuest {
         kernel: kernel.vmlinux,
         image: image.path,
     }
+}
+
+/// `cargo build -q -p PACKAGE` in the running test's profile, so its binaries land in
+/// `target/<profile>/` beside the tests'. Panics if the build fails.
+pub fn cargo_build(package: &str) {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package])
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+}
+
+/// `target/<profile>/NAME`, beside the running test binary's `deps/` directory. Panics if it
+/// is missing.
+pub fn test_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary is in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(p.is_file(), "{name} binary missing at {}", p.display());
+    p
 }

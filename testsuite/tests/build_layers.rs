@@ -9,21 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn cargo_build(package: &str) {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", package])
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
-}
-
 /// `target/<profile>/specc`, beside this test binary's directory.
 fn specc_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("specc");
-    assert!(p.is_file(), "specc binary missing at {}", p.display());
-    p
+    specc_testsuite::test_binary("specc")
 }
 
 /// Runs `specc build --json [EXTRA] FILE`; returns (layer, event) pairs, an `explain` event
@@ -118,8 +106,8 @@ fn events_of<'a>(events: &'a [(String, String)], layer: &str) -> Vec<&'a str> {
 
 #[test]
 fn two_independent_layers_build_then_rebuild_cached_then_only_the_changed_copy() {
-    cargo_build("specc-vmm");
-    cargo_build("specc");
+    specc_testsuite::cargo_build("specc-vmm");
+    specc_testsuite::cargo_build("specc");
     // Inside the target directory: the rig shares the project tree, not the host's /tmp.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     // A marker unique to this run keeps its layer keys apart from earlier runs' (the store is

@@ -17,22 +17,6 @@ use specc_testsuite::specd::Specd;
 use specd::api::{self, CreateVm, ExecEvent, IdlePolicy, Persistence, Source, Vm, VmState};
 use specd::client::Client;
 
-fn cargo_build(package: &str) {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", package])
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
-}
-
-/// `target/<profile>/NAME`, beside this test binary's directory.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(p.is_file(), "{name} binary missing at {}", p.display());
-    p
-}
-
 /// A daemon on `state` with fast idle ticks and `budget` bytes of storage budget.
 fn start(state: &Path, budget: u64) -> Specd {
     Specd::start(
@@ -171,13 +155,16 @@ fn key_file() -> PathBuf {
 fn daemon_lifecycle_with_linux_guests() {
     if !specc_rig::in_rig() {
         for p in ["specc-vmm", "specc", "specd"] {
-            cargo_build(p);
+            specc_testsuite::cargo_build(p);
         }
         // Built out here: `specc build` prepares the kernel, rootfs and agent on the host and
         // runs its VMs in the rig itself.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let key = specc_testsuite::bench::daemon::build_head_key(&binary("specc"), dir.path())
-            .expect("building the layer");
+        let key = specc_testsuite::bench::daemon::build_head_key(
+            &specc_testsuite::test_binary("specc"),
+            dir.path(),
+        )
+        .expect("building the layer");
         std::fs::write(key_file(), key).unwrap();
     }
     if specc_rig::testing::run_in_rig_unless_hardware("daemon_lifecycle_with_linux_guests")

@@ -18,32 +18,20 @@ use specc_guestkit::rootfs;
 /// `specc_testsuite::prepare_busybox_guest` made is the one `specc build` finds cached.
 pub const DISK: &str = "256MiB";
 
-fn cargo_build(package: &str) {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", package])
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "cargo build -p {package} failed");
-}
-
 /// On the host (not inside the rig): builds specc and specc-vmm beside this test binary, and
 /// the guest kernel, agent and 256 MiB busybox image into the caches the rig sees.
 pub fn prepare_on_host() {
     if specc_rig::in_rig() {
         return;
     }
-    cargo_build("specc");
+    specc_testsuite::cargo_build("specc");
     // Also specc-vmm, the kernel, the agent and the image.
     specc_testsuite::prepare_busybox_guest();
 }
 
 /// `target/<profile>/specc`, beside this test binary's directory.
 pub fn specc_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("specc");
-    assert!(p.is_file(), "specc binary missing at {}", p.display());
-    p
+    specc_testsuite::test_binary("specc")
 }
 
 /// `specc ARGS`, with the agent already built named, so that inside the rig no cargo runs.
