@@ -55,26 +55,11 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
 
     // The service: write a known stream, then hash exactly UPLOAD bytes of input and exit
     // (its close is the host's EOF). It runs as an exec on its own agent connection.
-    let vsock = vm.vsock_path();
-    let service = std::thread::spawn(move || {
-        let mut c = specc_protocol::Client::connect_uds(
-            &vsock,
-            specc_protocol::AGENT_VSOCK_PORT,
-            Duration::from_secs(60),
-        )
-        .expect("second agent connection");
-        c.exec_output(&ExecRequest::new([
-            "nc",
-            "-l",
-            "-p",
-            &PORT.to_string(),
-            "-e",
-            "sh",
-            "-c",
-            &format!("seq 1 {SEQ_TO}; head -c {UPLOAD} | sha256sum"),
-        ]))
-        .expect("running nc in the guest")
-    });
+    let service = serve(
+        &vm,
+        PORT,
+        &format!("seq 1 {SEQ_TO}; head -c {UPLOAD} | sha256sum"),
+    );
 
     let t_listen = Instant::now();
     let mut pipe = connect_when_listening(&vm, PORT);
@@ -130,26 +115,7 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
     // A request/response service that answers only after its input ends: the host's
     // half-close must reach the guest as EOF while the way back stays open.
     let half = PORT + 1;
-    let vsock = vm.vsock_path();
-    let service = std::thread::spawn(move || {
-        let mut c = specc_protocol::Client::connect_uds(
-            &vsock,
-            specc_protocol::AGENT_VSOCK_PORT,
-            Duration::from_secs(60),
-        )
-        .expect("third agent connection");
-        c.exec_output(&ExecRequest::new([
-            "nc",
-            "-l",
-            "-p",
-            &half.to_string(),
-            "-e",
-            "sh",
-            "-c",
-            "cat | sha256sum",
-        ]))
-        .expect("running nc in the guest")
-    });
+    let service = serve(&vm, half, "cat | sha256sum");
     let mut pipe = connect_when_listening(&vm, half);
     let request = vec![b'q'; 64 << 10];
     pipe.write_all(&request).expect("sending the request");
@@ -176,6 +142,32 @@ fn busybox_guest_service_is_reachable_through_connect_port() {
         xfer.as_secs_f64() * 1e3,
         t0.elapsed().as_secs_f64() * 1e3
     );
+}
+
+/// Runs `nc -l -p PORT -e sh -c SCRIPT` in the guest as an exec on its own agent connection;
+/// the thread ends with the exec's output once the service's one connection is done.
+fn serve(vm: &Machine, port: u16, script: &str) -> std::thread::JoinHandle<specc_protocol::Output> {
+    let vsock = vm.vsock_path();
+    let req = ExecRequest::new([
+        "nc",
+        "-l",
+        "-p",
+        &port.to_string(),
+        "-e",
+        "sh",
+        "-c",
+        script,
+    ]);
+    std::thread::spawn(move || {
+        specc_protocol::Client::connect_uds(
+            &vsock,
+            specc_protocol::AGENT_VSOCK_PORT,
+            Duration::from_secs(60),
+        )
+        .expect("an agent connection for the service")
+        .exec_output(&req)
+        .expect("running nc in the guest")
+    })
 }
 
 /// Connect to a guest port once its service listens (until then the agent refuses).
