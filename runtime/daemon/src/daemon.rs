@@ -827,19 +827,34 @@ impl Daemon {
             VmState::Running | VmState::Paused => {}
             s => return Err(conflict(&live.rec, s, "suspend")),
         }
-        let prev = live.rec.vm.state;
         let n = live.rec.vm.suspends + 1;
         let snap = live.rec.dir.join(format!("snap-{n}"));
-        // A leftover of an earlier failed attempt (vmstate missing, so it was never used).
-        let _ = std::fs::remove_dir_all(&snap);
-        live.rec.vm.state = VmState::Suspending;
+        self.snapshot_and_exit(slot, live, &snap, VmState::Suspending, "suspend")?;
+        self.finish_suspend(&mut live.rec, snap);
+        self.save(slot, live)
+    }
+
+    /// Snapshots the VM to `snap` and lets its VMM exit, with `during` recorded meanwhile; on
+    /// failure the VM keeps running in its previous state. A leftover `snap` of an earlier
+    /// failed attempt (vmstate missing, so never used) is removed first. Memory mapped from
+    /// files (a restore) needs only the pages written since; a fork child's memory is
+    /// anonymous and is written whole (sparse).
+    fn snapshot_and_exit(
+        &self,
+        slot: &Slot,
+        live: &mut Live,
+        snap: &Path,
+        during: VmState,
+        op: &'static str,
+    ) -> Result<(), DaemonError> {
+        let prev = live.rec.vm.state;
+        let _ = std::fs::remove_dir_all(snap);
+        live.rec.vm.state = during;
         self.save(slot, live)?;
-        // Memory mapped from files (a restore) needs only the pages written since; a fork
-        // child's memory is anonymous and is written whole (sparse).
         let diff = memory_is_file_backed(&live.rec.restore);
-        let shot = self.machine(live, "suspend").and_then(|m| {
-            m.snapshot(&snap, diff, specc_machine::After::Exit)
-                .map_err(|e| vm_error(&live.rec, "suspend", &e))
+        let shot = self.machine(live, op).and_then(|m| {
+            m.snapshot(snap, diff, specc_machine::After::Exit)
+                .map_err(|e| vm_error(&live.rec, op, &e))
         });
         if let Err(e) = shot {
             live.rec.vm.state = prev;
@@ -849,8 +864,7 @@ impl Daemon {
         if let Some(mut m) = live.machine.take() {
             let _ = m.wait_timeout(Duration::from_secs(30));
         }
-        self.finish_suspend(&mut live.rec, snap);
-        self.save(slot, live)
+        Ok(())
     }
 
     fn finish_suspend(&self, rec: &mut Record, snap: PathBuf) {
@@ -952,26 +966,10 @@ impl Daemon {
                 tracing::warn!(vm = %live.rec.vm.id, "stop: the guest did not sync: {e}");
             }
         }
-        let prev = live.rec.vm.state;
         let snap = stop_snapshot(&live.rec);
-        let _ = std::fs::remove_dir_all(&snap);
-        live.rec.vm.state = VmState::Stopping;
-        self.save(slot, live)?;
         // The snapshot is the one way to get the VM's whole frozen disk stack from its VMM
         // (forks freeze layers under it); its memory is deleted right after.
-        let diff = memory_is_file_backed(&live.rec.restore);
-        let shot = self.machine(live, "stop").and_then(|m| {
-            m.snapshot(&snap, diff, specc_machine::After::Exit)
-                .map_err(|e| vm_error(&live.rec, "stop", &e))
-        });
-        if let Err(e) = shot {
-            live.rec.vm.state = prev;
-            self.save(slot, live)?;
-            return Err(e);
-        }
-        if let Some(mut m) = live.machine.take() {
-            let _ = m.wait_timeout(Duration::from_secs(30));
-        }
+        self.snapshot_and_exit(slot, live, &snap, VmState::Stopping, "stop")?;
         self.finish_stop(&mut live.rec, &snap)?;
         self.save(slot, live)?;
         discard_memory(&live.rec);
