@@ -9,6 +9,8 @@
 mod b64;
 pub mod client;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod messages;
 
 pub use client::{Client, ClientError, Output};
