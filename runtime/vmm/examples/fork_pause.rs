@@ -35,6 +35,7 @@ fn main() {
             rng: false,
             memory: MemoryBacking::Anonymous,
             hugepages: std::env::var_os("NO_THP").is_none(),
+            hugetlb: std::env::var_os("HUGETLB").is_some(),
             timeout_ms: None,
             control: None,
         };

@@ -173,7 +173,12 @@ fn create(
     tracing::debug!("boot: kvm open + caps {:?}", t0.elapsed());
     let memory = match memory {
         Some(m) => m,
-        None => memory::create(config.mem_bytes, &config.memory, config.hugepages)?,
+        None => memory::create_with(
+            config.mem_bytes,
+            &config.memory,
+            config.hugepages,
+            config.hugetlb,
+        )?,
     };
     tracing::debug!("boot: memory mapped {:?}", t0.elapsed());
     let vm = Vm::new(&kvm, memory.clone())?;

@@ -40,6 +40,10 @@ pub enum Request {
         /// The children's run directories.
         children: Vec<PathBuf>,
     },
+    /// Move a restored VM's guest RAM into anonymous huge pages now, ahead of its first fork
+    /// (`Vmm::promote_memory`; running or paused). The result is the `PromotionReport`, or
+    /// null if there was nothing to promote.
+    Promote,
     /// End the VM (the process exits 0).
     Stop,
 }
@@ -252,6 +256,10 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"fork","children":[],"x":1}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"promote"}"#).unwrap(),
+            Request::Promote
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }
 

@@ -273,6 +273,12 @@ impl Vmm {
 
     /// Resumes the vCPUs after [`Vmm::pause`].
     pub fn resume(&mut self) -> Result<(), Error> {
+        self.resume_timed().map(|_| ())
+    }
+
+    /// [`Vmm::resume`], returning when the last vCPU thread went back to the guest (the
+    /// guest's pause ended there, not when this thread heard of it).
+    pub(crate) fn resume_timed(&mut self) -> Result<Instant, Error> {
         if self.ended.is_some() {
             return Err(Error::Ended);
         }
@@ -280,11 +286,13 @@ impl Vmm {
         for v in &self.vcpus {
             v.request_resume()?;
         }
+        let mut last = None;
         for v in &self.vcpus {
-            v.wait_resumed()?;
+            let at = v.wait_resumed()?;
+            last = Some(last.map_or(at, |l: Instant| l.max(at)));
         }
         self.paused = false;
-        Ok(())
+        Ok(last.unwrap_or_else(Instant::now))
     }
 
     /// Stops the virtio device workers (before a snapshot; the vCPUs should be paused first).
@@ -313,11 +321,55 @@ impl Vmm {
         if !self.paused {
             return Err(Error::NotPaused);
         }
+        // Every request before any reply: one round trip for all vCPUs.
+        for v in &self.vcpus {
+            v.request_state()?;
+        }
         Ok(self
             .vcpus
             .iter()
-            .map(VcpuHandle::save_state)
+            .map(VcpuHandle::wait_state)
             .collect::<Result<_, _>>()?)
+    }
+
+    /// [`Vmm::pause`] and [`Vmm::save_vcpu_states`] in one round trip to each vCPU thread
+    /// (on a loaded host every wake-up of a vCPU thread can wait for a core: a fork's pause
+    /// holds as few as it can). Works on a paused VM too. Also returns when the first vCPU
+    /// stopped running guest code (for a paused VM: when its state was read).
+    pub fn pause_and_save_vcpus(&mut self) -> Result<(Vec<VcpuState>, Instant), Error> {
+        if self.ended.is_some() {
+            return Err(Error::Ended);
+        }
+        for v in &self.vcpus {
+            if !self.paused {
+                v.request_pause()?;
+            }
+            v.request_state()?;
+        }
+        let mut states = Vec::with_capacity(self.vcpus.len());
+        let mut failed = None;
+        let mut first = None;
+        for v in &self.vcpus {
+            // Read every reply, even after a failure, so none is left for the next command.
+            let got = if self.paused {
+                v.wait_state().map(|s| (s, Instant::now()))
+            } else {
+                v.wait_paused()
+                    .and_then(|at| v.wait_state().map(|s| (s, at)))
+            };
+            match got {
+                Ok((s, at)) => {
+                    states.push(s);
+                    first = Some(first.map_or(at, |f: Instant| f.min(at)));
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        self.paused = true;
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok((states, first.unwrap_or_else(Instant::now))),
+        }
     }
 
     /// Loads states (one per vCPU, matched by id). Needs paused vCPUs.
@@ -354,7 +406,7 @@ impl Vmm {
 }
 
 /// Serves one control request other than `fork` (which replaces the process's VM in a child,
-/// so the caller's loop handles it): status, pause, resume, snapshot, stop.
+/// so the caller's loop handles it): status, pause, resume, snapshot, promote, stop.
 pub fn handle_request(
     vmm: &mut Vmm,
     config: &VmConfig,
@@ -402,6 +454,14 @@ pub fn handle_request(
                     .map_err(|e| chain(&e)),
             )
         }
+        Request::Promote => match vmm.promote_memory() {
+            Ok(report) => Reply::ok(serde_json::to_value(report).unwrap_or_default()),
+            Err(e) if e.memory_lost() => {
+                let e = vmm.lose_memory(e);
+                Reply::err(chain(&e))
+            }
+            Err(e) => Reply::err(chain(&e)),
+        },
         Request::Stop => Reply::ok(serde_json::Value::Null),
         Request::Fork { .. } => Reply::err("fork is served by the process's main loop"),
     }
@@ -470,6 +530,7 @@ mod tests {
             rng: false,
             memory: MemoryBacking::Anonymous,
             hugepages: true,
+            hugetlb: false,
             timeout_ms: Some(20_000),
             control: None,
         }
@@ -1235,7 +1296,7 @@ mod tests {
     }
 
     #[test]
-    fn promote_memory_keeps_a_restored_guest_running_on_the_same_bytes() {
+    fn promote_memory_keeps_a_running_or_paused_restored_guest_on_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let (c, mut vmm) = count_until_ready(dir.path(), 32 << 20);
         for a in (0x40_0000u64..0x140_0000).step_by(4096) {
@@ -1262,21 +1323,29 @@ mod tests {
             "the promoted copy holds the guest's bytes"
         );
         vmm.pause().unwrap();
-        assert!(matches!(
-            vmm.promote_memory(),
-            Ok(None) | Err(promote::Error::NotRunning)
-        ));
+        assert_eq!(vmm.promote_memory().unwrap(), None);
         vmm.resume().unwrap();
         finish_count(vmm, &dir.path().join("r"));
-        // A paused restored VM is refused: there is no running guest to copy under.
-        let mut paused =
-            snapshot_dir::restore(&snap, &rerun_config(&c, &dir.path().join("p"))).unwrap();
+        // A paused restored VM is promoted while it stays paused, and runs on from its bytes.
+        let pdir = dir.path().join("p");
+        let mut paused = snapshot_dir::restore(&snap, &rerun_config(&c, &pdir)).unwrap();
         paused.pause().unwrap();
-        assert!(matches!(
-            paused.promote_memory(),
-            Err(promote::Error::NotRunning)
-        ));
-        assert!(paused.needs_promotion());
+        for a in (0x40_0000u64..0xc0_0000).step_by(4096) {
+            paused
+                .memory()
+                .write_obj(a ^ 0xc3c3, GuestAddress(a))
+                .unwrap();
+        }
+        let report = paused
+            .promote_memory()
+            .unwrap()
+            .expect("a paused restored VM is promoted too");
+        assert!(report.copied_bytes >= 16 << 20, "{report:?}");
+        assert_eq!(report.rounds, 0, "no dirty log while paused: {report:?}");
+        assert!(paused.is_paused() && !paused.needs_promotion());
+        assert!(pattern_ok(&paused));
+        paused.resume().unwrap();
+        finish_count(paused, &pdir);
     }
 
     #[test]

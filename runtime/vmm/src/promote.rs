@@ -116,16 +116,20 @@ impl Vmm {
     }
 
     /// Promotes guest RAM to anonymous huge pages now (see the module docs), if it needs it:
-    /// what the first fork of a restored VM otherwise does first. The vCPUs stop only for the
-    /// last dirty pages and the swap; the device workers stop for the comparison after the
-    /// copy. `Ok(None)`:
-    /// nothing to do. The VM must be running (not paused).
+    /// what the first fork of a restored VM otherwise does first. Running, the vCPUs stop
+    /// only for the last dirty pages and the swap, and the device workers for the comparison
+    /// after the copy. Paused, the copy is made while it stays paused (no dirty log, no
+    /// comparison: nothing writes guest memory with the vCPUs and device workers stopped).
+    /// `Ok(None)`: nothing to do.
     pub fn promote_memory(&mut self) -> Result<Option<PromotionReport>, Error> {
         if !self.needs_promotion() {
             return Ok(None);
         }
-        if self.paused || self.ended.is_some() {
+        if self.ended.is_some() {
             return Err(Error::NotRunning);
+        }
+        if self.paused {
+            return self.promote_paused().map(Some);
         }
         let pre = self.precopy()?;
         if let Err(e) = self.pause() {
@@ -140,6 +144,48 @@ impl Vmm {
         resumed?;
         devices?;
         Ok(Some(report))
+    }
+
+    /// [`Vmm::promote_memory`] of a paused VM: the device workers stop for the copy and the
+    /// swap (the vCPUs stay paused throughout).
+    fn promote_paused(&mut self) -> Result<PromotionReport, Error> {
+        let t0 = Instant::now();
+        self.pause_devices();
+        let copied = Promotion::new(&self.vm.memory).and_then(|p| {
+            let stats = p.copy_all()?;
+            Ok((p, stats))
+        });
+        let (promotion, stats) = match copied {
+            Ok(c) => c,
+            Err(e) => {
+                self.resume_devices().map_err(Error::Devices)?;
+                return Err(e.into());
+            }
+        };
+        let mut report = PromotionReport {
+            huge_bytes: promotion.collapse(),
+            copy_us: micros(t0),
+            copied_bytes: stats.copied_bytes,
+            skipped_chunks: stats.skipped_chunks,
+            ..PromotionReport::default()
+        };
+        report.precopy_us = report.copy_us;
+        let t_swap = Instant::now();
+        let swapped = promotion.swap();
+        let devices = self.resume_devices().map_err(Error::Devices);
+        let retired = swapped?;
+        self.promoted = true;
+        report.swap_us = micros(t_swap);
+        tracing::debug!("promote (paused): {report:?}");
+        // O(pages): on a thread of its own, as after a running VM's promotion.
+        let spawned = std::thread::Builder::new()
+            .name("promote-unmap".into())
+            .spawn(move || drop(retired));
+        if let Err(e) = spawned {
+            tracing::warn!("unmapping the old guest memory mapping on a thread: {e}");
+        }
+        devices?;
+        Ok(report)
     }
 
     /// Turns the dirty log on and copies guest memory while the vCPUs and devices run, until

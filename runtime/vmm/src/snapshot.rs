@@ -64,6 +64,8 @@ pub enum ForkError {
 }
 
 /// What a fork call returns, in each process.
+// Returned once per fork and matched at once: boxing the report would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Forked {
     /// In the source's process (the source runs again): what became of the children.
@@ -80,15 +82,67 @@ pub enum Forked {
 /// The outcome of a fork, as the source sees it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ForkReport {
-    /// How long the source's vCPUs were stopped.
+    /// How long the source's guest did not run: from the first vCPU thread's `KVM_RUN`
+    /// returning to the pause's kick until the last one went back to the guest, as the vCPU
+    /// threads timed it. For a paused source, `owner_us`.
     pub pause_us: u64,
+    /// The same pause as the controlling thread saw it: from kicking the vCPUs until it
+    /// heard the last one had resumed (it adds the kick's delivery, while the guest still
+    /// ran, and this thread's own wake-up, while the guest ran again).
+    #[serde(default)]
+    pub owner_us: u64,
     /// One entry per requested child, in request order.
     pub children: Vec<ChildReport>,
     /// The first fork of a restored VM promotes its memory first (its swap is part of
-    /// `pause_us`).
+    /// `pause_us`; for a paused VM all of it happens before the fork's own work).
     #[serde(default)]
     pub promotion: Option<crate::promote::PromotionReport>,
+    /// Where `pause_us` went.
+    #[serde(default)]
+    pub phases: PauseBreakdown,
+    /// How guest RAM was backed when it was forked (read just before the pause; after the
+    /// resume when the pause swapped promoted memory in). `None` if `/proc/self/smaps` could
+    /// not be read.
+    #[serde(default)]
+    pub memory: Option<crate::vstate::memory::Usage>,
+    /// 4 KiB pages of anonymous guest RAM collapsed into huge pages before the pause, if
+    /// there were enough to matter.
+    #[serde(default)]
+    pub collapse: Option<CollapseReport>,
 }
+
+/// The spans of a fork's pause as the controlling thread saw them, in microseconds
+/// (monotonic clock), in order; they add up to `owner_us` but for a few µs of bookkeeping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PauseBreakdown {
+    /// Kicking every vCPU out of `KVM_RUN` until each is parked (0 for a paused source).
+    pub vcpu_stop_us: u64,
+    /// Stopping the virtio device workers.
+    pub devices_stop_us: u64,
+    /// A promotion's last dirty pages and swap (first fork of a running restored VM).
+    pub promotion_swap_us: u64,
+    /// Freezing the disk diffs and capturing VM (irqchip, PIT, clock) and device state.
+    pub capture_us: u64,
+    /// Two `pipe(2)`s and `fork(2)` until it returned in the source.
+    pub fork_us: u64,
+    /// Restarting the device workers.
+    pub devices_resume_us: u64,
+    /// Resuming the vCPUs until each acknowledged (0 for a paused source).
+    pub vcpu_resume_us: u64,
+}
+
+/// What collapsing guest RAM into huge pages before a fork's pause did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CollapseReport {
+    /// `MADV_COLLAPSE` and the re-read of the page tables (the guest ran).
+    pub us: u64,
+    /// Resident guest RAM in 4 KiB entries before it.
+    pub small_page_bytes_before: u64,
+}
+
+/// 4 KiB-mapped guest RAM worth collapsing before a fork: `fork(2)` copies ~0.1 µs per 4 KiB
+/// entry here, so 4 MiB of them (1024 entries) is about 0.1 ms of pause.
+const COLLAPSE_MIN_BYTES: u64 = 4 << 20;
 
 /// One fork child.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -156,9 +210,15 @@ pub fn child_paths(dir: &Path) -> ChildPaths {
 impl Vmm {
     /// The state of a VM whose vCPUs are paused and whose device workers are stopped.
     pub fn capture(&self) -> Result<Captured, Error> {
+        let vcpus = self.save_vcpu_states()?;
+        self.capture_with(vcpus)
+    }
+
+    /// [`Vmm::capture`] with the vCPU states read already.
+    fn capture_with(&self, vcpus: Vec<VcpuState>) -> Result<Captured, Error> {
         Ok(Captured {
             vm: self.save_vm_state()?,
-            vcpus: self.save_vcpu_states()?,
+            vcpus,
             serial: self.devices.legacy.save_serial(),
             devices: self
                 .virtio
@@ -200,8 +260,21 @@ impl Vmm {
             std::fs::create_dir_all(d).map_err(|e| ForkError::ChildDir(d.clone(), e))?;
         }
         let was_paused = self.paused;
-        // A paused source has no running guest to copy under; it forks with 4 KiB entries.
-        let precopied = if self.promote_on_fork && !was_paused && self.needs_promotion() {
+        let promote = self.promote_on_fork && self.needs_promotion();
+        let mut promotion = None;
+        if promote && was_paused {
+            // A paused guest does not run while its memory is copied: promote all of it now,
+            // within the pause the caller asked for, and fork the promoted memory.
+            match self.promote_memory() {
+                Ok(report) => promotion = report,
+                Err(e) if e.memory_lost() => return Err(self.lose_memory(e)),
+                Err(e) => tracing::warn!(
+                    "fork: promoting memory failed, forking 4 KiB pages: {}",
+                    crate::error_chain(&e)
+                ),
+            }
+        }
+        let precopied = if promote && !was_paused {
             match self.precopy() {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -215,18 +288,53 @@ impl Vmm {
         } else {
             None
         };
+        let mut usage = crate::vstate::memory::usage(&self.vm.memory).ok();
+        let mut collapse = None;
+        if let Some(u) = usage
+            && precopied.is_none()
+            && self.promote_on_fork
+            && config.hugepages
+            && !self.needs_promotion()
+            && u.small_page_bytes() >= COLLAPSE_MIN_BYTES
+        {
+            // Anonymous RAM the fault path gave 4 KiB pages (no free huge page then), or
+            // whose huge pages copy-on-write after an earlier fork split: collapse it while
+            // the guest runs, so that fork(2) copies 2 MiB entries.
+            let t = Instant::now();
+            crate::vstate::memory::collapse(&self.vm.memory);
+            usage = crate::vstate::memory::usage(&self.vm.memory).ok();
+            collapse = Some(CollapseReport {
+                us: micros(t.elapsed()),
+                small_page_bytes_before: u.small_page_bytes(),
+            });
+            tracing::debug!("fork: collapsed {collapse:?}, now {usage:?}");
+        }
+        let mut phases = PauseBreakdown::default();
         // The source's pause starts here.
         let t0 = Instant::now();
-        if !was_paused && let Err(e) = self.pause() {
-            if let Some(p) = precopied {
-                self.abandon(p);
+        let mut mark = t0;
+        let mut span = |field: &mut u64| {
+            let now = Instant::now();
+            *field = micros(now - mark);
+            mark = now;
+        };
+        // The vCPU states are read in the pause's round trip (they cannot change while the
+        // vCPUs are paused, whatever happens to memory and devices meanwhile).
+        let (vcpu_states, stopped_at) = match self.pause_and_save_vcpus() {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(p) = precopied {
+                    self.abandon(p);
+                }
+                if !was_paused && let Err(e) = self.resume() {
+                    tracing::error!("resuming vCPUs: {e}");
+                }
+                return Err(ForkError::Capture(e));
             }
-            return Err(ForkError::Capture(e));
-        }
-        tracing::debug!("fork: vcpus paused {:?}", t0.elapsed());
+        };
+        span(&mut phases.vcpu_stop_us);
         self.pause_devices();
-        tracing::debug!("fork: devices paused {:?}", t0.elapsed());
-        let mut promotion = None;
+        span(&mut phases.devices_stop_us);
         let mut retired = None;
         if let Some(p) = precopied {
             match self.finish_promotion(p) {
@@ -234,20 +342,13 @@ impl Vmm {
                     promotion = Some(report);
                     retired = Some(r);
                 }
-                Err(e) if e.memory_lost() => {
-                    self.stop();
-                    self.ended = Some(crate::VmExit::VcpuError {
-                        vcpu: 0,
-                        message: format!("guest memory lost: {}", crate::error_chain(&e)),
-                    });
-                    return Err(ForkError::Promote(e));
-                }
+                Err(e) if e.memory_lost() => return Err(self.lose_memory(e)),
                 Err(e) => tracing::warn!(
                     "fork: promoting memory failed, forking 4 KiB pages: {}",
                     crate::error_chain(&e)
                 ),
             }
-            tracing::debug!("fork: memory promoted {:?}", t0.elapsed());
+            span(&mut phases.promotion_swap_us);
         }
         let seq = self.next_freeze_seq();
         let frozen = |i: usize| -> PathBuf {
@@ -265,7 +366,7 @@ impl Vmm {
             .freeze_disks(frozen, false)
             .map_err(|(index, source)| ForkError::Freeze { index, source })
             .and_then(|stacks| {
-                self.capture()
+                self.capture_with(vcpu_states)
                     .map(|c| (stacks, c))
                     .map_err(ForkError::Capture)
             });
@@ -279,7 +380,7 @@ impl Vmm {
                 return Err(e);
             }
         };
-        tracing::debug!("fork: disks frozen, state captured {:?}", t0.elapsed());
+        span(&mut phases.capture_us);
         let pipes = pipe().and_then(|report| pipe().map(|resumed| (report, resumed)));
         let ((rd, wr), (resumed_rd, resumed_wr)) = match pipes {
             Ok(p) => p,
@@ -318,32 +419,64 @@ impl Vmm {
             drop(resumed_rd);
             return Ok(self.become_children(config, dirs, &stacks, &captured, wr, t0));
         }
+        span(&mut phases.fork_us);
         drop(wr);
         drop(resumed_rd);
-        tracing::debug!("fork: fork(2) returned {:?}", t0.elapsed());
         // The children exist whatever happens to the source now: resume it as far as
         // possible, reap and hear from them, then report a device failure.
         let devices = self.resume_devices();
-        tracing::debug!("fork: devices resumed {:?}", t0.elapsed());
-        if !was_paused && let Err(e) = self.resume() {
-            tracing::error!("resuming the source after a fork: {e}");
-        }
-        let pause_us = micros(t0.elapsed());
-        tracing::debug!("fork: vcpus resumed {:?}", t0.elapsed());
+        span(&mut phases.devices_resume_us);
+        let resumed_at = if was_paused {
+            None
+        } else {
+            match self.resume_timed() {
+                Ok(at) => Some(at),
+                Err(e) => {
+                    tracing::error!("resuming the source after a fork: {e}");
+                    None
+                }
+            }
+        };
+        span(&mut phases.vcpu_resume_us);
+        let owner_us = micros(t0.elapsed());
+        // What the guest saw: from its first vCPU leaving the guest to its last going back.
+        let pause_us = match resumed_at {
+            Some(r) if !was_paused => micros(r.saturating_duration_since(stopped_at)),
+            _ => owner_us,
+        };
+        tracing::debug!(
+            "fork: pause {pause_us} us (owner {owner_us} us): {phases:?}; memory {usage:?}"
+        );
         // Lets the first child start (closing the pipe would too).
         let _ = std::io::Write::write_all(&mut &resumed_wr, b"r");
         drop(resumed_wr);
         if let Some(r) = retired {
             self.retire(r);
+            // The memory forked was the promoted copy, swapped in during the pause.
+            usage = crate::vstate::memory::usage(&self.vm.memory).ok();
         }
         reap_in_background(vec![pid]);
         let children = collect_reports(rd, dirs, Duration::from_secs(60));
         devices.map_err(ForkError::Resume)?;
         Ok(Forked::Source(ForkReport {
             pause_us,
+            owner_us,
             children,
             promotion,
+            phases,
+            memory: usage,
+            collapse,
         }))
+    }
+
+    /// Ends a VM whose memory a failed promotion lost.
+    pub(crate) fn lose_memory(&mut self, e: crate::promote::Error) -> ForkError {
+        self.stop();
+        self.ended = Some(crate::VmExit::VcpuError {
+            vcpu: 0,
+            message: format!("guest memory lost: {}", crate::error_chain(&e)),
+        });
+        ForkError::Promote(e)
     }
 
     fn restart(&mut self, was_paused: bool) {

@@ -111,6 +111,7 @@ pub fn config(kernel: &Path, mem_bytes: u64, log: Option<PathBuf>) -> VmConfig {
         rng: false,
         memory: MemoryBacking::Anonymous,
         hugepages: true,
+        hugetlb: false,
         timeout_ms: None,
         control: None,
     }

@@ -4,8 +4,11 @@
 //! guest boots, counts to 1000 and spins; the host then writes every 4 KiB page of its RAM, so
 //! the fork copies the page tables of a guest that used all of its memory. `--runs` single
 //! forks follow, then (at the first size) one fork to `--children` children at once. Figures:
-//! - **pause**: how long the source's vCPUs were stopped (`ForkReport::pause_us`: state
-//!   capture, disk freeze, `fork(2)`, resume), the figure that must not grow with memory;
+//! - **pause**: how long the source's guest did not run (`ForkReport::pause_us`, timed by
+//!   the vCPU threads: state capture, disk freeze, `fork(2)`, resume), the figure that must
+//!   not grow with memory; `*_owner_p50_ms` is the same as the forking thread saw it, and
+//!   `fork_<size>_<span>_p50_ms` its spans (`PauseBreakdown`); `fork_<size>_ram_*_bytes` how
+//!   guest RAM was backed at the last fork (transparent huge pages, hugetlb, 4 KiB);
 //! - **child ready**: fork request → the child's vCPUs run (`ChildReport::ready_us`);
 //! - **child running**: fork request → the child's guest has visibly run (the child sets
 //!   `go` and sees its counter pass 1000, then writes the time into its run directory and
@@ -50,6 +53,15 @@ pub struct Args {
     /// 4 KiB page-table entries; the behaviour before promotion existed).
     #[arg(long)]
     pub no_promote: bool,
+    /// With `--restored`: pause the restored VM before its forks (it is promoted, and
+    /// forked, while paused) and resume it after them.
+    #[arg(long)]
+    pub paused: bool,
+    /// Ask for guest RAM from the host's 2 MiB hugetlb pool (`VmConfig::hugetlb`; falls back
+    /// to transparent huge pages when the pool cannot hold it). `hugetlb_<size>_bytes` says
+    /// what the booted source got.
+    #[arg(long)]
+    pub hugetlb: bool,
 }
 
 /// The file a child writes into its run directory once its guest has run.
@@ -58,9 +70,84 @@ const RUNNING_FILE: &str = "bench-running";
 /// What one fork call gave.
 struct Outcome {
     pause: Duration,
+    owner: Duration,
     ready: Vec<Duration>,
     running: Vec<Duration>,
     promotion: Option<specc_vmm::promote::PromotionReport>,
+    phases: specc_vmm::snapshot::PauseBreakdown,
+    memory: Option<specc_vmm::vstate::memory::Usage>,
+    collapse: Option<specc_vmm::snapshot::CollapseReport>,
+}
+
+/// The pause's spans over several forks, for their medians.
+#[derive(Default)]
+struct Phases {
+    spans: [Vec<Duration>; 7],
+}
+
+impl Phases {
+    const NAMES: [&'static str; 7] = [
+        "vcpu_stop",
+        "devices_stop",
+        "promotion_swap",
+        "capture",
+        "fork",
+        "devices_resume",
+        "vcpu_resume",
+    ];
+
+    fn add(&mut self, p: &specc_vmm::snapshot::PauseBreakdown) {
+        let us = [
+            p.vcpu_stop_us,
+            p.devices_stop_us,
+            p.promotion_swap_us,
+            p.capture_us,
+            p.fork_us,
+            p.devices_resume_us,
+            p.vcpu_resume_us,
+        ];
+        for (v, us) in self.spans.iter_mut().zip(us) {
+            v.push(Duration::from_micros(us));
+        }
+    }
+
+    /// `<prefix>_<span>_p50_ms` for every span, and the fork(2) span's least.
+    fn report(&mut self, report: &mut Report, prefix: &str) {
+        for (name, v) in Self::NAMES.iter().zip(&mut self.spans) {
+            if v.is_empty() {
+                continue;
+            }
+            report.figure(&format!("{prefix}_{name}_p50_ms"), ms(median(v)));
+            if *name == "fork"
+                && let Some(min) = v.iter().min()
+            {
+                report.figure(&format!("{prefix}_{name}_min_ms"), ms(*min));
+            }
+        }
+    }
+}
+
+/// `<prefix>_ram_*_bytes`: how the memory of the last fork was backed.
+fn report_memory(report: &mut Report, prefix: &str, o: &Outcome) {
+    if let Some(m) = &o.memory {
+        report.figure(
+            &format!("{prefix}_ram_resident_bytes"),
+            m.resident_bytes as f64,
+        );
+        report.figure(&format!("{prefix}_ram_thp_bytes"), m.thp_bytes as f64);
+        report.figure(
+            &format!("{prefix}_ram_hugetlb_bytes"),
+            m.hugetlb_bytes as f64,
+        );
+        report.figure(
+            &format!("{prefix}_ram_4k_bytes"),
+            m.small_page_bytes() as f64,
+        );
+        report.figure(
+            &format!("{prefix}_other_anon_bytes"),
+            m.other_anon_bytes as f64,
+        );
+    }
 }
 
 /// Runs the scenario.
@@ -75,21 +162,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut pause_p50 = Vec::new();
     for (k, &mib) in args.sizes_mib.iter().enumerate() {
         let label = size_label(mib);
-        let config = count::config(&elf, mib << 20, None);
+        let mut config = count::config(&elf, mib << 20, None);
+        config.hugetlb = args.hugetlb;
         let mut vmm = count::boot_ready(&config)?;
         let touched = count::touch(vmm.memory(), u64::MAX)?;
         report.figure(&format!("touched_{label}_bytes"), touched as f64);
         let mut pauses = Vec::with_capacity(args.runs);
         let mut ready = Vec::with_capacity(args.runs);
         let mut running = Vec::with_capacity(args.runs);
+        let mut phases = Phases::default();
+        let mut owner = Vec::with_capacity(args.runs);
+        let mut collapsed = 0usize;
         for r in 0..args.runs {
             let dirs = vec![dir.path().join(format!("{label}-run{r}"))];
             let o = fork_once(&mut vmm, &config, &dirs)
                 .with_context(|| format!("fork {r} at {mib} MiB"))?;
             pauses.push(o.pause);
-            ready.extend(o.ready);
-            running.extend(o.running);
+            ready.extend(o.ready.iter().copied());
+            running.extend(o.running.iter().copied());
+            phases.add(&o.phases);
+            owner.push(o.owner);
+            if let Some(c) = &o.collapse {
+                collapsed += 1;
+                report.figure(&format!("collapse_{label}_last_ms"), c.us as f64 / 1000.0);
+            }
+            if r + 1 == args.runs {
+                report_memory(&mut report, &format!("fork_{label}"), &o);
+            }
         }
+        phases.report(&mut report, &format!("fork_{label}"));
+        report.figure(
+            &format!("fork_{label}_owner_p50_ms"),
+            ms(median(&mut owner)),
+        );
+        report.figure(&format!("collapse_{label}_count"), collapsed as f64);
         pause_p50.push((mib, median(&mut pauses), pauses.iter().min().copied()));
         p50_p95(&mut report, &format!("fork_pause_{label}"), &mut pauses);
         // The least of the runs: the fork's own cost with the least interference from the
@@ -113,16 +219,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if args.restored {
             restored_forks(
-                &mut vmm,
+                vmm,
                 &config,
                 dir.path(),
                 &label,
                 args.runs,
-                !args.no_promote,
+                (!args.no_promote, args.paused),
                 &mut report,
             )?;
+        } else {
+            count::finish(&mut vmm).context("the source after its forks")?;
         }
-        count::finish(&mut vmm).context("the source after its forks")?;
     }
     if let (Some((small, a, amin)), Some((big, b, bmin))) = (pause_p50.first(), pause_p50.last())
         && small != big
@@ -148,29 +255,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// `fork_pause_restored_<label>_first_ms`, the copy's figures `promote_<label>_*`, and the
 /// p50/p95/min are of the forks after it.
 fn restored_forks(
-    vmm: &mut Vmm,
+    mut vmm: Vmm,
     config: &VmConfig,
     dir: &Path,
     label: &str,
     runs: usize,
-    promote: bool,
+    (promote, paused): (bool, bool),
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let snap = dir.join(format!("{label}-snap"));
-    specc_vmm::snapshot_dir::write(vmm, config, &snap, false)
+    specc_vmm::snapshot_dir::write(&mut vmm, config, &snap, false)
         .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
         .context("snapshot of the source")?;
     vmm.resume()?;
+    // The booted source ends first: its page tables would be copied by every fork of the
+    // restored VM in this process, which a VMM process (one VM each) never does.
+    count::finish(&mut vmm).context("the source after its forks")?;
+    drop(vmm);
     let mut restored = specc_vmm::snapshot_dir::restore(&snap, config)
         .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
         .context("restoring the source's snapshot")?;
     restored.set_promote_on_fork(promote);
     count::touch(restored.memory(), u64::MAX)?;
+    if paused {
+        restored.pause()?;
+    }
     let mut pauses = Vec::with_capacity(runs);
+    let mut owner = Vec::with_capacity(runs);
+    let mut phases = Phases::default();
     for r in 0..runs {
         let dirs = vec![dir.join(format!("{label}-restored-run{r}"))];
         let o = fork_once(&mut restored, config, &dirs)
             .with_context(|| format!("fork {r} of the restored VM at {label}"))?;
+        anyhow::ensure!(
+            restored.is_paused() == paused,
+            "fork {r} of the restored VM changed whether it is paused"
+        );
+        if r + 1 == runs {
+            report_memory(report, &format!("fork_restored_{label}"), &o);
+        }
         anyhow::ensure!(
             o.promotion.is_some() == (promote && r == 0),
             "fork {r} of the restored VM: promotion {:?} (expected only on the first fork{})",
@@ -212,10 +335,26 @@ fn restored_forks(
                 &format!("promote_{label}_final_pages_count"),
                 p.final_pages as f64,
             );
+            report.figure(
+                &format!("promote_{label}_precopy_rounds_pages_count"),
+                p.round_pages as f64,
+            );
         } else {
             pauses.push(o.pause);
+            owner.push(o.owner);
+            phases.add(&o.phases);
         }
     }
+    if !owner.is_empty() {
+        report.figure(
+            &format!("fork_restored_{label}_owner_p50_ms"),
+            ms(median(&mut owner)),
+        );
+    }
+    if paused {
+        restored.resume()?;
+    }
+    phases.report(report, &format!("fork_restored_{label}"));
     p50_p95(report, &format!("fork_pause_restored_{label}"), &mut pauses);
     if let Some(min) = pauses.iter().min() {
         report.figure(&format!("fork_pause_restored_{label}_min_ms"), ms(*min));
@@ -267,9 +406,13 @@ fn fork_once(vmm: &mut Vmm, config: &VmConfig, dirs: &[PathBuf]) -> anyhow::Resu
     }
     Ok(Outcome {
         pause: Duration::from_micros(report.pause_us),
+        owner: Duration::from_micros(report.owner_us),
         ready,
         running,
         promotion: report.promotion,
+        phases: report.phases,
+        memory: report.memory,
+        collapse: report.collapse,
     })
 }
 
@@ -345,6 +488,8 @@ mod tests {
                     children: 3,
                     restored: true,
                     no_promote: false,
+                    paused: false,
+                    hugetlb: false,
                 })
             },
         );

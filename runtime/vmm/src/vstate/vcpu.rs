@@ -153,10 +153,11 @@ pub enum VcpuCommand {
 /// Replies of a vCPU thread.
 #[derive(Debug)]
 pub enum VcpuResponse {
-    /// Now paused.
-    Paused,
-    /// Now running.
-    Resumed,
+    /// Now paused: since when the guest has not run (`KVM_RUN` returned to the kick; for a
+    /// vCPU paused already, now).
+    Paused(Instant),
+    /// Now running: when the thread went back to the guest.
+    Resumed(Instant),
     /// The state asked for.
     State(Box<VcpuState>),
     /// The restore took.
@@ -478,9 +479,10 @@ impl VcpuHandle {
     }
 
     /// Waits for the reply to [`VcpuHandle::request_pause`].
-    pub fn wait_paused(&self) -> Result<(), Error> {
+    /// Returns when the vCPU stopped running guest code.
+    pub fn wait_paused(&self) -> Result<Instant, Error> {
         match self.recv()? {
-            VcpuResponse::Paused => Ok(()),
+            VcpuResponse::Paused(at) => Ok(at),
             r => Err(self.expect(r)),
         }
     }
@@ -488,7 +490,7 @@ impl VcpuHandle {
     /// Resumes a paused vCPU.
     pub fn resume(&self) -> Result<(), Error> {
         self.request_resume()?;
-        self.wait_resumed()
+        self.wait_resumed().map(|_| ())
     }
 
     /// Asks a paused vCPU to run again; [`VcpuHandle::wait_resumed`] takes the reply.
@@ -497,16 +499,33 @@ impl VcpuHandle {
     }
 
     /// Waits for the reply to [`VcpuHandle::request_resume`].
-    pub fn wait_resumed(&self) -> Result<(), Error> {
+    /// Returns when the vCPU thread went back to the guest.
+    pub fn wait_resumed(&self) -> Result<Instant, Error> {
         match self.recv()? {
-            VcpuResponse::Resumed => Ok(()),
+            VcpuResponse::Resumed(at) => Ok(at),
             r => Err(self.expect(r)),
         }
     }
 
     /// Reads the state of a paused vCPU.
     pub fn save_state(&self) -> Result<VcpuState, Error> {
-        self.send(VcpuCommand::SaveState)?;
+        self.request_state()?;
+        self.wait_state()
+    }
+
+    /// Asks for the state of a vCPU that is paused, or will be by the time it reads this
+    /// (a [`VcpuHandle::request_pause`] sent before: the thread answers the pause and then
+    /// this, in one wake-up), without waiting; [`VcpuHandle::wait_state`] takes the reply.
+    pub fn request_state(&self) -> Result<(), Error> {
+        // No kick: a paused thread blocks on this channel, and a running one was kicked by
+        // the pause before it.
+        self.cmd_tx
+            .send(VcpuCommand::SaveState)
+            .map_err(|_| Error::NoResponse(self.id))
+    }
+
+    /// Waits for the reply to [`VcpuHandle::request_state`].
+    pub fn wait_state(&self) -> Result<VcpuState, Error> {
         match self.recv()? {
             VcpuResponse::State(s) => Ok(*s),
             r => Err(self.expect(r)),
@@ -586,7 +605,7 @@ impl VcpuThread {
                 Step::Continue => {}
                 Step::Kicked => {
                     self.vcpu.fd.set_kvm_immediate_exit(0);
-                    match self.drain_commands() {
+                    match self.drain_commands(Instant::now()) {
                         Drain::Run => {}
                         Drain::Pause => paused = true,
                         Drain::Exit => break,
@@ -610,7 +629,8 @@ impl VcpuThread {
     }
 
     /// Handles commands that arrived with a kick, while running.
-    fn drain_commands(&mut self) -> Drain {
+    /// `exited`: when `KVM_RUN` returned.
+    fn drain_commands(&mut self, exited: Instant) -> Drain {
         while let Ok(cmd) = self.cmd_rx.try_recv() {
             match cmd {
                 // Whatever follows a pause (state reads) is for the paused loop: the controller
@@ -619,10 +639,10 @@ impl VcpuThread {
                     // Tell a kvmclock guest it was stopped, so its watchdogs do not report a
                     // soft lockup for the time it spent paused (EINVAL without kvmclock).
                     let _ = self.vcpu.fd.kvmclock_ctrl();
-                    self.reply(VcpuResponse::Paused);
+                    self.reply(VcpuResponse::Paused(exited));
                     return Drain::Pause;
                 }
-                VcpuCommand::Resume => self.reply(VcpuResponse::Resumed),
+                VcpuCommand::Resume => self.reply(VcpuResponse::Resumed(Instant::now())),
                 VcpuCommand::SaveState | VcpuCommand::RestoreState(_) => {
                     self.reply(VcpuResponse::NotPaused)
                 }
@@ -637,11 +657,11 @@ impl VcpuThread {
         loop {
             let cmd = self.cmd_rx.recv().ok()?;
             match cmd {
-                VcpuCommand::Pause => self.reply(VcpuResponse::Paused),
+                VcpuCommand::Pause => self.reply(VcpuResponse::Paused(Instant::now())),
                 VcpuCommand::Resume => {
                     // A kick that raced with the pause may have left immediate_exit set.
                     self.vcpu.fd.set_kvm_immediate_exit(0);
-                    self.reply(VcpuResponse::Resumed);
+                    self.reply(VcpuResponse::Resumed(Instant::now()));
                     return Some(());
                 }
                 VcpuCommand::SaveState => match self.vcpu.save_state() {
