@@ -55,8 +55,10 @@ pub enum Event {
         layer: String,
         /// Cache key.
         key: String,
-        /// Milliseconds per phase: `vm` (boot or restore until the agent answers), `steps`,
-        /// `snapshot`, `store`.
+        /// Milliseconds per phase: `vm` (boot or restore until the agent answers and, for a
+        /// restored networked layer, its gateway), `steps`, `snapshot`, `store`; and within
+        /// `vm`, `gateway`: how long a restored networked guest's agent waited for the
+        /// default gateway (its new passt) to answer.
         timings_ms: BTreeMap<String, u64>,
         /// Bytes of memory data the snapshot wrote.
         memory_bytes: u64,
@@ -90,8 +92,12 @@ pub enum BuildError {
         #[source]
         source: Box<steps::StepError>,
     },
-    /// The guest's network could not be configured.
-    #[error("layer `{layer}`: configuring the guest's network (DHCP from passt) failed")]
+    /// The guest could not be brought up: its network after boot, or its identity and gateway
+    /// after a restore.
+    #[error(
+        "layer `{layer}`: bringing up the guest (DHCP from passt, or a new identity and the \
+         gateway after a restore) failed"
+    )]
     Network {
         /// Layer name.
         layer: String,
@@ -350,28 +356,26 @@ impl Builder {
         let mut agent = machine
             .connect_agent(self.agent_timeout)
             .map_err(machine_err)?;
-        if base_disk.is_none() {
-            Machine::announce_restored(&mut agent, &spec.name).map_err(machine_err)?;
-        }
-        let t_vm = t0.elapsed();
-
-        let t1 = Instant::now();
         let mut out = Output {
             layer: name,
             events,
         };
-        // Configured once, in the base: every later layer restores a guest that has it, and
-        // only waits for its new passt.
-        if self.net {
-            let net = if base_disk.is_some() {
-                steps::configure_network(&mut agent, &mut out)
-            } else {
-                steps::await_network(&mut agent, &mut out)
-            };
-            net.map_err(|source| BuildError::Network {
-                layer: name.to_owned(),
-                source: Box::new(source),
-            })?;
+        // The network is configured once, in the base: every later layer restores a guest that
+        // has it, and only waits for its new passt.
+        let net_err = |source| BuildError::Network {
+            layer: name.to_owned(),
+            source: Box::new(source),
+        };
+        let gateway_wait = if base_disk.is_none() {
+            steps::announce_restored(&mut agent, &spec.name, self.net, &mut out).map_err(net_err)?
+        } else {
+            None
+        };
+        let t_vm = t0.elapsed();
+
+        let t1 = Instant::now();
+        if base_disk.is_some() && self.net {
+            steps::configure_network(&mut agent, &mut out).map_err(net_err)?;
         }
         steps::apply_steps(&mut agent, &layer.steps, &mut out).map_err(|(i, source)| {
             BuildError::Step {
@@ -452,13 +456,14 @@ impl Builder {
         );
         record.info = serde_json::Value::Object(info);
         let timings: BTreeMap<String, u64> = [
-            ("vm", ms(t_vm)),
-            ("steps", ms(t_steps)),
-            ("snapshot", ms(t_snap)),
-            ("store", ms(t3.elapsed())),
+            ("vm", Some(t_vm)),
+            ("gateway", gateway_wait),
+            ("steps", Some(t_steps)),
+            ("snapshot", Some(t_snap)),
+            ("store", Some(t3.elapsed())),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
+        .filter_map(|(k, v)| Some((k.to_owned(), ms(v?))))
         .collect();
         record.timings_ms = timings.clone();
         store.commit_layer(&record).map_err(store_err)?;

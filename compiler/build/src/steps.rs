@@ -10,10 +10,13 @@ use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use specc_plan::ir::{Group, Service, Step, StepKind, User};
-use specc_protocol::{Client, ClientError, ExecRequest, User as AgentUser, WriteFileRequest};
+use specc_protocol::{
+    Client, ClientError, ExecRequest, GatewayWait, RestoredRequest, User as AgentUser,
+    WriteFileRequest,
+};
 
 /// The agent connection steps run over.
 pub type Agent = Client<UnixStream>;
@@ -57,6 +60,20 @@ pub enum StepError {
         #[source]
         source: io::Error,
     },
+    /// The restored guest's default gateway did not answer: its new network backend is not
+    /// attached.
+    #[error(
+        "the default gateway {gateway} did not answer ARP within {waited_ms} ms of the restore"
+    )]
+    Gateway {
+        /// The guest's default gateway.
+        gateway: std::net::Ipv4Addr,
+        /// How long the agent waited.
+        waited_ms: u64,
+    },
+    /// No new identity could be made for a restored guest (host randomness or clock).
+    #[error("cannot make a new identity for the restored guest")]
+    Identity(#[source] io::Error),
     /// The agent failed the request, or the connection broke.
     #[error("the guest agent failed {what}")]
     Agent {
@@ -165,11 +182,50 @@ pub fn configure_network(agent: &mut Agent, out: &mut dyn StepOutput) -> Result<
     await_network(agent, out)
 }
 
-/// Waits until the gateway answers ARP: after a restore the VM talks to a new passt, which
-/// may take seconds to start (under emulation), and the guest's first connection would fail
-/// with "no route to host" once its ARP requests time out. Guests without `arping` (busybox
-/// has it) are not waited for.
-pub fn await_network(agent: &mut Agent, out: &mut dyn StepOutput) -> Result<(), StepError> {
+/// How long a restored guest's agent waits for the default gateway to answer.
+pub const GATEWAY_WAIT: Duration = Duration::from_secs(60);
+
+/// Gives a restored guest a new identity (clock, RNG, machine id, `hostname`) and, with `net`,
+/// waits until its default gateway answers ARP: after a restore the VM talks to a new passt,
+/// which may take seconds to start (under emulation), and the guest's first connection would
+/// fail with "no route to host" once its ARP requests time out. The agent does the wait itself
+/// over a packet socket, so it needs no tool in the guest; an agent too old for that is waited
+/// for with the guest's `arping` where it has one. Returns how long the agent waited for the
+/// gateway, when it did.
+pub fn announce_restored(
+    agent: &mut Agent,
+    hostname: &str,
+    net: bool,
+    out: &mut dyn StepOutput,
+) -> Result<Option<Duration>, StepError> {
+    let mut req = RestoredRequest::fresh(Some(hostname.to_owned())).map_err(StepError::Identity)?;
+    if net {
+        req.await_gateway_ms = Some(u32::try_from(GATEWAY_WAIT.as_millis()).unwrap_or(u32::MAX));
+    }
+    let ack = agent.restored(&req).map_err(|source| StepError::Agent {
+        what: "to take a new identity after the restore".into(),
+        source,
+    })?;
+    if !net {
+        return Ok(None);
+    }
+    match ack.gateway {
+        None => await_network(agent, out).map(|()| None),
+        Some(GatewayWait {
+            gateway: Some(gateway),
+            answered: false,
+            waited_ms,
+        }) => Err(StepError::Gateway { gateway, waited_ms }),
+        Some(wait) => {
+            tracing::debug!(?wait.gateway, wait.waited_ms, "gateway answered");
+            Ok(Some(Duration::from_millis(wait.waited_ms)))
+        }
+    }
+}
+
+/// Waits until the gateway answers ARP, with the guest's `arping` (for agents that cannot do
+/// it themselves; guests without `arping` are not waited for).
+fn await_network(agent: &mut Agent, out: &mut dyn StepOutput) -> Result<(), StepError> {
     run_root(agent, AWAIT_NETWORK_SCRIPT, out)
 }
 

@@ -4,17 +4,18 @@ use std::fs::File;
 use std::io::{self, BufReader};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use specc_protocol::{
     AgentInfo, ErrorInfo, ErrorKind, FrameError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request,
-    Response, frame,
+    Response, RestoredRequest, frame,
 };
 
 use crate::exec::{self, Session};
 use crate::identity::{self, IdentityConfig};
 use crate::init::{self, PowerAction};
 use crate::log::log;
-use crate::{files, forward};
+use crate::{files, forward, gateway};
 
 /// The sending half of a connection, shared by the request loop and exec pumps; the mutex
 /// keeps frames whole.
@@ -70,6 +71,28 @@ enum Next {
     Request,
     /// `connect` succeeded: the connection is a raw pipe to this socket from now on.
     Pipe(std::net::TcpStream),
+}
+
+/// A new identity, then (when asked) the wait for the default gateway: the identity comes first
+/// so a gateway that never answers still leaves the clone with its own identity.
+fn restored(r: &RestoredRequest, cfg: &IdentityConfig) -> Result<Response, ErrorInfo> {
+    let mut ack = identity::apply(r, cfg)?;
+    if let Some(ms) = r.await_gateway_ms {
+        let wait = gateway::await_gateway(Duration::from_millis(u64::from(ms)))
+            .map_err(|e| ErrorInfo::from_io("await the default gateway", &e))?;
+        log!(
+            "restored: gateway {:?} {} after {} ms",
+            wait.gateway,
+            if wait.answered {
+                "answered"
+            } else {
+                "did not answer"
+            },
+            wait.waited_ms
+        );
+        ack.gateway = Some(wait);
+    }
+    Ok(Response::Restored(ack))
 }
 
 /// Serves one connection until the host closes it.
@@ -248,10 +271,7 @@ fn handle(
         Request::Remove { path, recursive } => {
             reply(out, files::remove(&path, recursive).map(|()| Response::Ok));
         }
-        Request::Restored(r) => reply(
-            out,
-            identity::apply(&r, &ctx.identity).map(Response::Restored),
-        ),
+        Request::Restored(r) => reply(out, restored(&r, &ctx.identity)),
         Request::Connect { .. } if version < 2 => {
             out.error(protocol_error("connect needs protocol version 2"));
         }

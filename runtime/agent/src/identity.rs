@@ -157,6 +157,7 @@ pub fn apply(req: &RestoredRequest, cfg: &IdentityConfig) -> Result<RestoredAck,
     Ok(RestoredAck {
         clock_step_ns,
         entropy_bytes: u32::try_from(req.entropy.len()).unwrap_or(u32::MAX),
+        gateway: None,
     })
 }
 
@@ -206,6 +207,7 @@ mod tests {
             entropy: vec![],
             hostname: Some("bad host".into()),
             machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            await_gateway_ms: None,
         };
         let err = apply(&req, &cfg).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidInput);

@@ -11,6 +11,7 @@ mod conn;
 mod exec;
 mod files;
 mod forward;
+mod gateway;
 mod identity;
 mod init;
 mod log;

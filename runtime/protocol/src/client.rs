@@ -645,6 +645,7 @@ impl RestoredRequest {
             entropy: entropy.to_vec(),
             hostname,
             machine_id: Some(machine_id),
+            await_gateway_ms: None,
         })
     }
 }

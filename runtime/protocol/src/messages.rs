@@ -250,6 +250,13 @@ pub struct RestoredRequest {
     /// New machine id: 32 lowercase hex digits (`/etc/machine-id`), unchanged when absent.
     #[serde(default)]
     pub machine_id: Option<String>,
+    /// Before answering, wait up to this many milliseconds for the IPv4 default gateway to
+    /// answer ARP: a restored VM talks to a new network backend that may still be starting,
+    /// and a connection made before it answers fails once the guest's ARP gives up. No wait
+    /// when absent. An agent that predates the field ignores it and answers without
+    /// [`RestoredAck::gateway`].
+    #[serde(default)]
+    pub await_gateway_ms: Option<u32>,
 }
 
 /// A message from the agent to the host.
@@ -394,6 +401,22 @@ pub struct RestoredAck {
     pub clock_step_ns: i64,
     /// How many entropy bytes were added to (and credited in) the kernel pool.
     pub entropy_bytes: u32,
+    /// The outcome of [`RestoredRequest::await_gateway_ms`]; absent when no wait was asked for
+    /// or the agent predates it.
+    #[serde(default)]
+    pub gateway: Option<GatewayWait>,
+}
+
+/// How the wait for the default gateway after a restore went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayWait {
+    /// The IPv4 default route's gateway; `None` when the guest has no default route (then
+    /// nothing was waited for).
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Whether the gateway answered ARP within the time asked for.
+    pub answered: bool,
+    /// How long the agent waited, in milliseconds.
+    pub waited_ms: u64,
 }
 
 /// Why a request failed.

@@ -120,15 +120,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let t_layers = Instant::now();
     if built {
         let _ = store.touch_layer(&head.key);
-        Machine::announce_restored(&mut agent, &spec.name)?;
-        if net {
-            let mut err = std::io::stderr();
-            let mut out = |_stderr: bool, b: &[u8]| {
-                let _ = err.write_all(b);
-            };
-            specc_build::steps::await_network(&mut agent, &mut out)
-                .context("waiting for the guest's network")?;
-        }
+        let mut err = std::io::stderr();
+        let mut out = |_stderr: bool, b: &[u8]| {
+            let _ = err.write_all(b);
+        };
+        specc_build::steps::announce_restored(&mut agent, &spec.name, net, &mut out)
+            .context("announcing the restore to the guest (and waiting for its network)")?;
     } else {
         if net {
             let mut err = std::io::stderr();
