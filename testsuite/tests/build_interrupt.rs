@@ -1,4 +1,5 @@
-//! `kill -9` of `specc build` while a later layer builds: no VMM outlives the builder, the
+//! `kill -9` of `specc build` while a later layer of a networked spec builds: no VMM and no
+//! passt (the VMM's network backend) outlives the builder, the
 //! store stays consistent (the finished layers are complete and verify, the killed layer is
 //! not there, leftovers are only scratch files that the next build removes), and the next
 //! build finds the finished layers cached and builds only the rest. Runs next to the build
@@ -15,8 +16,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use build_common::{
-    DISK, build_ok, events_of, files_under, isolated_home, keys_of, marker, prepare_on_host,
-    processes_named, specc, store_verify,
+    DISK, build_ok, events_of, files_under, isolated_home, keys_of, marker, passt_processes,
+    prepare_on_host, processes_named, specc, store_verify,
 };
 use specc_rig::testing::run_in_rig_unless_hardware;
 
@@ -34,6 +35,10 @@ fn a_killed_build_leaves_a_consistent_store_and_the_next_build_resumes() {
         processes_named("specc-vmm").is_empty(),
         "a VMM runs before the test starts"
     );
+    assert!(
+        passt_processes().is_empty(),
+        "a passt runs before the test starts"
+    );
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let home = dir.path().join("home");
     isolated_home(&home);
@@ -44,7 +49,7 @@ fn a_killed_build_leaves_a_consistent_store_and_the_next_build_resumes() {
         format!(
             r#"spec "chain" {{
     base "busybox"
-    vm vcpus=1 memory="128MiB" disk="{DISK}"
+    vm vcpus=1 memory="128MiB" disk="{DISK}" network=#true
 
     layer "one" {{
         run "echo one-{m} > /root/one"
@@ -72,6 +77,7 @@ fn a_killed_build_leaves_a_consistent_store_and_the_next_build_resumes() {
         .expect("starting specc build");
     let stdout = child.stdout.take().unwrap();
     let mut seen = Vec::new();
+    let mut passt_while_building = Vec::new();
     // Until layer two's step has started (after one's `finished`), then kill -9.
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("reading specc build's events");
@@ -83,6 +89,7 @@ fn a_killed_build_leaves_a_consistent_store_and_the_next_build_resumes() {
             seen.push(v);
         }
         if two_runs {
+            passt_while_building = passt_processes();
             child.kill().expect("kill -9 specc build");
             break;
         }
@@ -96,16 +103,24 @@ fn a_killed_build_leaves_a_consistent_store_and_the_next_build_resumes() {
     assert_eq!(events_of(&seen, "one"), ["started", "finished"], "{seen:?}");
     assert_eq!(events_of(&seen, "two"), ["started"], "{seen:?}");
     let keys = keys_of(&seen);
+    assert!(
+        !passt_while_building.is_empty(),
+        "no passt ran while layer two built"
+    );
 
-    // The VMM dies with its builder (PR_SET_PDEATHSIG); give the kernel a moment to reap it.
+    // The VMM dies with its builder (PR_SET_PDEATHSIG), and passt with the VMM (`--one-off`:
+    // it quits when the VMM's end of its socket closes); give the kernel a moment to reap them.
     let t0 = Instant::now();
-    while !processes_named("specc-vmm").is_empty() && t0.elapsed() < Duration::from_secs(30) {
+    let left = || [processes_named("specc-vmm"), passt_processes()];
+    while left().iter().any(|p| !p.is_empty()) && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    let [vmms, passts] = left();
+    assert_eq!(vmms, Vec::<u32>::new(), "a VMM outlived the killed builder");
     assert_eq!(
-        processes_named("specc-vmm"),
+        passts,
         Vec::<u32>::new(),
-        "a VMM outlived the killed builder"
+        "a passt outlived the killed builder"
     );
 
     // Consistent: base and one complete and intact, two absent; the killed layer's VM files

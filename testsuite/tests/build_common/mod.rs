@@ -112,6 +112,13 @@ pub fn processes_named(name: &str) -> Vec<u32> {
     pids
 }
 
+/// Process ids of every passt: Debian's `passt` execs `passt.avx2` on CPUs with AVX2.
+pub fn passt_processes() -> Vec<u32> {
+    let mut pids = processes_named("passt");
+    pids.extend(processes_named("passt.avx2"));
+    pids
+}
+
 /// Makes `home` a `$SPECC_HOME` of its own (an empty store), sharing the user's guest caches
 /// (kernels, root filesystems, key inputs) through symlinks so nothing is rebuilt.
 pub fn isolated_home(home: &Path) {
