@@ -41,6 +41,7 @@ fn exec(c: &Client, id: &str, script: &str) -> Ran {
         env: vec![],
         cwd: None,
         stdin_b64: None,
+        stdin_stream: false,
         timeout_ms: Some(60_000),
     };
     let last = c
@@ -59,6 +60,98 @@ fn exec(c: &Client, id: &str, script: &str) -> Ran {
         code,
         woke,
     }
+}
+
+/// Streaming stdin, through the API and through `specc vm exec -i`: the command answers each
+/// line before the next one is written, and the end of the upload ends its input.
+fn stdin_streams(c: &Client, d: &Specd, id: &str) {
+    use std::io::{BufRead, Write};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let script = "while read l; do echo got:$l; done; echo eof";
+    let req = api::Exec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![],
+        cwd: None,
+        stdin_b64: None,
+        stdin_stream: true,
+        timeout_ms: Some(60_000),
+    };
+    let (tx, events) = std::sync::mpsc::channel::<ExecEvent>();
+    let runner = std::thread::spawn({
+        let (c, id, req) = (c.clone(), id.to_owned(), req.clone());
+        move || {
+            c.exec(&id, &req, |ev| {
+                let _ = tx.send(ev.clone());
+            })
+        }
+    });
+    let Ok(ExecEvent::Started {
+        stdin: Some(exec), ..
+    }) = events.recv()
+    else {
+        panic!("no started event naming the exec: {:?}", runner.join());
+    };
+    let (feed, mut input) = std::io::pipe().unwrap();
+    let feeder = std::thread::spawn({
+        let (c, id) = (c.clone(), id.to_owned());
+        let mut feed = feed;
+        move || c.exec_stdin(&id, &exec, &mut feed)
+    });
+    let mut out = String::new();
+    let until = |want: &str, out: &mut String| {
+        while !out.contains(want) {
+            match events.recv() {
+                Ok(ExecEvent::Stdout { data_b64 }) => {
+                    out.push_str(&String::from_utf8_lossy(&b64.decode(data_b64).unwrap()));
+                }
+                other => panic!("waiting for {want:?} (so far {out:?}): {other:?}"),
+            }
+        }
+    };
+    input.write_all(b"one\n").unwrap();
+    // The answer to the first line, while the upload is still open.
+    until("got:one\n", &mut out);
+    input.write_all(b"two\n").unwrap();
+    drop(input);
+    until("eof\n", &mut out);
+    feeder.join().unwrap().expect("feeding stdin");
+    assert_eq!(out, "got:one\ngot:two\neof\n");
+    let last = runner.join().unwrap().expect("the exec");
+    assert!(
+        matches!(last, ExecEvent::Exit { code: Some(0), .. }),
+        "{last:?}"
+    );
+    // The exec is over: its stdin is gone.
+    match c.exec_stdin(id, "nope", &mut &b"x"[..]) {
+        Err(specd::client::ClientError::Api { status: 404, .. }) => {}
+        other => panic!("stdin for no exec: {other:?}"),
+    }
+    let both = api::Exec {
+        stdin_b64: Some(b64.encode("x")),
+        ..req
+    };
+    match c.exec(id, &both, |_| {}) {
+        Err(specd::client::ClientError::Api { status: 400, .. }) => {}
+        other => panic!("stdin_b64 with stdin_stream: {other:?}"),
+    }
+
+    // The CLI passes its own stdin through, as it comes.
+    let mut cli = Command::new(specc_testsuite::test_binary("specc"))
+        .args(["vm", "--socket"])
+        .arg(d.socket())
+        .args(["exec", "-i", id, "--", "sh", "-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running specc vm exec");
+    let mut input = cli.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(cli.stdout.take().unwrap()).lines();
+    input.write_all(b"three\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "got:three");
+    drop(input);
+    assert_eq!(lines.next().unwrap().unwrap(), "eof");
+    let status = cli.wait().unwrap();
+    assert!(status.success(), "specc vm exec -i: {status}");
 }
 
 fn create(c: &Client, key: &str, name: &str, persistence: Persistence, idle: IdlePolicy) -> Vm {
@@ -244,6 +337,8 @@ fn daemon_lifecycle_with_linux_guests() {
         "{listing:?}"
     );
 
+    stdin_streams(&c, &d, &a.id);
+
     // Suspend ends the VMM; an exec wakes it, with the file and a process's memory intact.
     exec(&c, &a.id, "echo 41 > /tmp/counter");
     let pid = show(&c, &a.id).unwrap().pid.expect("pid");
@@ -357,6 +452,7 @@ fn daemon_lifecycle_with_linux_guests() {
         env: vec![],
         cwd: None,
         stdin_b64: None,
+        stdin_stream: false,
         timeout_ms: None,
     };
     match c.exec(&web.id, &req, |_| {}) {

@@ -225,9 +225,15 @@ pub struct Exec {
     /// Working directory.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Bytes for stdin, base64 (stdin is `/dev/null` when absent).
+    /// Bytes for stdin, base64 (stdin is `/dev/null` when absent and `stdin_stream` is not
+    /// set).
     #[serde(default)]
     pub stdin_b64: Option<String>,
+    /// Stdin arrives while the process runs, as the body of
+    /// `POST /v1/vms/{id}/execs/{exec}/stdin` (forwarded as it comes; its end closes stdin).
+    /// The `started` event names the exec. Not together with `stdin_b64`.
+    #[serde(default)]
+    pub stdin_stream: bool,
     /// Kill the process after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
@@ -237,6 +243,14 @@ pub struct Exec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
+    /// The process is running. The first line of every exec that started.
+    Started {
+        /// Its pid in the guest.
+        pid: i32,
+        /// With `stdin_stream`: the exec's name in `POST /v1/vms/{id}/execs/{exec}/stdin`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stdin: Option<String>,
+    },
     /// Bytes the process wrote to stdout, base64.
     Stdout {
         /// The bytes.

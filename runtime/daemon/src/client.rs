@@ -153,11 +153,7 @@ impl Client {
         path: &str,
         body: Option<(&str, &[u8])>,
     ) -> Result<Response, ClientError> {
-        let mut stream =
-            UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let mut stream = self.connect()?;
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: specd\r\nConnection: close\r\n");
         let data = body.map(|(ct, b)| {
             head.push_str(&format!("Content-Type: {ct}\r\n"));
@@ -171,16 +167,42 @@ impl Client {
         if let Some(b) = data {
             stream.write_all(b)?;
         }
-        let resp = read_head(BufReader::new(stream))?;
-        if resp.status >= 400 {
-            let status = resp.status;
-            let bytes = resp.bytes()?;
-            let message = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api { status, message });
+        answer(stream)
+    }
+
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
+            socket: self.socket.clone(),
+            source,
+        })
+    }
+
+    /// Feeds the stdin of a running exec started with `stdin_stream` (`exec` is the `stdin`
+    /// name of its `started` event): every read of `body` is sent on at once, as one chunk of
+    /// a chunked request, and the end of `body` closes the process's stdin.
+    pub fn exec_stdin(&self, id: &str, exec: &str, body: &mut dyn Read) -> Result<(), ClientError> {
+        let mut stream = self.connect()?;
+        write!(
+            stream,
+            "POST /v1/vms/{id}/execs/{exec}/stdin HTTP/1.1\r\nHost: specd\r\n\
+             Connection: close\r\nContent-Type: application/octet-stream\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        )?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // No final chunk: the daemon sees a broken upload, not the end of the input.
+                Err(e) => return Err(ClientError::Io(e)),
+            };
+            write!(stream, "{n:x}\r\n")?;
+            stream.write_all(&buf[..n])?;
+            stream.write_all(b"\r\n")?;
         }
-        Ok(resp)
+        stream.write_all(b"0\r\n\r\n")?;
+        answer(stream).map(|_| ())
     }
 
     /// A JSON request with a JSON answer.
@@ -234,6 +256,20 @@ impl Client {
             )),
         }
     }
+}
+
+/// The daemon's answer on `stream`; an error status is [`ClientError::Api`].
+fn answer(stream: UnixStream) -> Result<Response, ClientError> {
+    let resp = read_head(BufReader::new(stream))?;
+    if resp.status >= 400 {
+        let status = resp.status;
+        let bytes = resp.bytes()?;
+        let message = serde_json::from_slice::<ApiError>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(ClientError::Api { status, message });
+    }
+    Ok(resp)
 }
 
 fn read_head(mut r: BufReader<UnixStream>) -> Result<Response, ClientError> {

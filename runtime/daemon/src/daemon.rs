@@ -20,14 +20,14 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
 use specc_protocol::AGENT_VSOCK_PORT;
 use specc_protocol::client::Client as AgentClient;
-use specc_protocol::messages::{ExecRequest, WriteFileRequest};
+use specc_protocol::messages::{ExecRequest, Request as AgentRequest, WriteFileRequest};
 use specc_store::Store;
 
 use crate::api::{self, CreateVm, ExecEvent, Port, Source, Vm, VmState};
@@ -176,6 +176,19 @@ pub struct Daemon {
     mode: String,
     /// This daemon, for the threads it starts (set once by [`Daemon::open`]).
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
+    /// Running execs with `stdin_stream`, by the name their `started` event gave.
+    feeds: Mutex<HashMap<String, Arc<Feed>>>,
+}
+
+/// The stdin of a running exec, fed by `POST /v1/vms/{id}/execs/{exec}/stdin`.
+#[derive(Debug)]
+struct Feed {
+    vm: String,
+    /// A second handle on the exec's agent connection: after `ExecStarted` the exec's own
+    /// thread only reads it, so frames written here stay whole.
+    conn: UnixStream,
+    /// Set by the one request that feeds it.
+    taken: AtomicBool,
 }
 
 /// The start of the names of the store pins a daemon on `state_dir` writes
@@ -286,6 +299,7 @@ impl Daemon {
             metrics: Metrics::default(),
             mode,
             me: std::sync::OnceLock::new(),
+            feeds: Mutex::new(HashMap::new()),
         });
         let _ = daemon.me.set(Arc::downgrade(&daemon));
         daemon.recover()?;
@@ -1349,21 +1363,67 @@ impl Daemon {
             .map(|s| b64.decode(s))
             .transpose()
             .map_err(|e| DaemonError::BadRequest(format!("stdin_b64: {e}")))?;
+        if stdin.is_some() && req.stdin_stream {
+            return Err(DaemonError::BadRequest(
+                "stdin_b64 and stdin_stream exclude each other".into(),
+            ));
+        }
+        let feed = req.stdin_stream.then(random_id).transpose()?;
         let t0 = Instant::now();
         let (slot, vsock, woke) = self.enter(id)?;
         let _busy = Busy(&slot);
         let mut agent = self.agent(id, &vsock)?;
-        if let Some(t) = req.timeout_ms {
-            // The agent ends the process at the timeout and answers; an answer that has not
-            // come well after that never will (a lost connection): fail instead of hanging.
-            let bound = Duration::from_millis(t) + EXEC_GRACE;
-            let _ = agent.get_ref().set_read_timeout(Some(bound));
-        }
+        // Two bounds, so that a lost connection never hangs the call. Until the agent reports
+        // the process started, the wait is for the guest to pick the request up, which on a
+        // starved guest takes as long as connecting can: the agent timeout. The exec's own
+        // timeout counts in the agent from the spawn, so the wait for the exit is bounded
+        // from `ExecStarted` on: that timeout plus a grace for the agent's answer, or none
+        // without a timeout (a command may run for as long as it likes).
+        let asked = Instant::now();
+        let _ = agent
+            .get_ref()
+            .set_read_timeout(Some(self.config.agent_timeout));
+        let exit_bound = req
+            .timeout_ms
+            .map(|t| Duration::from_millis(t) + EXEC_GRACE);
+        let started = std::cell::Cell::new(None);
         let mut er = ExecRequest::new(req.argv.clone());
         er.env.clone_from(&req.env);
         er.cwd.clone_from(&req.cwd);
         er.timeout_ms = req.timeout_ms;
+        er.stdin = req.stdin_stream;
         let sink = std::cell::RefCell::new(&mut sink);
+        let on_started = |s: &UnixStream, pid: i32| {
+            started.set(Some((pid, Instant::now())));
+            let _ = s.set_read_timeout(exit_bound);
+            let mut name = feed.clone();
+            if let Some(exec) = &feed {
+                match s.try_clone() {
+                    Ok(conn) => {
+                        self.feeds_map().insert(
+                            exec.clone(),
+                            Arc::new(Feed {
+                                vm: id.to_owned(),
+                                conn,
+                                taken: AtomicBool::new(false),
+                            }),
+                        );
+                    }
+                    Err(e) => {
+                        // Without a second handle nobody can feed stdin: close it now rather
+                        // than leave the process waiting for input that cannot come.
+                        tracing::warn!(
+                            vm = id,
+                            "exec stdin: cannot clone the agent connection: {e}"
+                        );
+                        let mut w = s;
+                        let _ = specc_protocol::write_frame(&mut w, &AgentRequest::StdinEof);
+                        name = None;
+                    }
+                }
+            }
+            (sink.borrow_mut())(ExecEvent::Started { pid, stdin: name });
+        };
         let out = |d: &[u8]| {
             (sink.borrow_mut())(ExecEvent::Stdout {
                 data_b64: b64.encode(d),
@@ -1375,14 +1435,58 @@ impl Daemon {
             });
         };
         let status = match stdin {
-            Some(bytes) => agent.exec_with_stdin(&er, &mut bytes.as_slice(), out, err),
-            None => agent.exec(&er, out, err),
+            Some(bytes) => agent.exec_with(&er, Some(&mut bytes.as_slice()), on_started, out, err),
+            None => agent.exec_with(&er, None, on_started, out, err),
         };
+        if let Some(exec) = &feed
+            && let Some(f) = self.feeds_map().remove(exec)
+        {
+            // A feeder still writing learns that the exec is over.
+            let _ = f.conn.shutdown(std::net::Shutdown::Both);
+        }
         self.metrics.observe("exec", t0.elapsed(), status.is_ok());
-        let status = status.map_err(|e| DaemonError::Vm {
-            id: id.to_owned(),
-            op: "exec",
-            message: chain(&e),
+        let connect = asked.duration_since(t0).as_secs_f64();
+        match started.get() {
+            Some((pid, at)) => tracing::debug!(
+                vm = id,
+                pid,
+                connect_s = connect,
+                start_s = at.duration_since(asked).as_secs_f64(),
+                run_s = at.elapsed().as_secs_f64(),
+                ok = status.is_ok(),
+                "exec"
+            ),
+            None => tracing::debug!(
+                vm = id,
+                connect_s = connect,
+                wait_s = asked.elapsed().as_secs_f64(),
+                "exec not started"
+            ),
+        }
+        let status = status.map_err(|e| {
+            let timed_out = matches!(&e, specc_protocol::client::ClientError::Frame(
+                specc_protocol::FrameError::Io(io)) if matches!(io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
+            let message = match (started.get(), timed_out) {
+                (None, true) => format!(
+                    "the agent did not start the process within {:?} of the request \
+                     (connected after {connect:.1} s)",
+                    self.config.agent_timeout,
+                ),
+                (Some((pid, at)), true) => format!(
+                    "no exit within {:?} of the start (pid {pid}, started {:.1} s after \
+                     the request)",
+                    exit_bound.unwrap_or_default(),
+                    at.duration_since(asked).as_secs_f64(),
+                ),
+                (None, false) => format!("before the start: {}", chain(&e)),
+                (Some((pid, _)), false) => format!("pid {pid}: {}", chain(&e)),
+            };
+            DaemonError::Vm {
+                id: id.to_owned(),
+                op: "exec",
+                message,
+            }
         })?;
         (sink.borrow_mut())(ExecEvent::Exit {
             code: status.code,
@@ -1390,6 +1494,71 @@ impl Daemon {
             woke,
         });
         Ok(())
+    }
+
+    fn feeds_map(&self) -> MutexGuard<'_, HashMap<String, Arc<Feed>>> {
+        self.feeds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Feeds `body` to the stdin of `exec`, a running exec with `stdin_stream` on VM `id`, as
+    /// it arrives, then closes that stdin; returns the number of bytes forwarded.
+    pub fn feed_stdin(
+        &self,
+        id: &str,
+        exec: &str,
+        body: &mut dyn Read,
+    ) -> Result<u64, DaemonError> {
+        let feed = self
+            .feeds_map()
+            .get(exec)
+            .filter(|f| f.vm == id)
+            .cloned()
+            .ok_or_else(|| {
+                DaemonError::NotFound(format!("{id}: no running exec {exec} that takes stdin"))
+            })?;
+        if feed.taken.swap(true, Ordering::AcqRel) {
+            return Err(DaemonError::Conflict {
+                id: id.to_owned(),
+                state: "being fed stdin",
+                op: "feed the same exec's stdin twice",
+            });
+        }
+        let slot = self.slot(id)?;
+        let over = |e: specc_protocol::FrameError| DaemonError::Vm {
+            id: id.to_owned(),
+            op: "feed stdin",
+            message: format!("the exec is over: {}", chain(&e)),
+        };
+        let mut conn = &feed.conn;
+        let mut buf = vec![0u8; specc_protocol::MAX_CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // A broken upload must not look like the end of the input: the process
+                    // would act on a truncated stdin. Stop it instead.
+                    let _ =
+                        specc_protocol::write_frame(&mut conn, &AgentRequest::Kill { signal: 9 });
+                    return Err(DaemonError::BadRequest(format!(
+                        "reading the stdin body: {e} (the process was killed)"
+                    )));
+                }
+            };
+            specc_protocol::write_frame(
+                &mut conn,
+                &AgentRequest::Stdin {
+                    data: buf[..n].to_vec(),
+                },
+            )
+            .map_err(over)?;
+            total += n as u64;
+            slot.last_active.store(now_ms(), Ordering::Relaxed);
+        }
+        specc_protocol::write_frame(&mut conn, &AgentRequest::StdinEof).map_err(over)?;
+        Ok(total)
     }
 
     /// Reads a file from the guest.

@@ -43,6 +43,7 @@ const FILE_LIMIT: u64 = 256 << 20;
         start_vm,
         fork_vm,
         exec_vm,
+        exec_stdin,
         read_file,
         write_file,
         list_dir,
@@ -214,6 +215,7 @@ fn route(method: &Method, path: &[&str]) -> Option<&'static str> {
         (Method::Post, ["v1", "vms", _, "start"]) => "start_vm",
         (Method::Post, ["v1", "vms", _, "fork"]) => "fork_vm",
         (Method::Post, ["v1", "vms", _, "exec"]) => "exec_vm",
+        (Method::Post, ["v1", "vms", _, "execs", _, "stdin"]) => "exec_stdin",
         (Method::Get, ["v1", "vms", _, "files"]) => "read_file",
         (Method::Put, ["v1", "vms", _, "files"]) => "write_file",
         (Method::Get, ["v1", "vms", _, "dir"]) => "list_dir",
@@ -240,6 +242,7 @@ fn dispatch(d: &Daemon, name: &str, c: &mut Call) -> Reply {
         "start_vm" => start_vm(d, &id),
         "fork_vm" => fork_vm(d, &id, c),
         "exec_vm" => exec_vm(d, &id, c),
+        "exec_stdin" => exec_stdin(d, &id, c),
         "read_file" => read_file(d, &id, c),
         "write_file" => write_file(d, &id, c),
         "list_dir" => list_dir(d, &id, c),
@@ -443,6 +446,25 @@ fn exec_vm(d: &Daemon, id: &str, c: &mut Call) -> Reply {
     })
 }
 
+#[utoipa::path(post, path = "/v1/vms/{id}/execs/{exec}/stdin",
+    params(("id" = String, Path), ("exec" = String, Path,
+        description = "The `stdin` name of the exec's `started` event")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The process's stdin, forwarded as it arrives (send it chunked to \
+        stream); its end closes stdin"),
+    responses((status = 204, description = "All of the body was forwarded and stdin closed"),
+        (status = 404, body = api::ApiError), (status = 409, body = api::ApiError)))]
+fn exec_stdin(d: &Daemon, id: &str, c: &mut Call) -> Reply {
+    let exec = c.path.get(4).cloned().unwrap_or_default();
+    let Some(req) = c.req.as_mut() else {
+        return bad("no request");
+    };
+    match d.feed_stdin(id, &exec, req.as_reader()) {
+        Ok(_) => Reply::Json(204, Vec::new()),
+        Err(e) => error(&e),
+    }
+}
+
 fn path_param(c: &Call) -> Result<String, Reply> {
     match c.query("path") {
         Some(p) if p.starts_with('/') => Ok(p.to_owned()),
@@ -615,6 +637,7 @@ mod tests {
             (Method::Post, "/v1/vms/{id}/start", "post"),
             (Method::Post, "/v1/vms/{id}/fork", "post"),
             (Method::Post, "/v1/vms/{id}/exec", "post"),
+            (Method::Post, "/v1/vms/{id}/execs/{exec}/stdin", "post"),
             (Method::Get, "/v1/vms/{id}/files", "get"),
             (Method::Put, "/v1/vms/{id}/files", "put"),
             (Method::Get, "/v1/vms/{id}/dir", "get"),

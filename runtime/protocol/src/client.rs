@@ -362,7 +362,7 @@ impl<S: Read + Write> Client<S> {
             stdin: false,
             ..req.clone()
         };
-        self.exec_inner(&req, None, on_stdout, on_stderr)
+        self.exec_inner(&req, None, |_, _| {}, on_stdout, on_stderr)
     }
 
     /// Runs a process whose stdin is fed from `stdin` (read to its end, then closed).
@@ -380,7 +380,35 @@ impl<S: Read + Write> Client<S> {
             stdin: true,
             ..req.clone()
         };
-        self.exec_inner(&req, Some(stdin), on_stdout, on_stderr)
+        self.exec_inner(&req, Some(stdin), |_, _| {}, on_stdout, on_stderr)
+    }
+
+    /// Runs a process like [`Client::exec`] and [`Client::exec_with_stdin`], and calls
+    /// `on_started` with the stream and the guest pid as soon as the agent reports the process
+    /// running, before anything else is sent or read.
+    ///
+    /// The agent's `timeout_ms` counts from that moment, not from the request: a busy guest may
+    /// pick the request up long after it was sent. A caller that bounds its wait for the exit
+    /// (a read timeout on the stream) starts that bound here.
+    ///
+    /// `req.stdin` decides whether the process gets a stdin pipe. With `stdin` given it is sent
+    /// whole, then closed. With `req.stdin` set and no `stdin`, the caller feeds the pipe
+    /// itself while the output streams: it writes [`Request::Stdin`] frames and one
+    /// [`Request::StdinEof`] to a clone of the stream taken in `on_started` (this client writes
+    /// nothing on the connection after `ExecStarted` then).
+    pub fn exec_with(
+        &mut self,
+        req: &ExecRequest,
+        stdin: Option<&mut dyn Read>,
+        on_started: impl FnOnce(&S, i32),
+        on_stdout: impl FnMut(&[u8]),
+        on_stderr: impl FnMut(&[u8]),
+    ) -> Result<ExitStatus, ClientError> {
+        let req = ExecRequest {
+            stdin: req.stdin || stdin.is_some(),
+            ..req.clone()
+        };
+        self.exec_inner(&req, stdin, on_started, on_stdout, on_stderr)
     }
 
     /// Runs a process (stdin from `/dev/null`) and collects its output.
@@ -403,12 +431,13 @@ impl<S: Read + Write> Client<S> {
         &mut self,
         req: &ExecRequest,
         stdin: Option<&mut dyn Read>,
+        on_started: impl FnOnce(&S, i32),
         mut on_stdout: impl FnMut(&[u8]),
         mut on_stderr: impl FnMut(&[u8]),
     ) -> Result<ExitStatus, ClientError> {
         self.send(&Request::Exec(req.clone()))?;
         match self.recv()? {
-            Response::ExecStarted { .. } => {}
+            Response::ExecStarted { pid } => on_started(&self.stream, pid),
             other => return self.unexpected("exec_started", other),
         }
         let mut local_err = None;

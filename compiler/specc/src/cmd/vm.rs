@@ -111,7 +111,8 @@ struct ExecArgs {
     /// Kill the command after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
-    /// Feed this process's stdin to the command.
+    /// Pass this process's stdin through to the command, as it comes (its end closes the
+    /// command's stdin).
     #[arg(short = 'i', long)]
     stdin: bool,
     /// Working directory in the guest.
@@ -285,13 +286,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn exec(client: &Client, a: ExecArgs, json: bool) -> anyhow::Result<ExitCode> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let stdin_b64 = if a.stdin {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
-        Some(b64.encode(buf))
-    } else {
-        None
-    };
     let env = a
         .env
         .iter()
@@ -305,11 +299,27 @@ fn exec(client: &Client, a: ExecArgs, json: bool) -> anyhow::Result<ExitCode> {
         argv: a.argv,
         env,
         cwd: a.cwd,
-        stdin_b64,
+        stdin_b64: None,
+        stdin_stream: a.stdin,
         timeout_ms: a.timeout.map(|s| s * 1000),
     };
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let last = client.exec(&a.id, &req, |ev| {
+        if let ExecEvent::Started {
+            stdin: Some(exec), ..
+        } = ev
+        {
+            // Fed from a thread of its own while the output streams here; when the command
+            // ends first, this process exits with the thread still waiting for input.
+            let (client, id, exec) = (client.clone(), a.id.clone(), exec.clone());
+            std::thread::spawn(move || {
+                match client.exec_stdin(&id, &exec, &mut std::io::stdin().lock()) {
+                    // The command ended before it took its input.
+                    Ok(()) | Err(specd::client::ClientError::Api { status: 404, .. }) => {}
+                    Err(e) => eprintln!("specc vm exec: passing stdin on: {e}"),
+                }
+            });
+        }
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(ev).unwrap_or_default());
             return;
