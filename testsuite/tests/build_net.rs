@@ -1,7 +1,9 @@
 //! A spec with `vm network=#true`: a `run` step fetches a file over HTTP from a server of this
 //! test (reached through the passt gateway, which passt maps to the host's loopback), the
 //! file is in the built layer (`specc run` restores the head and reads it), and a rebuild is
-//! cached without fetching again. Runs next to the build VMs: inside the rig on machines
+//! cached without fetching again. Each layer restored from a parent waits for its new passt
+//! through the agent itself, not the guest's `arping` (the `gateway` timing of its `finished`
+//! event; `build_debian_net.rs` has a guest without `arping`). Runs next to the build VMs: inside the rig on machines
 //! without hardware KVM (the rig has no network, so the server is inside it too).
 
 // An integration test file is a test module of its own.
@@ -93,6 +95,18 @@ fn a_run_step_fetches_over_the_network_into_the_layer() {
             ["started", "finished"],
             "{first:?}"
         );
+    }
+    // Every restored layer waited for its gateway through the agent; the base booted and got
+    // its address by DHCP instead.
+    let gateway_ms = |layer: &str| {
+        first
+            .iter()
+            .find(|v| v["layer"] == layer && v["event"] == "finished")
+            .and_then(|v| v["timings_ms"]["gateway"].as_u64())
+    };
+    assert_eq!(gateway_ms("base"), None, "{first:?}");
+    for layer in ["fetch", "after"] {
+        assert!(gateway_ms(layer).is_some(), "{layer}: {first:?}");
     }
     {
         let seen = seen.lock().unwrap();
