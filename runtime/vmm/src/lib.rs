@@ -88,6 +88,9 @@ pub struct Vmm {
     promoted: bool,
     /// Whether a fork promotes file-backed guest RAM first.
     promote_on_fork: bool,
+    /// The thread unmapping a promotion's old mappings (O(pages)); a `fork(2)` waits for
+    /// its `mmap` lock, so a fork joins it before its pause.
+    retiring: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Vmm {
@@ -120,6 +123,7 @@ impl Vmm {
             memory_image: None,
             promoted: false,
             promote_on_fork: true,
+            retiring: None,
         }
     }
 

@@ -129,7 +129,9 @@ impl Vmm {
             return Err(Error::NotRunning);
         }
         if self.paused {
-            return self.promote_paused().map(Some);
+            let (report, retired) = self.promote_paused()?;
+            self.retire_on_thread(retired);
+            return Ok(Some(report));
         }
         let pre = self.precopy()?;
         if let Err(e) = self.pause() {
@@ -147,8 +149,8 @@ impl Vmm {
     }
 
     /// [`Vmm::promote_memory`] of a paused VM: the device workers stop for the copy and the
-    /// swap (the vCPUs stay paused throughout).
-    fn promote_paused(&mut self) -> Result<PromotionReport, Error> {
+    /// swap (the vCPUs stay paused throughout). Returns the old mappings to unmap.
+    pub(crate) fn promote_paused(&mut self) -> Result<(PromotionReport, Retired), Error> {
         let t0 = Instant::now();
         self.pause_devices();
         let copied = Promotion::new(&self.vm.memory).and_then(|p| {
@@ -177,15 +179,29 @@ impl Vmm {
         self.promoted = true;
         report.swap_us = micros(t_swap);
         tracing::debug!("promote (paused): {report:?}");
-        // O(pages): on a thread of its own, as after a running VM's promotion.
-        let spawned = std::thread::Builder::new()
-            .name("promote-unmap".into())
-            .spawn(move || drop(retired));
-        if let Err(e) = spawned {
-            tracing::warn!("unmapping the old guest memory mapping on a thread: {e}");
-        }
         devices?;
-        Ok(report)
+        Ok((report, retired))
+    }
+
+    /// Unmaps a promotion's old mappings on a thread of their own (O(pages), tens to
+    /// hundreds of ms), remembered so that the next fork can wait for it outside its pause.
+    fn retire_on_thread(&mut self, retired: Retired) {
+        self.join_retiring();
+        match std::thread::Builder::new()
+            .name("promote-unmap".into())
+            .spawn(move || drop(retired))
+        {
+            Ok(h) => self.retiring = Some(h),
+            Err(e) => tracing::warn!("unmapping the old guest memory mapping on a thread: {e}"),
+        }
+    }
+
+    /// Waits until the old mappings of an earlier promotion are unmapped: `fork(2)` takes the
+    /// `mmap` lock the unmapping holds, and would wait for it inside the pause.
+    pub(crate) fn join_retiring(&mut self) {
+        if let Some(h) = self.retiring.take() {
+            let _ = h.join();
+        }
     }
 
     /// Turns the dirty log on and copies guest memory while the vCPUs and devices run, until
@@ -319,11 +335,6 @@ impl Vmm {
         if let Err(e) = self.vm.set_dirty_logging(false) {
             tracing::warn!("turning the dirty log off after a promotion: {e}");
         }
-        let spawned = std::thread::Builder::new()
-            .name("promote-unmap".into())
-            .spawn(move || drop(retired));
-        if let Err(e) = spawned {
-            tracing::warn!("unmapping the old guest memory mapping on a thread: {e}");
-        }
+        self.retire_on_thread(retired);
     }
 }

@@ -264,9 +264,13 @@ impl Vmm {
         let mut promotion = None;
         if promote && was_paused {
             // A paused guest does not run while its memory is copied: promote all of it now,
-            // within the pause the caller asked for, and fork the promoted memory.
-            match self.promote_memory() {
-                Ok(report) => promotion = report,
+            // within the pause the caller asked for, and fork the promoted memory. The old
+            // mappings are unmapped here too: fork(2) would wait for that inside the pause.
+            match self.promote_paused() {
+                Ok((report, retired)) => {
+                    promotion = Some(report);
+                    drop(retired);
+                }
                 Err(e) if e.memory_lost() => return Err(self.lose_memory(e)),
                 Err(e) => tracing::warn!(
                     "fork: promoting memory failed, forking 4 KiB pages: {}",
@@ -288,6 +292,7 @@ impl Vmm {
         } else {
             None
         };
+        self.join_retiring();
         let mut usage = crate::vstate::memory::usage(&self.vm.memory).ok();
         let mut collapse = None;
         if let Some(u) = usage

@@ -283,6 +283,7 @@ fn restored_forks(
     let mut pauses = Vec::with_capacity(runs);
     let mut owner = Vec::with_capacity(runs);
     let mut phases = Phases::default();
+    let mut collapsed = 0usize;
     for r in 0..runs {
         let dirs = vec![dir.join(format!("{label}-restored-run{r}"))];
         let o = fork_once(&mut restored, config, &dirs)
@@ -304,11 +305,17 @@ fn restored_forks(
                 ": none with --no-promote"
             }
         );
+        if o.collapse.is_some() {
+            collapsed += 1;
+        }
         if let Some(p) = &o.promotion {
             report.figure(
                 &format!("fork_pause_restored_{label}_first_ms"),
                 ms(o.pause),
             );
+            let mut first = Phases::default();
+            first.add(&o.phases);
+            first.report(report, &format!("fork_restored_{label}_first"));
             let f =
                 |name: &str, us: u64| (format!("promote_{label}_{name}_ms"), us as f64 / 1000.0);
             for (name, v) in [
@@ -355,6 +362,10 @@ fn restored_forks(
         restored.resume()?;
     }
     phases.report(report, &format!("fork_restored_{label}"));
+    report.figure(
+        &format!("collapse_restored_{label}_count"),
+        collapsed as f64,
+    );
     p50_p95(report, &format!("fork_pause_restored_{label}"), &mut pauses);
     if let Some(min) = pauses.iter().min() {
         report.figure(&format!("fork_pause_restored_{label}_min_ms"), ms(*min));
