@@ -54,8 +54,32 @@ pub fn prepare_busybox_guest() -> BusyboxGuest {
 
 /// `cargo build -q -p PACKAGE` in the running test's profile, so its binaries land in
 /// `target/<profile>/` beside the tests'. Panics if the build fails.
+///
+/// Without the variables cargo sets for the running test (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_NAME`, ...): build scripts that watch them (`ring`'s does) would otherwise see
+/// them changed, rerun, and rebuild everything above them (rustls, ureq, the store...) here and
+/// again in the next `cargo test`.
 pub fn cargo_build(package: &str) {
-    let status = std::process::Command::new(env!("CARGO"))
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_crate = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_MANIFEST_LINKS",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ];
+        if per_crate.contains(&&*key)
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+        {
+            cmd.env_remove(&*key);
+        }
+    }
+    let status = cmd
         .args(["build", "-q", "-p", package])
         .status()
         .expect("running cargo build");
