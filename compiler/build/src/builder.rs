@@ -105,6 +105,23 @@ pub enum BuildError {
         #[source]
         source: Box<steps::StepError>,
     },
+    /// The store is on tmpfs with less free space than the restored guest may take from it.
+    #[error(
+        "layer `{layer}`: the store {} is on tmpfs with {} MiB free, and restoring the parent \
+         may take up to {} MiB of it (a page for every page of memory the guest touches that \
+         the snapshot left out); free space or put SPECC_HOME on a disk file system (ENOSPC)",
+        root.display(), free >> 20, holes >> 20
+    )]
+    TmpfsRoom {
+        /// Layer name.
+        layer: String,
+        /// The store's root.
+        root: PathBuf,
+        /// Bytes of holes in the memory files to be mapped.
+        holes: u64,
+        /// Free bytes on the store's file system.
+        free: u64,
+    },
     /// Running the VM failed.
     #[error("layer `{layer}`: the VM failed")]
     Machine {
@@ -347,6 +364,7 @@ impl Builder {
             }
             Some(parent) => {
                 let (vmstate, memory, disks) = restore_sources(store, &spec.layers[parent.0].key)?;
+                check_tmpfs_room(store, &memory, name)?;
                 let m =
                     Machine::restore_image(&vmstate, &memory, &self.config(disks, top), &vm_dir)
                         .map_err(machine_err)?;
@@ -560,6 +578,63 @@ fn store_full(store: &Store, layer: &str) -> BuildError {
     }
 }
 
+/// `TMPFS_MAGIC` from <linux/magic.h>.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// Bytes of `path` that are holes (its size beyond its allocated blocks).
+fn hole_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(m.len().saturating_sub(m.blocks().saturating_mul(512)))
+}
+
+/// The file system type and free bytes (for an unprivileged writer) of `path`'s file system.
+fn fs_free(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statfs is plain data; all zeroes is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a statfs we own.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // f_type and f_bsize are signed words; the values are never negative.
+    let kind = u64::try_from(st.f_type).unwrap_or(0);
+    let free = st
+        .f_bavail
+        .saturating_mul(u64::try_from(st.f_bsize).unwrap_or(0));
+    Ok((kind, free))
+}
+
+/// Refuses a restore from a store on tmpfs that could not hold the pages the guest may fault
+/// in. A private mapping of a tmpfs file allocates a tmpfs page for every hole the guest
+/// touches (read or write) before the copy-on-write, so on a nearly full tmpfs the guest's
+/// access fails in the middle of a step, which the VM cannot recover from (the build hung
+/// until the agent timeout and beyond). Other file systems map holes to the zero page and
+/// copy on write into anonymous memory, and are not checked.
+fn check_tmpfs_room(store: &Store, image: &MemoryImage, layer: &str) -> Result<(), BuildError> {
+    let Ok((kind, free)) = fs_free(store.root()) else {
+        return Ok(());
+    };
+    if kind != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let files = image
+        .base
+        .iter()
+        .chain(image.overlays.iter().map(|o| &o.file));
+    let holes = files.filter_map(|f| hole_bytes(f).ok()).sum::<u64>();
+    if holes > free {
+        return Err(BuildError::TmpfsRoom {
+            layer: layer.to_owned(),
+            root: store.root().to_owned(),
+            holes,
+            free,
+        });
+    }
+    Ok(())
+}
+
 /// What restoring the stored layer `key` needs: its state file, its memory image (the base
 /// layer's full memory file with every descendant's diff laid over it, oldest first) and its
 /// disk stack, all as store blob paths. Follows first parents down to the base layer.
@@ -620,6 +695,45 @@ pub fn restore_sources(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hole_bytes_counts_the_unallocated_part_of_a_sparse_file() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("memory");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&[1u8; 8192]).unwrap();
+        f.seek(SeekFrom::Start(4 << 20)).unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+        f.sync_all().unwrap();
+        let holes = hole_bytes(&p).unwrap();
+        let size = (4 << 20) + 4096;
+        // The file system may allocate a little more than the data, never the whole hole.
+        assert!(holes <= size - 12288, "{holes}");
+        assert!(holes >= size - (1 << 20), "{holes}");
+    }
+
+    #[test]
+    fn a_store_on_tmpfs_without_room_for_the_holes_is_refused() {
+        // /dev/shm is tmpfs on Linux; the hole is larger than any free space it has.
+        let (kind, free) = fs_free(Path::new("/dev/shm")).unwrap();
+        assert_eq!(kind, TMPFS_MAGIC, "/dev/shm is not tmpfs here");
+        let root = tempfile::tempdir_in("/dev/shm").unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let mem = root.path().join("memory");
+        let f = std::fs::File::create(&mem).unwrap();
+        f.set_len(free + (1 << 30)).unwrap();
+        let image = MemoryImage {
+            base: Some(mem.clone()),
+            overlays: Vec::new(),
+        };
+        let err = check_tmpfs_room(&store, &image, "l").unwrap_err();
+        assert!(matches!(err, BuildError::TmpfsRoom { .. }), "{err}");
+        assert!(err.to_string().contains("ENOSPC"), "{err}");
+        // A small hole fits.
+        f.set_len(4096).unwrap();
+        check_tmpfs_room(&store, &image, "l").unwrap();
+    }
 
     #[test]
     fn only_the_scratch_of_a_dead_owner_on_this_boot_is_removed() {

@@ -264,7 +264,16 @@ fi
 i=0
 until awk '$2 == "00000000" { found = 1 } END { exit !found }' /proc/net/route; do
     i=$((i + 1))
-    if [ "$i" -gt 600 ]; then echo "network: no default route after 60 s" >&2; exit 1; fi
+    if [ "$i" -gt 600 ]; then
+        echo "network: no default route after 60 s" >&2
+        # What the guest knows, for the error's last lines.
+        ip addr >&2 2>&1 || true
+        if [ -d /run/systemd/system ]; then
+            networkctl list --no-pager >&2 2>&1 || true
+            journalctl -b --no-pager -n 25 -u systemd-networkd >&2 2>&1 || true
+        fi
+        exit 1
+    fi
     sleep 0.1
 done
 "#;
