@@ -5,10 +5,10 @@
 //! once space is freed the same build succeeds.
 //!
 //! The file system is a loop-mounted ext4 image made on the host (mounting needs root), in the
-//! target directory, which the rig shares: the rig's kernel has no loop devices, and with a
-//! nearly full tmpfs store the parent layer's restore hung (not investigated; a guess is that
-//! reading a hole of a privately mapped tmpfs file needs a tmpfs page). The build VMs run
-//! inside the rig on machines without hardware KVM.
+//! target directory, which the rig shares: the rig's kernel has no loop devices, and a nearly
+//! full tmpfs store is refused before the restore (a privately mapped tmpfs file takes a tmpfs
+//! page for every hole the guest touches; before the check such a build hung). The build VMs
+//! run inside the rig on machines without hardware KVM.
 
 // An integration test file is a test module of its own.
 #![allow(clippy::tests_outside_test_module)]
