@@ -223,9 +223,10 @@ mod tests {
                 seen.insert(d.code);
             }
         }
+        // `specc fmt`'s own code is tested with the formatter, not by compiling.
         let missing: Vec<&str> = Code::ALL
             .iter()
-            .filter(|c| !seen.contains(c))
+            .filter(|c| !seen.contains(c) && **c != Code::FormatWouldLose)
             .map(|c| c.as_str())
             .collect();
         assert!(missing.is_empty(), "no diag case produces {missing:?}");

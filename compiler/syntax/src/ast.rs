@@ -408,7 +408,7 @@ mod hammer {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512), ..ProptestConfig::default() })]
 
         #[test]
         fn parse_never_panics_and_spans_stay_in_bounds(text in kdl_ish()) {

@@ -94,6 +94,9 @@ codes! {
     KernelMissing => "kernel-missing",
     /// A param that nothing uses (warning).
     UnusedParam => "unused-param",
+    /// `specc fmt` would drop a comment or other text here (a limit of the formatter); the
+    /// file is left as it is.
+    FormatWouldLose => "format-would-lose",
 }
 
 impl fmt::Display for Code {
