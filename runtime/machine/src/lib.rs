@@ -804,13 +804,28 @@ mod tests {
         assert!(!process_alive(pid), "dropping a Machine kills its VMM");
     }
 
+    /// Spawns a program this test just wrote. Another test thread that forks while the copy's
+    /// write descriptor is open hands that descriptor to its child until the child's exec, and
+    /// exec of a file open for writing is ETXTBSY: retry, as that window closes at once.
+    fn spawn_fresh(cmd: &mut Command) -> std::process::Child {
+        for _ in 0..100 {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => return r.unwrap(),
+            }
+        }
+        panic!("the copied program stayed busy (ETXTBSY) for a second");
+    }
+
     #[test]
     fn attach_takes_over_a_released_vmm_and_reaps_it() {
         let dir = tempfile::tempdir().unwrap();
         // Any long-running program named specc-vmm passes attach's check.
         let fake = dir.path().join("specc-vmm");
         std::fs::copy("/bin/sleep", &fake).unwrap();
-        let child = Command::new(&fake).arg("1000").spawn().unwrap();
+        let child = spawn_fresh(Command::new(&fake).arg("1000"));
         let pid = i32::try_from(child.id()).unwrap();
         drop(child);
         let mut m = Machine::attach(dir.path(), pid).unwrap();
@@ -830,10 +845,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("specc-vmm");
         std::fs::copy("/bin/sh", &fake).unwrap();
-        let child = Command::new(&fake)
-            .args(["-c", "sleep 0.5; exit 3"])
-            .spawn()
-            .unwrap();
+        let child = spawn_fresh(Command::new(&fake).args(["-c", "sleep 0.5; exit 3"]));
         let pid = i32::try_from(child.id()).unwrap();
         drop(child);
         let mut m = Machine::attach(dir.path(), pid).unwrap();
