@@ -19,7 +19,7 @@ use std::process::Command;
 
 use build_common::{
     DISK, build, build_ok, events_of, files_under, isolated_home, keys_of, marker, prepare_on_host,
-    store_verify,
+    sh, store_verify,
 };
 use specc_rig::testing::run_in_rig_unless_hardware;
 
@@ -38,18 +38,6 @@ fn progress(what: &str) {
             .map_or(0, |d| d.as_secs());
         let _ = writeln!(f, "{t} {what}");
     }
-}
-
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .expect("running sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Free bytes on the file system of `path`.

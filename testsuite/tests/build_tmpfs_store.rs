@@ -13,21 +13,9 @@ mod build_common;
 use std::process::Command;
 
 use build_common::{
-    DISK, build, build_ok, events_of, files_under, isolated_home, marker, prepare_on_host,
+    DISK, build, build_ok, events_of, files_under, isolated_home, marker, prepare_on_host, sh,
 };
 use specc_rig::testing::run_in_rig_unless_hardware;
-
-fn sh(script: &str) {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .expect("running sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The tmpfs, unmounted however the test ends.
 struct Tmpfs(std::path::PathBuf);

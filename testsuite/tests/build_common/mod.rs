@@ -178,3 +178,16 @@ pub fn keys_of(events: &[serde_json::Value]) -> std::collections::BTreeMap<Strin
         })
         .collect()
 }
+
+/// Runs a host shell command (mount, mkfs, ...); fails the test with its stderr.
+pub fn sh(script: &str) {
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .expect("running sh");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
