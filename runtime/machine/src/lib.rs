@@ -420,13 +420,23 @@ impl Machine {
     /// Live fork into one child per run directory; returns the source's pause in
     /// microseconds and the children.
     pub fn fork(&self, dirs: &[PathBuf]) -> Result<(u64, Vec<ForkedMachine>), MachineError> {
+        let (report, children) = self.fork_with_report(dirs)?;
+        Ok((report.pause_us, children))
+    }
+
+    /// [`Machine::fork`], with the VMM's whole report: the pause's phases, guest memory's
+    /// backing, any collapse or promotion (docs/fork.md). Its `children` are moved into the
+    /// returned machines.
+    pub fn fork_with_report(
+        &self,
+        dirs: &[PathBuf],
+    ) -> Result<(specc_vmm::snapshot::ForkReport, Vec<ForkedMachine>), MachineError> {
         let r = self.control(&specc_vmm::control::Request::Fork {
             children: dirs.to_vec(),
         })?;
-        let report: specc_vmm::snapshot::ForkReport =
+        let mut report: specc_vmm::snapshot::ForkReport =
             serde_json::from_value(r).map_err(|e| MachineError::Control(e.into()))?;
-        let children = report
-            .children
+        let children = std::mem::take(&mut report.children)
             .into_iter()
             .map(|c| ForkedMachine {
                 machine: (c.error.is_none() && c.pid > 0).then(|| Machine {
@@ -438,7 +448,7 @@ impl Machine {
                 report: c,
             })
             .collect();
-        Ok((report.pause_us, children))
+        Ok((report, children))
     }
 
     /// Tells the agent the VM was restored or forked: the host's wall clock, fresh entropy for

@@ -305,7 +305,7 @@ fn run_linux(args: &Args) -> anyhow::Result<()> {
 
 /// Restores the snapshot once more and forks that VM twice, one child each: the first fork
 /// promotes the restored VM's memory to anonymous huge pages (`fork_restored_linux_first_ms`,
-/// and the promotion's own figures from the VMM's log), the second forks huge pages
+/// and the promotion's own figures from its `ForkReport`), the second forks huge pages
 /// (`fork_restored_linux_second_ms`). Each child's agent must answer, and the source's after
 /// both forks.
 fn restored_linux_forks(
@@ -327,15 +327,17 @@ fn restored_linux_forks(
         .connect_agent(Duration::from_secs(120))
         .context("forked source: the agent")?;
     Machine::announce_restored(&mut client, "forked-source").context("forked source")?;
+    let mut promotion = None;
     for (k, name) in ["first", "second"].iter().enumerate() {
         let dirs = vec![run_dir.join(format!("child{k}"))];
-        let (pause_us, children) = vm
-            .fork(&dirs)
+        let (fork, children) = vm
+            .fork_with_report(&dirs)
             .with_context(|| format!("{name} fork of the restored VM"))?;
         report.figure(
             &format!("fork_restored_linux_{name}_ms"),
-            pause_us as f64 / 1000.0,
+            fork.pause_us as f64 / 1000.0,
         );
+        promotion = promotion.or(fork.promotion);
         for c in children {
             let mut m = c
                 .machine
@@ -352,33 +354,17 @@ fn restored_linux_forks(
         .context("the forked source after its forks")?;
     let status = vm.power_off(&mut client, Duration::from_secs(60))?;
     anyhow::ensure!(status.success(), "the forked source ended with {status}");
-    let log = std::fs::read_to_string(run_dir.join("vmm.log"))?;
-    let swapped = log
-        .lines()
-        .find(|l| l.contains("promote: swapped"))
-        .with_context(|| format!("the first fork did not promote memory:\n{log}"))?;
-    for field in ["precopy_us", "copy_us", "devices_stopped_us", "swap_us"] {
-        if let Some(v) = logged_field(swapped, field) {
-            report.figure(
-                &format!("promote_linux_{}_ms", field.trim_end_matches("_us")),
-                v as f64 / 1000.0,
-            );
-        }
+    let p = promotion.context("neither fork of the restored VM promoted its memory")?;
+    for (field, us) in [
+        ("precopy", p.precopy_us),
+        ("copy", p.copy_us),
+        ("devices_stopped", p.devices_stopped_us),
+        ("swap", p.swap_us),
+    ] {
+        report.figure(&format!("promote_linux_{field}_ms"), us as f64 / 1000.0);
     }
-    if let Some(v) = logged_field(swapped, "copied_bytes") {
-        report.figure("promote_linux_copied_bytes", v as f64);
-    }
+    report.figure("promote_linux_copied_bytes", p.copied_bytes as f64);
     Ok(())
-}
-
-/// `field: N` in a logged `Debug` line (a whole field name: `copy_us` is not `precopy_us`).
-fn logged_field(line: &str, field: &str) -> Option<u64> {
-    let key = format!(" {field}: ");
-    let rest = &line[line.find(&key)? + key.len()..];
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The VMM-side restore time a `specc-vmm --restore` logged (`restore_us=N`; the log may
@@ -471,15 +457,6 @@ mod tests {
             linux: false,
         })
         .expect("restore scenario");
-    }
-
-    #[test]
-    fn promotion_figures_are_read_from_a_logged_report() {
-        let line = "DEBUG specc_vmm::promote: promote: swapped PromotionReport { precopy_us: \
-                    4825, copy_us: 4797, devices_stopped_us: 12, swap_us: 469 }";
-        assert_eq!(logged_field(line, "copy_us"), Some(4797));
-        assert_eq!(logged_field(line, "swap_us"), Some(469));
-        assert_eq!(logged_field(line, "rounds"), None);
     }
 
     #[test]
