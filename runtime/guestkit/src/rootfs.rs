@@ -48,10 +48,14 @@ pub const AGENT_GUEST_PATH: &str = "/sbin/specc-agent";
 /// Where the agent lives in debian images (a systemd service, not init).
 pub const AGENT_DEBIAN_PATH: &str = "/usr/local/sbin/specc-agent";
 
-/// Packages added to debootstrap's minbase.
+/// Packages added to debootstrap's minbase. `udev`: systemd-networkd configures a link only
+/// once udev has processed it (outside a container it waits for udev's database entry), so
+/// without udev every link stays "pending" and the guest never asks for a DHCP lease. The
+/// list is part of the tree's cache key, so changing it makes a new tree and new images.
 pub const DEBIAN_INCLUDE: &[&str] = &[
     "systemd",
     "systemd-sysv",
+    "udev",
     "iproute2",
     "procps",
     "ca-certificates",
@@ -1311,6 +1315,15 @@ mod tests {
         assert!(resolv.contains("stub-resolv.conf"), "{resolv}");
         let resolved = debugfs(&img.path, "stat /lib/systemd/systemd-resolved");
         assert!(resolved.contains("Type: regular"), "{resolved}");
+        // Without udev, systemd-networkd leaves every link pending (no DHCP, no network).
+        // (`systemd-udevd` is a link to `udevadm`; its unit is started from sysinit.target.)
+        let udevadm = debugfs(&img.path, "stat /usr/bin/udevadm");
+        assert!(udevadm.contains("Type: regular"), "{udevadm}");
+        let udevd = debugfs(
+            &img.path,
+            "stat /lib/systemd/system/sysinit.target.wants/systemd-udevd.service",
+        );
+        assert!(udevd.contains("Type: symlink"), "{udevd}");
         let masked = debugfs(&img.path, "stat /etc/systemd/system/apt-daily.timer");
         assert!(masked.contains("\"/dev/null\""), "{masked}");
         let mid = debugfs(&img.path, "stat /etc/machine-id");
