@@ -2,12 +2,14 @@
 //!
 //! - [`store`]: the local content-addressed store under `$SPECC_HOME/store` (blobs by sha256,
 //!   layers by cache key, atomic writes, gc with a size budget).
+//! - [`owner`]: which process owns a temporary file, so cleanup spares live writers.
 //! - [`sparse`]: sparse files in and out of tar+gzip without losing their holes.
 //! - [`oci`]: a snapshot as an OCI image layout (`docs/artifact-format.md`), export and import.
 //! - [`registry`]: the OCI distribution API client (push, pull, pull of ordinary images).
 #![deny(missing_docs)]
 
 pub mod oci;
+pub mod owner;
 pub mod registry;
 pub mod sparse;
 pub mod store;

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <root>/lock                          flock: shared while a Store is open, exclusive for gc
-//! <root>/tmp/                          temp files of writes in progress (cleaned on open)
+//! <root>/tmp/<what>-<owner>-<random>   temp files of writes in progress, named for their
+//!                                      owner (crate::owner); a gone owner's are cleaned on open
 //! <root>/blobs/sha256/<64 hex>         blob named by the sha256 of its bytes
 //! <root>/blobs/sparse-sha256/<64 hex>  sparse blob named by its sparse digest; holes kept
 //! <root>/layers/<64 hex key>/layer.json  the layer record; written last, by rename
@@ -13,7 +14,8 @@
 //! Architecture invariant: a layer is complete iff its `layer.json` exists, and `layer.json` is
 //! only renamed into place after every blob it names is durable (fsynced and renamed into
 //! `blobs/`, directory fsynced). A write killed at any point leaves temp files in `tmp/` (and at
-//! worst an empty layer directory), both of which the next exclusive open removes.
+//! worst an empty layer directory), which the next exclusive open removes once their owner is
+//! gone; a live writer's are never removed, even by a process that cannot see its lock.
 //!
 //! A blob is named by a [`BlobId`]: an algorithm and a digest of its logical bytes (holes read
 //! as zeros), so a name never depends on how the file system allocated a file. Plain blobs use
@@ -36,6 +38,7 @@ use specc_plan::ir::Digest;
 use specc_plan::store::LayerStore;
 
 use crate::digest_serde;
+use crate::owner;
 use crate::sparse::{self, SparseWriter};
 
 /// The version of `layer.json` this code writes. Version 2 added `sparse-sha256` part names;
@@ -669,9 +672,20 @@ impl Store {
             source,
         })?;
         let dir = self.layer_dir(&record.key);
-        fs::create_dir_all(&dir).map_err(|e| self.io_err("create", &dir, e))?;
         let final_path = dir.join("layer.json");
-        self.write_atomic(&final_path, &json)?;
+        // An open that cannot see this process's lock (from inside the rig, over 9p) takes the
+        // still-empty directory for a killed commit's and removes it; make it again, once.
+        for last in [false, true] {
+            fs::create_dir_all(&dir).map_err(|e| self.io_err("create", &dir, e))?;
+            match self.write_atomic(&final_path, &json) {
+                Err(StoreError::Io { source, .. })
+                    if !last && source.kind() == io::ErrorKind::NotFound => {}
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
         sync_dir(&self.root.join("layers")).map_err(|e| self.io_err("sync", &dir, e))?;
         self.touch_layer(&record.key)
     }
@@ -956,14 +970,25 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes everything in `tmp/` and layer directories without `layer.json`. Only called
-    /// with the exclusive lock held, so no write is in progress. Returns how many were removed.
+    /// Removes the temporary files in `tmp/` whose owner is gone ([`crate::owner`]) and layer
+    /// directories without `layer.json`. Only called with the exclusive lock held; the owner
+    /// check is for writers whose lock this process cannot see (a build inside the rig, over
+    /// 9p). Returns how many were removed.
     fn clean_leftovers(&self) -> Result<usize> {
         let mut n = 0;
         let tmp = self.root.join("tmp");
         for entry in fs::read_dir(&tmp).map_err(|e| self.io_err("list", &tmp, e))? {
             let entry = entry.map_err(|e| self.io_err("list", &tmp, e))?;
             let p = entry.path();
+            let name = entry.file_name();
+            let mtime = entry.metadata().and_then(|m| m.modified()).ok();
+            if !owner::is_leftover(
+                tmp_owner(&name.to_string_lossy()),
+                mtime,
+                owner::FOREIGN_GRACE,
+            ) {
+                continue;
+            }
             let r = if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 fs::remove_dir_all(&p)
             } else {
@@ -1007,9 +1032,20 @@ impl Store {
     fn new_tmp(&self, prefix: &str) -> Result<tempfile::NamedTempFile> {
         let dir = self.root.join("tmp");
         tempfile::Builder::new()
-            .prefix(prefix)
+            .prefix(&format!("{prefix}{}-", owner::current()))
             .tempfile_in(&dir)
             .map_err(|e| self.io_err("create a temp file in", &dir, e))
+    }
+
+    /// A temporary directory in the store's `tmp/` (on the store's file system, so its files
+    /// can be adopted by rename), named for this process so that only its owner's end lets a
+    /// later open remove it. Removed when dropped.
+    pub fn temp_dir(&self, what: &str) -> Result<tempfile::TempDir> {
+        let dir = self.root.join("tmp");
+        tempfile::Builder::new()
+            .prefix(&format!("{what}-{}-", owner::current()))
+            .tempdir_in(&dir)
+            .map_err(|e| self.io_err("create a temp directory in", &dir, e))
     }
 
     /// Checks the digest, fsyncs the temp file and renames it to its digest's name (unless a
@@ -1175,6 +1211,14 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> StoreError {
         path: path.to_owned(),
         source,
     }
+}
+
+/// The owner in a temporary name `<what>-<owner>-<random>`, if it has one.
+fn tmp_owner(name: &str) -> Option<&str> {
+    let mut parts = name.splitn(3, '-');
+    let (_what, owner) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    owner::parse(owner).map(|_| owner)
 }
 
 /// `flock(2)`; `Ok(false)` if a non-blocking request would block.
@@ -1597,6 +1641,42 @@ mod tests {
             );
             store.commit_layer(&rec).expect("commit");
         }
+    }
+
+    #[test]
+    fn an_open_removes_only_the_temp_files_of_gone_owners() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("create"));
+        let tmp = dir.path().join("tmp");
+        let me = owner::current();
+        let (boot, _) = owner::parse(&me).expect("own owner");
+        let mut child = Command::new("true").spawn().expect("spawn");
+        let dead = child.id();
+        child.wait().expect("reap");
+        let names = [
+            format!("blob-{boot}.{dead}-a1"),
+            format!("blob-{me}-b2"),
+            "blob-000000000000.1-c3".to_owned(),
+            "blob-legacy".to_owned(),
+        ];
+        for n in &names {
+            fs::write(tmp.join(n), b"x").expect("write");
+        }
+        fs::create_dir(tmp.join(format!("pull-{boot}.{dead}-d4"))).expect("mkdir");
+        // Nobody holds the lock, so this open cleans: only the two of the gone owner go.
+        let store = Store::open(dir.path()).expect("reopen");
+        let left: BTreeSet<String> = fs::read_dir(&tmp)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            names[1..].iter().cloned().collect::<BTreeSet<_>>(),
+            "a live owner's, a foreign boot's and an unnamed fresh file stay"
+        );
+        let own = store.temp_dir("pull").expect("temp dir");
+        let name = own.path().file_name().expect("name").to_string_lossy().into_owned();
+        assert_eq!(tmp_owner(&name), Some(me.as_str()), "{name}");
     }
 
     const CRASH_ENV: &str = "SPECC_STORE_CRASH_CHILD_ROOT";

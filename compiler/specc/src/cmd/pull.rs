@@ -43,11 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let store = Store::open_default().context("open the store")?;
-    // Under the store's tmp/, which only an exclusive open (no other user) ever cleans.
-    let layout = tempfile::Builder::new()
-        .prefix("pull-")
-        .tempdir_in(store.root().join("tmp"))
-        .context("create a temp dir in the store")?;
+    let layout = store.temp_dir("pull")?;
     let pulled = registry::pull(&args.reference, layout.path(), &opts)
         .with_context(|| format!("pull {}", args.reference))?;
     let head = oci::import_artifact(layout.path(), &store)
