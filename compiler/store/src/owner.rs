@@ -20,10 +20,7 @@ pub const FOREIGN_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// This process's owner name: [`OWNER_ENV`] if it holds a valid one, else `<boot id>.<pid>`.
 pub fn current() -> String {
-    if let Some(owner) = std::env::var(OWNER_ENV)
-        .ok()
-        .filter(|o| parse(o).is_some())
-    {
+    if let Some(owner) = std::env::var(OWNER_ENV).ok().filter(|o| parse(o).is_some()) {
         return owner;
     }
     format!("{}.{}", boot_id(), std::process::id())

@@ -1675,7 +1675,12 @@ mod tests {
             "a live owner's, a foreign boot's and an unnamed fresh file stay"
         );
         let own = store.temp_dir("pull").expect("temp dir");
-        let name = own.path().file_name().expect("name").to_string_lossy().into_owned();
+        let name = own
+            .path()
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         assert_eq!(tmp_owner(&name), Some(me.as_str()), "{name}");
     }
 
