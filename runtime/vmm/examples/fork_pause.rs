@@ -36,6 +36,8 @@ fn main() {
             memory: MemoryBacking::Anonymous,
             hugepages: std::env::var_os("NO_THP").is_none(),
             hugetlb: std::env::var_os("HUGETLB").is_some(),
+            // This example times fork(2) of the whole process itself.
+            fork_mode: specc_vmm::snapshot::ForkMode::Cow,
             timeout_ms: None,
             control: None,
         };

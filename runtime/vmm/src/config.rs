@@ -46,6 +46,11 @@ pub struct VmConfig {
     /// its fork children write ([`crate::vstate::memory::create_with`]).
     #[serde(default)]
     pub hugetlb: bool,
+    /// How a live fork gives its children this VM's memory (`"cow"` or `"precopy"`,
+    /// [`crate::snapshot::ForkMode`]; docs/fork.md says which is the default and why). Fork
+    /// children inherit it.
+    #[serde(default)]
+    pub fork_mode: crate::snapshot::ForkMode,
     /// Stop the VM after this many milliseconds (exit status 124).
     #[serde(default)]
     pub timeout_ms: Option<u64>,

@@ -535,6 +535,7 @@ mod tests {
             memory: MemoryBacking::Anonymous,
             hugepages: true,
             hugetlb: false,
+            fork_mode: snapshot::ForkMode::default(),
             timeout_ms: Some(20_000),
             control: None,
         }
@@ -896,6 +897,23 @@ mod tests {
         total
     }
 
+    /// The start of every mapping inside `vmm`'s guest RAM.
+    fn ram_mapping_starts(vmm: &Vmm) -> Vec<u64> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let ranges: Vec<(u64, u64)> = vmm
+            .memory()
+            .iter()
+            .map(|r| (r.as_ptr() as u64, r.as_ptr() as u64 + r.len()))
+            .collect();
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('-'))
+            .filter_map(|(lo, _)| u64::from_str_radix(lo, 16).ok())
+            .filter(|&lo| ranges.iter().any(|&(a, b)| a <= lo && lo < b))
+            .collect()
+    }
+
     fn ram_starts(vmm: &Vmm) -> Vec<u64> {
         use vm_memory::GuestMemoryBackend;
         vmm.memory().iter().map(|r| r.as_ptr() as u64).collect()
@@ -927,9 +945,11 @@ mod tests {
                 );
             }
         }
-        // Both mappings hold the same page-cache pages: clean and shared, not copies.
+        // Both mappings hold the same page-cache pages: clean and shared, not copies. (Every
+        // mapping inside guest RAM: the memory file's holes are anonymous mappings of their
+        // own, between the file's.)
         for vm in [&a, &b] {
-            let starts = ram_starts(vm);
+            let starts = ram_mapping_starts(vm);
             let shared = smaps_kib(&starts, "Shared_Clean:");
             let private = smaps_kib(&starts, "Private_Dirty:");
             assert!(shared >= 16 << 10, "shared clean {shared} KiB");
@@ -1057,13 +1077,16 @@ mod tests {
     }
 
     /// Runs in its own process (see the fork test): forks a counting VM three ways.
-    fn live_fork_probe() -> i32 {
+    fn live_fork_probe(mode: snapshot::ForkMode, paused: bool) -> i32 {
         let dir = tempfile::tempdir().unwrap();
         let (c, mut vmm) = count_until_ready(dir.path(), 64 << 20);
         let dirs: Vec<PathBuf> = (0..3)
             .map(|i| dir.path().join(format!("child{i}")))
             .collect();
-        match vmm.fork(&c, &dirs).unwrap() {
+        if paused {
+            vmm.pause().unwrap();
+        }
+        match vmm.fork_with(&c, &dirs, mode).unwrap() {
             snapshot::Forked::Child { config, index } => {
                 let marker = 100 + index as u64;
                 vmm.memory()
@@ -1085,6 +1108,15 @@ mod tests {
             }
             snapshot::Forked::Source(report) => {
                 let mut code = 0;
+                if report.mode != mode
+                    || (mode == snapshot::ForkMode::Precopy) != report.precopy.is_some()
+                {
+                    eprintln!(
+                        "asked for {mode:?}, forked {:?}: {:?}",
+                        report.mode, report.precopy
+                    );
+                    code = 40;
+                }
                 for (i, ch) in report.children.iter().enumerate() {
                     if ch.error.is_some() || ch.pid <= 0 || ch.ready_us.is_none() {
                         eprintln!("child {i}: {ch:?}");
@@ -1102,8 +1134,11 @@ mod tests {
                     }
                 }
                 // No child's writes reached the source, which still runs where it was.
-                if result(&vmm, 4) != 0 || result(&vmm, 0) != 1000 {
+                if result(&vmm, 4) != 0 || result(&vmm, 0) != 1000 || vmm.is_paused() != paused {
                     code = 30;
+                }
+                if paused {
+                    vmm.resume().unwrap();
                 }
                 finish_count(vmm, dir.path());
                 eprintln!("fork pause {} us", report.pause_us);
@@ -1114,25 +1149,212 @@ mod tests {
 
     #[test]
     fn live_fork_gives_three_independent_running_children() {
-        if std::env::var_os("SPECC_VMM_LIVE_FORK_PROBE").is_some() {
-            std::process::exit(live_fork_probe());
+        if let Some(mode) = std::env::var_os("SPECC_VMM_LIVE_FORK_PROBE") {
+            let mode = mode.to_string_lossy();
+            let fork_mode = if mode.starts_with("precopy") {
+                snapshot::ForkMode::Precopy
+            } else {
+                snapshot::ForkMode::Cow
+            };
+            std::process::exit(live_fork_probe(fork_mode, mode.ends_with("paused")));
+        }
+        require_kvm();
+        // A paused source is copied whole while it stays paused (no dirty log).
+        for mode in ["cow", "precopy", "precopy-paused"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "tests::live_fork_gives_three_independent_running_children",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env("SPECC_VMM_LIVE_FORK_PROBE", mode)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "live fork probe ({mode}) failed (10: a child failed to restore, 20: a child did \
+                 not finish with its own marker, 30: a child's write reached the source, 40: \
+                 the fork was not made in the mode asked for): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    const RING: u64 = 0x40_0000;
+    /// Written by the host before the fork (the bulk copy gets it), then again after the bulk
+    /// copy (only the comparison can find that), then by the source after the fork.
+    const HOST_PAGE: u64 = 0x80_0000;
+    /// First written after the bulk copy, as a device would (only the comparison finds it).
+    const DEVICE_PAGE: u64 = 0x90_0000;
+
+    fn write_like_a_device(m: &GuestMemoryMmap) {
+        m.write_obj(0xbbbb_u64, GuestAddress(HOST_PAGE)).unwrap();
+        m.write_obj(0xdddd_u64, GuestAddress(DEVICE_PAGE)).unwrap();
+    }
+
+    /// Whether the scribble guest's ring in `m` is exact for a vCPU whose sequence number is
+    /// `rax`: the 64 latest values, each in its own page, and none missing or stale.
+    fn ring_exact(m: &GuestMemoryMmap, rax: u64) -> Result<(), String> {
+        let vals: Vec<u64> = (0..64)
+            .map(|i| m.read_obj::<u64>(GuestAddress(RING + i * 4096)).unwrap())
+            .collect();
+        let top = *vals.iter().max().unwrap();
+        if top != rax && top + 1 != rax {
+            return Err(format!("ring's latest {top}, %rax {rax}"));
+        }
+        for (i, &v) in vals.iter().enumerate() {
+            let i = i as u64;
+            // The largest value <= top that lands in page i.
+            let want = top - ((top + 64 - i) % 64);
+            if top >= 64 && v != want {
+                return Err(format!("page {i} holds {v}, not {want} (latest {top})"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_child_memory(m: &GuestMemoryMmap, captured: &snapshot::Captured, dir: &Path) {
+        let verdict = ring_exact(m, captured.vcpus[0].regs.rax).and_then(|()| {
+            let host = m.read_obj::<u64>(GuestAddress(HOST_PAGE)).unwrap();
+            let device = m.read_obj::<u64>(GuestAddress(DEVICE_PAGE)).unwrap();
+            if (host, device) == (0xbbbb, 0xdddd) {
+                Ok(())
+            } else {
+                Err(format!("host page {host:#x}, device page {device:#x}"))
+            }
+        });
+        let _ = std::fs::write(
+            dir.join("memory"),
+            match verdict {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e,
+            },
+        );
+    }
+
+    /// Runs in its own process: a precopy fork of a guest that writes memory without pause.
+    fn precopy_exact_probe() -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("scribble", dir.path());
+        c.rng = true;
+        let mut vmm = boot(&c).unwrap();
+        wait_for(&vmm, 1, 1);
+        vmm.memory()
+            .write_obj(0xaaaa_u64, GuestAddress(HOST_PAGE))
+            .unwrap();
+        *promote::tests::AFTER_BULK_COPY.lock().unwrap() = Some(write_like_a_device);
+        *snapshot::tests::CHILD_MEMORY.lock().unwrap() = Some(check_child_memory);
+        let dirs: Vec<PathBuf> = (0..2)
+            .map(|i| dir.path().join(format!("child{i}")))
+            .collect();
+        match vmm
+            .fork_with(&c, &dirs, snapshot::ForkMode::Precopy)
+            .unwrap()
+        {
+            snapshot::Forked::Child { index, .. } => {
+                let d = &dirs[index];
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !dir.path().join("source-wrote").exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let host = vmm
+                    .memory()
+                    .read_obj::<u64>(GuestAddress(HOST_PAGE))
+                    .unwrap();
+                vmm.memory()
+                    .write_obj(1u64, GuestAddress(RESULTS + 16))
+                    .unwrap();
+                let ok = host == 0xbbbb && vmm.wait() == VmExit::PowerOff;
+                let _ = std::fs::write(d.join("result"), if ok { "ok" } else { "bad" });
+                // SAFETY: ends the child without running the test harness's destructors.
+                unsafe { libc::_exit(0) }
+            }
+            snapshot::Forked::Source(report) => {
+                vmm.memory()
+                    .write_obj(0xeeee_u64, GuestAddress(HOST_PAGE))
+                    .unwrap();
+                std::fs::write(dir.path().join("source-wrote"), "").unwrap();
+                eprintln!("precopy fork: {report:?}");
+                let mut code = 0;
+                let Some(pre) = &report.precopy else {
+                    return 40;
+                };
+                // The hook's two pages, outside the dirty log. (Whether the guest wrote again
+                // between the last round and the pause depends on the host's scheduling; the
+                // children's rings check whatever it wrote.)
+                if pre.differing_pages < 2 {
+                    code = 41;
+                }
+                let deadline = Instant::now() + Duration::from_secs(20);
+                for d in &dirs {
+                    while !d.join("result").exists() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let memory = std::fs::read_to_string(d.join("memory")).unwrap_or_default();
+                    if memory != "ok" {
+                        eprintln!("{}: child memory: {memory}", d.display());
+                        code = 10;
+                    }
+                    if std::fs::read_to_string(d.join("result")).ok().as_deref() != Some("ok") {
+                        eprintln!(
+                            "{} saw the source's write or did not power off",
+                            d.display()
+                        );
+                        code = 20;
+                    }
+                }
+                // The source runs on over its own memory, still scribbling.
+                let before = vmm.memory().read_obj::<u64>(GuestAddress(RING)).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                let after = vmm.memory().read_obj::<u64>(GuestAddress(RING)).unwrap();
+                if after == before
+                    || vmm
+                        .memory()
+                        .read_obj::<u64>(GuestAddress(HOST_PAGE))
+                        .unwrap()
+                        != 0xeeee
+                {
+                    code = 30;
+                }
+                vmm.memory()
+                    .write_obj(1u64, GuestAddress(RESULTS + 16))
+                    .unwrap();
+                if vmm.wait() != VmExit::PowerOff {
+                    code = 31;
+                }
+                code
+            }
+        }
+    }
+
+    /// A precopy fork's children see memory exactly as of the pause: the guest's writes of
+    /// the last dirty round (its ring matches its registers), a page written like a device
+    /// after the bulk copy (outside the dirty log), and none of the source's later writes.
+    #[test]
+    fn a_precopy_fork_child_sees_memory_exactly_as_of_the_pause() {
+        if std::env::var_os("SPECC_VMM_PRECOPY_PROBE").is_some() {
+            std::process::exit(precopy_exact_probe());
         }
         require_kvm();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "tests::live_fork_gives_three_independent_running_children",
+                "tests::a_precopy_fork_child_sees_memory_exactly_as_of_the_pause",
                 "--test-threads=1",
                 "--nocapture",
             ])
-            .env("SPECC_VMM_LIVE_FORK_PROBE", "1")
+            .env("SPECC_VMM_PRECOPY_PROBE", "1")
             .output()
             .unwrap();
         assert_eq!(
             out.status.code(),
             Some(0),
-            "live fork probe failed (10: a child failed to restore, 20: a child did not finish \
-             with its own marker, 30: a child's write reached the source): {}",
+            "precopy probe failed (10: a child's memory was not as of the pause, 20: a child \
+             saw the source's later write or did not finish, 30/31: the source stopped \
+             running, 40: the fork fell back to copy-on-write, 41: the comparison missed the \
+             pages written like a device): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -1161,7 +1383,9 @@ mod tests {
         let snap = dir.path().join("snap");
         snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
         drop(vmm);
-        let rc = rerun_config(&c, &dir.path().join("src"));
+        let mut rc = rerun_config(&c, &dir.path().join("src"));
+        // Promotion is what copy-on-write forks of a restored VM do first.
+        rc.fork_mode = snapshot::ForkMode::Cow;
         let mut vmm = snapshot_dir::restore(&snap, &rc).unwrap();
         for a in (0x40_0000u64..0xc0_0000).step_by(4096) {
             vmm.memory().write_obj(a ^ 0xc3c3, GuestAddress(a)).unwrap();
@@ -1295,6 +1519,118 @@ mod tests {
              first fork did not promote or the second did, 50: memory still file-backed or \
              moved, 60: no huge pages after promotion, 70: diff snapshot after promotion \
              wrong): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs in its own process: precopy forks of a restored VM (RAM a private mapping of the
+    /// memory file, pages of the file and pages written since), and of its child (RAM a
+    /// private mapping of the first fork's image).
+    fn restored_precopy_probe() -> i32 {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, mut vmm) = count_until_ready(dir.path(), 64 << 20);
+        for a in (0x40_0000u64..0x140_0000).step_by(4096) {
+            vmm.memory().write_obj(a ^ 0x5a5a, GuestAddress(a)).unwrap();
+        }
+        let snap = dir.path().join("snap");
+        snapshot_dir::write(&mut vmm, &c, &snap, false).unwrap();
+        drop(vmm);
+        let mut rc = rerun_config(&c, &dir.path().join("src"));
+        rc.fork_mode = snapshot::ForkMode::Precopy;
+        let mut vmm = snapshot_dir::restore(&snap, &rc).unwrap();
+        for a in (0x40_0000u64..0xc0_0000).step_by(4096) {
+            vmm.memory().write_obj(a ^ 0xc3c3, GuestAddress(a)).unwrap();
+        }
+        let child_dir = dir.path().join("child");
+        let grandchild_dir = dir.path().join("grandchild");
+        let finish = |vmm: &mut Vmm, at: &Path, intact: bool| {
+            vmm.memory()
+                .write_obj(1u64, GuestAddress(RESULTS + 16))
+                .unwrap();
+            let ok = intact && vmm.wait() == VmExit::PowerOff && result(vmm, 0) == 2000;
+            let _ = std::fs::write(at.join("result"), if ok { "ok" } else { "bad" });
+            // SAFETY: ends the child without running the test harness's destructors.
+            unsafe { libc::_exit(0) }
+        };
+        match vmm.fork(&rc, std::slice::from_ref(&child_dir)).unwrap() {
+            snapshot::Forked::Child { config, .. } => {
+                let intact = pattern_ok(&vmm) && vmm.needs_promotion();
+                vmm.memory()
+                    .write_obj(0x77_u64, GuestAddress(0x100_0000))
+                    .unwrap();
+                match vmm
+                    .fork(&config, std::slice::from_ref(&grandchild_dir))
+                    .unwrap()
+                {
+                    snapshot::Forked::Child { .. } => {
+                        let seen = vmm.memory().read_obj::<u64>(GuestAddress(0x100_0000)).ok();
+                        let rest = (0x40_0000u64..0x140_0000)
+                            .step_by(4096)
+                            .filter(|&a| a != 0x100_0000)
+                            .all(|a| {
+                                let want = if a < 0xc0_0000 {
+                                    a ^ 0xc3c3
+                                } else {
+                                    a ^ 0x5a5a
+                                };
+                                vmm.memory().read_obj::<u64>(GuestAddress(a)).ok() == Some(want)
+                            });
+                        finish(&mut vmm, &grandchild_dir, rest && seen == Some(0x77))
+                    }
+                    snapshot::Forked::Source(r) => {
+                        let nested = r.precopy.is_some() && r.children[0].error.is_none();
+                        finish(&mut vmm, &child_dir, intact && nested)
+                    }
+                }
+            }
+            snapshot::Forked::Source(report) => {
+                eprintln!("restored precopy fork: {report:?}");
+                if report.precopy.is_none() || report.promotion.is_some() {
+                    return 40;
+                }
+                let deadline = Instant::now() + Duration::from_secs(30);
+                for d in [&child_dir, &grandchild_dir] {
+                    while !d.join("result").exists() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    if std::fs::read_to_string(d.join("result")).ok().as_deref() != Some("ok") {
+                        eprintln!("{} did not report ok", d.display());
+                        return 20;
+                    }
+                }
+                // The source was not promoted and still has its bytes.
+                if !vmm.needs_promotion() || !pattern_ok(&vmm) || result(&vmm, 0) != 1000 {
+                    return 30;
+                }
+                finish_count(vmm, &dir.path().join("src"));
+                0
+            }
+        }
+    }
+
+    #[test]
+    fn precopy_forks_of_a_restored_vm_and_of_its_child_keep_every_byte() {
+        if std::env::var_os("SPECC_VMM_RESTORED_PRECOPY_PROBE").is_some() {
+            std::process::exit(restored_precopy_probe());
+        }
+        require_kvm();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::precopy_forks_of_a_restored_vm_and_of_its_child_keep_every_byte",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("SPECC_VMM_RESTORED_PRECOPY_PROBE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "restored precopy probe failed (20: the child (memory as of the fork, then a \
+             nested precopy fork) or the grandchild (the child's write and the rest) was wrong, \
+             30: the source's memory changed or was promoted, 40: the fork was not a \
+             precopy): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

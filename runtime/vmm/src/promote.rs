@@ -22,7 +22,8 @@ use std::time::Instant;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::Vmm;
-use crate::vstate::memory::{Promotion, Retired};
+use crate::vstate::fork_image::ForkImage;
+use crate::vstate::memory::{CopyStats, Promotion, Retired};
 
 /// Dirty-log rounds after the bulk copy, at most, before the final copy in the pause.
 const MAX_ROUNDS: u32 = 8;
@@ -38,6 +39,9 @@ pub enum Error {
     /// Mapping, copying or swapping memory failed.
     #[error(transparent)]
     Memory(#[from] crate::vstate::memory::Error),
+    /// Building a precopy fork's memory image failed.
+    #[error(transparent)]
+    Image(#[from] crate::vstate::fork_image::Error),
     /// Pausing or resuming the vCPUs failed.
     #[error("pausing the vCPUs for the swap")]
     Vcpus(#[source] crate::Error),
@@ -90,12 +94,54 @@ pub struct PromotionReport {
     pub swap_us: u64,
 }
 
-/// A promotion between its copy (guest running) and its swap (guest paused).
+/// A promotion between its copy (guest running) and its swap (guest paused), or a precopy
+/// fork's image between its copy and the fork.
 #[derive(Debug)]
-pub(crate) struct Precopied {
-    promotion: Promotion,
-    report: PromotionReport,
-    t0: Instant,
+pub(crate) struct Precopied<T> {
+    pub(crate) target: T,
+    pub(crate) report: PromotionReport,
+    pub(crate) t0: Instant,
+}
+
+/// What [`Vmm::precopy_into`] copies guest memory into while the guest runs.
+pub(crate) trait Target {
+    /// The bulk copy; returns its statistics and the bytes of the copy in huge pages.
+    fn copy_everything(&mut self) -> Result<(CopyStats, u64), Error>;
+    /// Copies the pages a dirty log names; returns how many.
+    fn copy_logged(&mut self, log: &[Vec<u64>]) -> u64;
+    /// With the device workers stopped: copies what differs (device writes); returns how many.
+    fn copy_changed(&mut self) -> Result<u64, Error>;
+}
+
+impl Target for Promotion {
+    fn copy_everything(&mut self) -> Result<(CopyStats, u64), Error> {
+        let stats = self.copy_all()?;
+        Ok((stats, self.collapse()))
+    }
+
+    fn copy_logged(&mut self, log: &[Vec<u64>]) -> u64 {
+        self.copy_pages(log)
+    }
+
+    fn copy_changed(&mut self) -> Result<u64, Error> {
+        Ok(self.copy_differing())
+    }
+}
+
+impl Target for ForkImage {
+    fn copy_everything(&mut self) -> Result<(CopyStats, u64), Error> {
+        // The image is a memfd without huge pages (a child's private mapping of it gets 4 KiB
+        // pages whatever the source's are).
+        Ok((self.copy_all()?, 0))
+    }
+
+    fn copy_logged(&mut self, log: &[Vec<u64>]) -> u64 {
+        self.copy_pages(log)
+    }
+
+    fn copy_changed(&mut self) -> Result<u64, Error> {
+        Ok(self.copy_differing()?)
+    }
 }
 
 fn micros(t: Instant) -> u64 {
@@ -204,22 +250,31 @@ impl Vmm {
         }
     }
 
-    /// Turns the dirty log on and copies guest memory while the vCPUs and devices run, until
-    /// a round finds few dirty pages; then stops the device workers and copies what differs.
-    /// On an error everything is undone.
-    pub(crate) fn precopy(&mut self) -> Result<Precopied, Error> {
+    /// Turns the dirty log on and copies guest memory into a promotion's copy while the vCPUs
+    /// and devices run, until a round finds few dirty pages; then stops the device workers
+    /// and copies what differs. On an error everything is undone.
+    pub(crate) fn precopy(&mut self) -> Result<Precopied<Promotion>, Error> {
+        self.precopy_into(|mem| Ok(Promotion::new(mem)?))
+    }
+
+    /// [`Vmm::precopy`] into any [`Target`] (a promotion's copy, or a precopy fork's image)
+    /// that `make` creates over guest memory.
+    pub(crate) fn precopy_into<T: Target>(
+        &mut self,
+        make: impl FnOnce(&vm_memory::GuestMemoryMmap) -> Result<T, Error>,
+    ) -> Result<Precopied<T>, Error> {
         let t0 = Instant::now();
         let undo = |vmm: &mut Vmm| {
             let _ = vmm.vm.set_dirty_logging(false);
             if let Err(e) = vmm.resume_devices() {
-                tracing::error!("resuming devices after a failed promotion: {e}");
+                tracing::error!("resuming devices after a failed precopy: {e}");
             }
         };
-        let promotion = match Promotion::new(&self.vm.memory) {
+        let mut target = match make(&self.vm.memory) {
             Ok(p) => p,
             Err(e) => {
                 undo(self);
-                return Err(e.into());
+                return Err(e);
             }
         };
         // On before the copy starts: whatever the guest writes after a page was read is in it.
@@ -227,21 +282,28 @@ impl Vmm {
             undo(self);
             return Err(Error::DirtyLog(e));
         }
-        tracing::debug!("promote: dirty log on {:?}", t0.elapsed());
+        tracing::debug!("precopy: dirty log on {:?}", t0.elapsed());
         let mut report = PromotionReport::default();
         let t_copy = Instant::now();
-        let stats = match promotion.copy_all() {
+        let (stats, huge) = match target.copy_everything() {
             Ok(s) => s,
             Err(e) => {
                 undo(self);
-                return Err(e.into());
+                return Err(e);
             }
         };
-        report.huge_bytes = promotion.collapse();
+        #[cfg(test)]
+        if let Some(hook) = *tests::AFTER_BULK_COPY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            hook(&self.vm.memory);
+        }
+        report.huge_bytes = huge;
         report.copy_us = micros(t_copy);
         report.copied_bytes = stats.copied_bytes;
         report.skipped_chunks = stats.skipped_chunks;
-        tracing::debug!("promote: copied {stats:?} {:?}", t0.elapsed());
+        tracing::debug!("precopy: copied {stats:?} {:?}", t0.elapsed());
         while report.rounds < MAX_ROUNDS {
             let log = match self.vm.take_dirty_log() {
                 Ok(l) => l,
@@ -250,20 +312,26 @@ impl Vmm {
                     return Err(Error::DirtyLog(e));
                 }
             };
-            let pages = promotion.copy_pages(&log);
+            let pages = target.copy_logged(&log);
             report.rounds += 1;
             report.round_pages += pages;
-            tracing::debug!("promote: round {} {pages} pages", report.rounds);
+            tracing::debug!("precopy: round {} {pages} pages", report.rounds);
             if pages <= SMALL_ROUND {
                 break;
             }
         }
         let t_dev = Instant::now();
         self.pause_devices();
-        report.differing_pages = promotion.copy_differing();
+        report.differing_pages = match target.copy_changed() {
+            Ok(n) => n,
+            Err(e) => {
+                undo(self);
+                return Err(e);
+            }
+        };
         // What the guest wrote during the comparison, so the pause copies little.
         match self.vm.take_dirty_log() {
-            Ok(log) => report.round_pages += promotion.copy_pages(&log),
+            Ok(log) => report.round_pages += target.copy_logged(&log),
             Err(e) => {
                 undo(self);
                 return Err(Error::DirtyLog(e));
@@ -271,15 +339,11 @@ impl Vmm {
         }
         report.devices_stopped_us = micros(t_dev);
         tracing::debug!(
-            "promote: {} pages differed {:?}",
+            "precopy: {} pages differed {:?}",
             report.differing_pages,
             t0.elapsed()
         );
-        Ok(Precopied {
-            promotion,
-            report,
-            t0,
-        })
+        Ok(Precopied { target, report, t0 })
     }
 
     /// With the vCPUs paused (and the device workers still stopped): copies the last dirty
@@ -288,10 +352,10 @@ impl Vmm {
     /// intact, unless [`Error::memory_lost`].
     pub(crate) fn finish_promotion(
         &mut self,
-        pre: Precopied,
+        pre: Precopied<Promotion>,
     ) -> Result<(PromotionReport, Retired), Error> {
         let Precopied {
-            promotion,
+            target: promotion,
             mut report,
             t0,
         } = pre;
@@ -319,8 +383,9 @@ impl Vmm {
         }
     }
 
-    /// Drops a precopied promotion that will not be swapped in (the VM could not be paused).
-    pub(crate) fn abandon(&mut self, pre: Precopied) {
+    /// Drops a precopied promotion or image that will not be used (the VM could not be
+    /// paused).
+    pub(crate) fn abandon<T: Target>(&mut self, pre: Precopied<T>) {
         drop(pre);
         let _ = self.vm.set_dirty_logging(false);
         if let Err(e) = self.resume_devices() {
@@ -337,4 +402,13 @@ impl Vmm {
         }
         self.retire_on_thread(retired);
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Called right after a precopy's bulk copy (the guest still runs, the dirty log is on):
+    /// lets a test write guest memory as a device would, through the host mapping, where only
+    /// the comparison can find it.
+    pub(crate) static AFTER_BULK_COPY: std::sync::Mutex<Option<fn(&vm_memory::GuestMemoryMmap)>> =
+        std::sync::Mutex::new(None);
 }

@@ -63,6 +63,29 @@ pub enum ForkError {
     Promote(#[source] crate::promote::Error),
 }
 
+/// How a live fork gives its children the source's memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForkMode {
+    /// `fork(2)` of the VMM process shares guest RAM copy-on-write with the children. Nothing
+    /// is copied up front, but `fork(2)` copies a page-table entry per mapped page (per 2 MiB
+    /// with huge pages) inside the source's pause, so the pause grows with guest memory; a
+    /// restored VM is promoted to huge pages first (promote.rs).
+    Cow,
+    /// Guest RAM is copied into a fresh memfd while the guest runs (dirty-log rounds, then a
+    /// comparison with the device workers stopped), the pause copies the last dirty pages
+    /// and `fork(2)`s with guest RAM left out (`MADV_DONTFORK`), and the children map the
+    /// memfd privately at RAM's addresses ([`crate::vstate::fork_image`]). The pause does
+    /// not depend on memory size; the copy costs time before it and one copy of the touched
+    /// RAM, shared by all children of the fork. The default (docs/fork.md says why).
+    #[default]
+    Precopy,
+}
+
+fn cow() -> ForkMode {
+    ForkMode::Cow
+}
+
 /// What a fork call returns, in each process.
 // Returned once per fork and matched at once: boxing the report would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -100,6 +123,14 @@ pub struct ForkReport {
     /// Where `pause_us` went.
     #[serde(default)]
     pub phases: PauseBreakdown,
+    /// How the children got the source's memory (a report without it predates precopy).
+    #[serde(default = "cow")]
+    pub mode: ForkMode,
+    /// A precopy fork's copy into its image, made while the guest ran (the same fields as a
+    /// promotion's: `swap_us` is the last dirty pages' copy in the pause, `huge_bytes` 0).
+    /// `None` for a copy-on-write fork, or when the copy failed and the fork fell back to one.
+    #[serde(default)]
+    pub precopy: Option<crate::promote::PromotionReport>,
     /// How guest RAM was backed when it was forked (read just before the pause; after the
     /// resume when the pause swapped promoted memory in). `None` if `/proc/self/smaps` could
     /// not be read.
@@ -121,6 +152,9 @@ pub struct PauseBreakdown {
     pub devices_stop_us: u64,
     /// A promotion's last dirty pages and swap (first fork of a running restored VM).
     pub promotion_swap_us: u64,
+    /// A precopy fork's last dirty pages copied into its image.
+    #[serde(default)]
+    pub final_copy_us: u64,
     /// Freezing the disk diffs and capturing VM (irqchip, PIT, clock) and device state.
     pub capture_us: u64,
     /// Two `pipe(2)`s and `fork(2)` until it returned in the source.
@@ -253,6 +287,18 @@ impl Vmm {
     /// that owns the VM while no other thread of this process holds a lock the children would
     /// need (the VMM process's control loop does).
     pub fn fork(&mut self, config: &VmConfig, dirs: &[PathBuf]) -> Result<Forked, ForkError> {
+        self.fork_with(config, dirs, config.fork_mode)
+    }
+
+    /// [`Vmm::fork`] in the given [`ForkMode`] (whatever `config.fork_mode` says; the
+    /// children's configuration keeps `config`'s). A precopy fork whose copy fails falls back to
+    /// a copy-on-write fork (with a warning; the report's `precopy` is then `None`).
+    pub fn fork_with(
+        &mut self,
+        config: &VmConfig,
+        dirs: &[PathBuf],
+        mode: ForkMode,
+    ) -> Result<Forked, ForkError> {
         if dirs.is_empty() {
             return Err(ForkError::NoChildren);
         }
@@ -260,7 +306,13 @@ impl Vmm {
             std::fs::create_dir_all(d).map_err(|e| ForkError::ChildDir(d.clone(), e))?;
         }
         let was_paused = self.paused;
-        let promote = self.promote_on_fork && self.needs_promotion();
+        self.join_retiring();
+        let mut image = if mode == ForkMode::Precopy {
+            self.precopy_image(was_paused)
+        } else {
+            None
+        };
+        let promote = image.is_none() && self.promote_on_fork && self.needs_promotion();
         let mut promotion = None;
         if promote && was_paused {
             // A paused guest does not run while its memory is copied: promote all of it now,
@@ -297,6 +349,7 @@ impl Vmm {
         let mut collapse = None;
         if let Some(u) = usage
             && precopied.is_none()
+            && image.is_none()
             && self.promote_on_fork
             && config.hugepages
             && !self.needs_promotion()
@@ -331,6 +384,9 @@ impl Vmm {
                 if let Some(p) = precopied {
                     self.abandon(p);
                 }
+                if let Some(p) = image {
+                    self.abandon(p);
+                }
                 if !was_paused && let Err(e) = self.resume() {
                     tracing::error!("resuming vCPUs: {e}");
                 }
@@ -355,6 +411,34 @@ impl Vmm {
             }
             span(&mut phases.promotion_swap_us);
         }
+        if let Some(pre) = image.as_mut() {
+            let t_final = Instant::now();
+            // The vCPUs' last writes; the device workers stopped before the comparison. (A
+            // paused source was copied whole with nothing running and no dirty log on.)
+            let log = if was_paused {
+                Ok(Vec::new())
+            } else {
+                self.vm.take_dirty_log()
+            };
+            let ready = log
+                .map(|log| pre.report.final_pages = pre.target.copy_pages(&log))
+                .map_err(|e| crate::error_chain(&e))
+                .and_then(|()| {
+                    crate::vstate::fork_image::set_inherited(&self.vm.memory, false)
+                        .map_err(|e| crate::error_chain(&e))
+                });
+            if let Err(e) = ready {
+                tracing::warn!("fork: precopy failed in the pause, forking copy-on-write: {e}");
+                let _ = crate::vstate::fork_image::set_inherited(&self.vm.memory, true);
+                let _ = self.vm.set_dirty_logging(false);
+                image = None;
+            } else if let Some(pre) = image.as_mut() {
+                pre.report.precopy_us = micros(t0.saturating_duration_since(pre.t0));
+                pre.report.swap_us = micros(t_final.elapsed());
+            }
+            span(&mut phases.final_copy_us);
+        }
+        let child_image = image.as_ref().map(|p| p.target.image(&self.vm.memory));
         let seq = self.next_freeze_seq();
         let frozen = |i: usize| -> PathBuf {
             let top = config
@@ -378,6 +462,7 @@ impl Vmm {
         let (stacks, captured) = match staged {
             Ok(s) => s,
             Err(e) => {
+                self.finish_image(image.take());
                 self.restart(was_paused);
                 if let Some(r) = retired {
                     self.retire(r);
@@ -390,6 +475,7 @@ impl Vmm {
         let ((rd, wr), (resumed_rd, resumed_wr)) = match pipes {
             Ok(p) => p,
             Err(e) => {
+                self.finish_image(image.take());
                 self.restart(was_paused);
                 if let Some(r) = retired {
                     self.retire(r);
@@ -404,6 +490,7 @@ impl Vmm {
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             let e = std::io::Error::last_os_error();
+            self.finish_image(image.take());
             self.restart(was_paused);
             if let Some(r) = retired {
                 self.retire(r);
@@ -412,8 +499,10 @@ impl Vmm {
         }
         if pid == 0 {
             // The old mappings were not inherited (MADV_DONTFORK): unmapping their addresses
-            // here would hit whatever this process maps there next.
+            // here would hit whatever this process maps there next. Nor was the image's
+            // shared mapping.
             std::mem::forget(retired);
+            std::mem::forget(image);
             drop(rd);
             drop(resumed_wr);
             // The child's restore (closing descriptors, a new KVM VM, forking its siblings)
@@ -422,7 +511,15 @@ impl Vmm {
             let mut byte = [0u8; 1];
             let _ = std::io::Read::read(&mut &resumed_rd, &mut byte);
             drop(resumed_rd);
-            return Ok(self.become_children(config, dirs, &stacks, &captured, wr, t0));
+            return Ok(self.become_children(
+                config,
+                dirs,
+                &stacks,
+                &captured,
+                wr,
+                t0,
+                child_image.as_ref(),
+            ));
         }
         span(&mut phases.fork_us);
         drop(wr);
@@ -455,6 +552,8 @@ impl Vmm {
         // Lets the first child start (closing the pipe would too).
         let _ = std::io::Write::write_all(&mut &resumed_wr, b"r");
         drop(resumed_wr);
+        let precopy = image.as_ref().map(|p| p.report.clone());
+        self.finish_image(image);
         if let Some(r) = retired {
             self.retire(r);
             // The memory forked was the promoted copy, swapped in during the pause.
@@ -469,9 +568,77 @@ impl Vmm {
             children,
             promotion,
             phases,
+            mode: if precopy.is_some() {
+                ForkMode::Precopy
+            } else {
+                ForkMode::Cow
+            },
+            precopy,
             memory: usage,
             collapse,
         }))
+    }
+
+    /// A precopy fork's image of guest RAM, copied while the guest runs (or, for a paused VM,
+    /// while it stays paused: nothing writes guest memory with the vCPUs and device workers
+    /// stopped, so neither dirty log nor comparison is needed). The device workers are left
+    /// stopped, as the fork's pause needs them. `None` (with a warning, devices running) if it
+    /// could not be made: the fork then shares memory copy-on-write.
+    fn precopy_image(
+        &mut self,
+        was_paused: bool,
+    ) -> Option<crate::promote::Precopied<crate::vstate::fork_image::ForkImage>> {
+        use crate::vstate::fork_image::ForkImage;
+        let file_backed = self.needs_promotion();
+        let made = if was_paused {
+            let t0 = Instant::now();
+            self.pause_devices();
+            ForkImage::new(&self.vm.memory, file_backed)
+                .and_then(|mut target| {
+                    let stats = target.copy_all()?;
+                    let report = crate::promote::PromotionReport {
+                        copy_us: micros(t0.elapsed()),
+                        copied_bytes: stats.copied_bytes,
+                        skipped_chunks: stats.skipped_chunks,
+                        ..Default::default()
+                    };
+                    Ok(crate::promote::Precopied { target, report, t0 })
+                })
+                .map_err(crate::promote::Error::from)
+        } else {
+            self.precopy_into(|mem| Ok(ForkImage::new(mem, file_backed)?))
+        };
+        match made {
+            Ok(p) => Some(p),
+            Err(e) => {
+                if was_paused && let Err(e) = self.resume_devices() {
+                    tracing::error!("resuming devices after a failed precopy: {e}");
+                }
+                tracing::warn!(
+                    "fork: precopy of guest memory failed, forking copy-on-write: {}",
+                    crate::error_chain(&e)
+                );
+                None
+            }
+        }
+    }
+
+    /// After a precopy fork's `fork(2)` (or its failure), with the source running again: guest
+    /// RAM is inherited by later forks again, the dirty log goes off (a memory-slot update,
+    /// several ms here) and the source's shared mapping of the image is unmapped (O(pages);
+    /// the children keep the image).
+    fn finish_image(
+        &mut self,
+        image: Option<crate::promote::Precopied<crate::vstate::fork_image::ForkImage>>,
+    ) {
+        let Some(image) = image else { return };
+        if let Err(e) = crate::vstate::fork_image::set_inherited(&self.vm.memory, true) {
+            tracing::error!("fork: guest RAM stays out of later fork(2)s: {e}");
+        }
+        if let Err(e) = self.vm.set_dirty_logging(false) {
+            tracing::warn!("turning the dirty log off after a precopy fork: {e}");
+        }
+        drop(image);
     }
 
     /// Ends a VM whose memory a failed promotion lost.
@@ -500,6 +667,8 @@ impl Vmm {
 
     /// In the first fork child: fork the other children (this process is single-threaded
     /// now, so that is safe), then become child 0.
+    // Everything the fork prepared, handed over once: a struct would only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     fn become_children(
         &mut self,
         config: &VmConfig,
@@ -508,8 +677,25 @@ impl Vmm {
         captured: &Captured,
         report: std::fs::File,
         t0: Instant,
+        image: Option<&crate::vstate::fork_image::Image>,
     ) -> Forked {
-        let memory = self.fork_child_memory(&[report.as_raw_fd()]);
+        let memory = match image {
+            None => self.fork_child_memory(&[report.as_raw_fd()]),
+            Some(image) => {
+                // Guest RAM was left out of the fork(2): the image takes its place before
+                // anything touches guest memory.
+                close_fds_except(&[0, 1, 2, report.as_raw_fd(), image.fd()]);
+                match image.map_in_child() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        write_report(&report, 0, 0, Err(&crate::error_chain(&e)), t0);
+                        // SAFETY: ends this child without running destructors over state it
+                        // shares with the source.
+                        unsafe { libc::_exit(1) }
+                    }
+                }
+            }
+        };
         let mut index = 0;
         let mut grandchildren = Vec::new();
         for i in 1..dirs.len() {
@@ -528,14 +714,26 @@ impl Vmm {
             }
         }
         let child = child_config(config, &dirs[index], stacks);
+        #[cfg(test)]
+        if let Some(hook) = *tests::CHILD_MEMORY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            hook(&memory, captured, &dirs[index]);
+        }
         // SAFETY: getpid has no preconditions.
         let me = unsafe { libc::getpid() };
         match crate::builder::restore_captured(&child, Some(memory), captured) {
             Ok(mut vmm) => {
-                // The child's private pages differ from the same files as the source's.
-                vmm.memory_image = self.memory_image.clone();
-                // Its memory is a copy of the source's, anonymous if the source's was.
-                vmm.promoted = self.promoted;
+                if image.is_none() {
+                    // The child's private pages differ from the same files as the source's.
+                    vmm.memory_image = self.memory_image.clone();
+                    // Its memory is a copy of the source's, anonymous if the source's was.
+                    vmm.promoted = self.promoted;
+                }
+                // Over a precopy image, memory is a private mapping of the image, whose pages
+                // differ from any snapshot's files: no diff snapshot, and a later fork reads
+                // every page (or promotes it).
                 write_report(&report, index, me, Ok(()), t0);
                 drop(report);
                 reap_in_background(grandchildren);
@@ -690,4 +888,14 @@ fn close_fds_except(keep: &[RawFd]) {
             unsafe { libc::close(fd) };
         }
     }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Called in every fork child with its guest memory and the captured state before its VM
+    /// is built over them (nothing has run in the child yet), and the child's run directory.
+    #[allow(clippy::type_complexity)]
+    pub(crate) static CHILD_MEMORY: std::sync::Mutex<
+        Option<fn(&vm_memory::GuestMemoryMmap, &super::Captured, &std::path::Path)>,
+    > = std::sync::Mutex::new(None);
 }

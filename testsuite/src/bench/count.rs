@@ -112,6 +112,7 @@ pub fn config(kernel: &Path, mem_bytes: u64, log: Option<PathBuf>) -> VmConfig {
         memory: MemoryBacking::Anonymous,
         hugepages: true,
         hugetlb: false,
+        fork_mode: specc_vmm::snapshot::ForkMode::default(),
         timeout_ms: None,
         control: None,
     }

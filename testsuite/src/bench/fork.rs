@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use specc_vmm::snapshot::Forked;
+use specc_vmm::snapshot::{ForkMode, Forked};
 use specc_vmm::{VmConfig, Vmm};
 use vm_memory::Bytes;
 
@@ -62,6 +62,46 @@ pub struct Args {
     /// what the booted source got.
     #[arg(long)]
     pub hugetlb: bool,
+    /// The fork modes to measure, each over every size (`ForkMode`): `cow` (`fork(2)` shares
+    /// RAM copy-on-write) and `precopy` (RAM copied into a memfd image while the guest
+    /// runs, left out of `fork(2)`); a precopy run's figures start with `precopy_`.
+    #[arg(long, value_delimiter = ',', default_values_t = [ForkModeArg::Cow, ForkModeArg::Precopy])]
+    pub fork_mode: Vec<ForkModeArg>,
+}
+
+/// `--fork-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForkModeArg {
+    /// `ForkMode::Cow`.
+    Cow,
+    /// `ForkMode::Precopy`.
+    Precopy,
+}
+
+impl std::fmt::Display for ForkModeArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForkModeArg::Cow => "cow",
+            ForkModeArg::Precopy => "precopy",
+        })
+    }
+}
+
+impl ForkModeArg {
+    fn mode(self) -> ForkMode {
+        match self {
+            ForkModeArg::Cow => ForkMode::Cow,
+            ForkModeArg::Precopy => ForkMode::Precopy,
+        }
+    }
+
+    /// What this mode's figure names start with (none for `cow`, the names of old runs).
+    fn prefix(self) -> &'static str {
+        match self {
+            ForkModeArg::Cow => "",
+            ForkModeArg::Precopy => "precopy_",
+        }
+    }
 }
 
 /// The file a child writes into its run directory once its guest has run.
@@ -74,6 +114,9 @@ struct Outcome {
     ready: Vec<Duration>,
     running: Vec<Duration>,
     promotion: Option<specc_vmm::promote::PromotionReport>,
+    precopy: Option<specc_vmm::promote::PromotionReport>,
+    asked: ForkMode,
+    mode: ForkMode,
     phases: specc_vmm::snapshot::PauseBreakdown,
     memory: Option<specc_vmm::vstate::memory::Usage>,
     collapse: Option<specc_vmm::snapshot::CollapseReport>,
@@ -82,14 +125,15 @@ struct Outcome {
 /// The pause's spans over several forks, for their medians.
 #[derive(Default)]
 struct Phases {
-    spans: [Vec<Duration>; 7],
+    spans: [Vec<Duration>; 8],
 }
 
 impl Phases {
-    const NAMES: [&'static str; 7] = [
+    const NAMES: [&'static str; 8] = [
         "vcpu_stop",
         "devices_stop",
         "promotion_swap",
+        "final_copy",
         "capture",
         "fork",
         "devices_resume",
@@ -101,6 +145,7 @@ impl Phases {
             p.vcpu_stop_us,
             p.devices_stop_us,
             p.promotion_swap_us,
+            p.final_copy_us,
             p.capture_us,
             p.fork_us,
             p.devices_resume_us,
@@ -124,6 +169,59 @@ impl Phases {
                 report.figure(&format!("{prefix}_{name}_min_ms"), ms(*min));
             }
         }
+    }
+}
+
+/// A precopy fork's copy over several forks, for their p50/p95.
+#[derive(Default)]
+struct Precopies {
+    precopy: Vec<Duration>,
+    copy: Vec<Duration>,
+    devices_stopped: Vec<Duration>,
+    final_pages: Vec<u64>,
+    copied_bytes: u64,
+}
+
+impl Precopies {
+    /// Adds one fork's; an error if a fork asked to precopy fell back to copy-on-write.
+    fn add(&mut self, o: &Outcome) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            o.mode == o.asked,
+            "a {:?} fork was made {:?} (the VMM's log says why)",
+            o.asked,
+            o.mode
+        );
+        if let Some(p) = &o.precopy {
+            let d = Duration::from_micros;
+            self.precopy.push(d(p.precopy_us));
+            self.copy.push(d(p.copy_us));
+            self.devices_stopped.push(d(p.devices_stopped_us));
+            self.final_pages.push(p.final_pages);
+            self.copied_bytes = p.copied_bytes;
+        }
+        Ok(())
+    }
+
+    /// `precopy_<label>_{precopy,copy,devices_stopped}_{p50,p95}_ms` (the whole copy before
+    /// the pause, its bulk part, the time the device workers waited for the comparison),
+    /// `..._final_pages_p50_count` (pages copied in the pause) and `..._copied_bytes`.
+    fn report(&mut self, report: &mut Report, label: &str) {
+        if self.precopy.is_empty() {
+            return;
+        }
+        p50_p95(report, &format!("{label}_precopy"), &mut self.precopy);
+        p50_p95(report, &format!("{label}_copy"), &mut self.copy);
+        p50_p95(
+            report,
+            &format!("{label}_devices_stopped"),
+            &mut self.devices_stopped,
+        );
+        self.final_pages.sort_unstable();
+        report.figure(
+            &format!("{label}_final_pages_p50_count"),
+            self.final_pages[self.final_pages.len() / 2] as f64,
+        );
+        report.figure(&format!("{label}_copied_bytes"), self.copied_bytes as f64);
     }
 }
 
@@ -159,86 +257,115 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let elf = count::guest_elf("count")?;
     let dir = tempfile::tempdir()?;
     let mut report = Report::new("fork", mode);
-    let mut pause_p50 = Vec::new();
-    for (k, &mib) in args.sizes_mib.iter().enumerate() {
-        let label = size_label(mib);
-        let mut config = count::config(&elf, mib << 20, None);
-        config.hugetlb = args.hugetlb;
-        let mut vmm = count::boot_ready(&config)?;
-        let touched = count::touch(vmm.memory(), u64::MAX)?;
-        report.figure(&format!("touched_{label}_bytes"), touched as f64);
-        let mut pauses = Vec::with_capacity(args.runs);
-        let mut ready = Vec::with_capacity(args.runs);
-        let mut running = Vec::with_capacity(args.runs);
-        let mut phases = Phases::default();
-        let mut owner = Vec::with_capacity(args.runs);
-        let mut collapsed = 0usize;
-        for r in 0..args.runs {
-            let dirs = vec![dir.path().join(format!("{label}-run{r}"))];
-            let o = fork_once(&mut vmm, &config, &dirs)
-                .with_context(|| format!("fork {r} at {mib} MiB"))?;
-            pauses.push(o.pause);
-            ready.extend(o.ready.iter().copied());
-            running.extend(o.running.iter().copied());
-            phases.add(&o.phases);
-            owner.push(o.owner);
-            if let Some(c) = &o.collapse {
-                collapsed += 1;
-                report.figure(&format!("collapse_{label}_last_ms"), c.us as f64 / 1000.0);
+    for &fm in &args.fork_mode {
+        let pfx = fm.prefix();
+        let mut pause_p50 = Vec::new();
+        for (k, &mib) in args.sizes_mib.iter().enumerate() {
+            let label = size_label(mib);
+            let mut config = count::config(&elf, mib << 20, None);
+            config.hugetlb = args.hugetlb;
+            let mut vmm = count::boot_ready(&config)?;
+            let touched = count::touch(vmm.memory(), u64::MAX)?;
+            report.figure(&format!("{pfx}touched_{label}_bytes"), touched as f64);
+            let mut pauses = Vec::with_capacity(args.runs);
+            let mut ready = Vec::with_capacity(args.runs);
+            let mut running = Vec::with_capacity(args.runs);
+            let mut phases = Phases::default();
+            let mut owner = Vec::with_capacity(args.runs);
+            let mut collapsed = 0usize;
+            let mut precopies = Precopies::default();
+            for r in 0..args.runs {
+                let dirs = vec![dir.path().join(format!("{pfx}{label}-run{r}"))];
+                let o = fork_once(&mut vmm, &config, &dirs, fm.mode())
+                    .with_context(|| format!("fork {r} at {mib} MiB"))?;
+                pauses.push(o.pause);
+                ready.extend(o.ready.iter().copied());
+                running.extend(o.running.iter().copied());
+                phases.add(&o.phases);
+                owner.push(o.owner);
+                precopies.add(&o)?;
+                if let Some(c) = &o.collapse {
+                    collapsed += 1;
+                    report.figure(
+                        &format!("{pfx}collapse_{label}_last_ms"),
+                        c.us as f64 / 1000.0,
+                    );
+                }
+                if r + 1 == args.runs {
+                    report_memory(&mut report, &format!("{pfx}fork_{label}"), &o);
+                }
             }
-            if r + 1 == args.runs {
-                report_memory(&mut report, &format!("fork_{label}"), &o);
-            }
-        }
-        phases.report(&mut report, &format!("fork_{label}"));
-        report.figure(
-            &format!("fork_{label}_owner_p50_ms"),
-            ms(median(&mut owner)),
-        );
-        report.figure(&format!("collapse_{label}_count"), collapsed as f64);
-        pause_p50.push((mib, median(&mut pauses), pauses.iter().min().copied()));
-        p50_p95(&mut report, &format!("fork_pause_{label}"), &mut pauses);
-        // The least of the runs: the fork's own cost with the least interference from the
-        // other work on a shared machine.
-        if let Some(min) = pauses.iter().min() {
-            report.figure(&format!("fork_pause_{label}_min_ms"), ms(*min));
-        }
-        p50_p95(&mut report, &format!("child_ready_{label}"), &mut ready);
-        p50_p95(&mut report, &format!("child_running_{label}"), &mut running);
-        if k == 0 && args.children > 0 {
-            let n = args.children;
-            let dirs: Vec<PathBuf> = (0..n)
-                .map(|i| dir.path().join(format!("{label}-many{i}")))
-                .collect();
-            let o = fork_once(&mut vmm, &config, &dirs)
-                .with_context(|| format!("fork to {n} children at {mib} MiB"))?;
-            report.figure(&format!("fork{n}_pause_ms"), ms(o.pause));
-            let last = |v: &[Duration]| v.iter().max().copied().unwrap_or_default();
-            report.figure(&format!("fork{n}_all_ready_ms"), ms(last(&o.ready)));
-            report.figure(&format!("fork{n}_all_running_ms"), ms(last(&o.running)));
-        }
-        if args.restored {
-            restored_forks(
-                vmm,
-                &config,
-                dir.path(),
-                &label,
-                args.runs,
-                (!args.no_promote, args.paused),
+            phases.report(&mut report, &format!("{pfx}fork_{label}"));
+            precopies.report(&mut report, &format!("{pfx}{label}"));
+            report.figure(
+                &format!("{pfx}fork_{label}_owner_p50_ms"),
+                ms(median(&mut owner)),
+            );
+            report.figure(&format!("{pfx}collapse_{label}_count"), collapsed as f64);
+            pause_p50.push((mib, median(&mut pauses), pauses.iter().min().copied()));
+            p50_p95(
                 &mut report,
-            )?;
-        } else {
-            count::finish(&mut vmm).context("the source after its forks")?;
+                &format!("{pfx}fork_pause_{label}"),
+                &mut pauses,
+            );
+            // The least of the runs: the fork's own cost with the least interference from the
+            // other work on a shared machine.
+            if let Some(min) = pauses.iter().min() {
+                report.figure(&format!("{pfx}fork_pause_{label}_min_ms"), ms(*min));
+            }
+            p50_p95(
+                &mut report,
+                &format!("{pfx}child_ready_{label}"),
+                &mut ready,
+            );
+            p50_p95(
+                &mut report,
+                &format!("{pfx}child_running_{label}"),
+                &mut running,
+            );
+            if k == 0 && args.children > 0 {
+                let n = args.children;
+                let dirs: Vec<PathBuf> = (0..n)
+                    .map(|i| dir.path().join(format!("{pfx}{label}-many{i}")))
+                    .collect();
+                let o = fork_once(&mut vmm, &config, &dirs, fm.mode())
+                    .with_context(|| format!("fork to {n} children at {mib} MiB"))?;
+                report.figure(&format!("{pfx}fork{n}_pause_ms"), ms(o.pause));
+                let last = |v: &[Duration]| v.iter().max().copied().unwrap_or_default();
+                report.figure(&format!("{pfx}fork{n}_all_ready_ms"), ms(last(&o.ready)));
+                report.figure(
+                    &format!("{pfx}fork{n}_all_running_ms"),
+                    ms(last(&o.running)),
+                );
+            }
+            if args.restored {
+                restored_forks(
+                    vmm,
+                    &config,
+                    dir.path(),
+                    &label,
+                    args.runs,
+                    (!args.no_promote, args.paused, fm),
+                    &mut report,
+                )?;
+            } else {
+                count::finish(&mut vmm).context("the source after its forks")?;
+            }
         }
-    }
-    if let (Some((small, a, amin)), Some((big, b, bmin))) = (pause_p50.first(), pause_p50.last())
-        && small != big
-    {
-        let name = format!("fork_pause_{}_to_{}", size_label(*big), size_label(*small));
-        let ratio = |x: &Duration, y: &Duration| x.as_secs_f64() / y.as_secs_f64().max(1e-9);
-        report.figure(&format!("{name}_p50_ratio"), ratio(b, a));
-        if let (Some(amin), Some(bmin)) = (amin, bmin) {
-            report.figure(&format!("{name}_min_ratio"), ratio(bmin, amin));
+        if let (Some((small, a, amin)), Some((big, b, bmin))) =
+            (pause_p50.first(), pause_p50.last())
+            && small != big
+        {
+            let name = format!(
+                "{pfx}fork_pause_{}_to_{}",
+                size_label(*big),
+                size_label(*small)
+            );
+            let ratio = |x: &Duration, y: &Duration| x.as_secs_f64() / y.as_secs_f64().max(1e-9);
+            report.figure(&format!("{name}_p50_ratio"), ratio(b, a));
+            if let (Some(amin), Some(bmin)) = (amin, bmin) {
+                report.figure(&format!("{name}_min_ratio"), ratio(bmin, amin));
+            }
         }
     }
     report.figure("runs_count", args.runs as f64);
@@ -260,10 +387,13 @@ fn restored_forks(
     dir: &Path,
     label: &str,
     runs: usize,
-    (promote, paused): (bool, bool),
+    (promote, paused, fm): (bool, bool, ForkModeArg),
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let snap = dir.join(format!("{label}-snap"));
+    let pfx = fm.prefix();
+    // A precopy fork copies RAM into its image instead of promoting it.
+    let promote = promote && fm == ForkModeArg::Cow;
+    let snap = dir.join(format!("{pfx}{label}-snap"));
     specc_vmm::snapshot_dir::write(&mut vmm, config, &snap, false)
         .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))
         .context("snapshot of the source")?;
@@ -284,16 +414,18 @@ fn restored_forks(
     let mut owner = Vec::with_capacity(runs);
     let mut phases = Phases::default();
     let mut collapsed = 0usize;
+    let mut precopies = Precopies::default();
     for r in 0..runs {
-        let dirs = vec![dir.join(format!("{label}-restored-run{r}"))];
-        let o = fork_once(&mut restored, config, &dirs)
+        let dirs = vec![dir.join(format!("{pfx}{label}-restored-run{r}"))];
+        let o = fork_once(&mut restored, config, &dirs, fm.mode())
             .with_context(|| format!("fork {r} of the restored VM at {label}"))?;
         anyhow::ensure!(
             restored.is_paused() == paused,
             "fork {r} of the restored VM changed whether it is paused"
         );
+        precopies.add(&o)?;
         if r + 1 == runs {
-            report_memory(report, &format!("fork_restored_{label}"), &o);
+            report_memory(report, &format!("{pfx}fork_restored_{label}"), &o);
         }
         anyhow::ensure!(
             o.promotion.is_some() == (promote && r == 0),
@@ -302,7 +434,7 @@ fn restored_forks(
             if promote {
                 ""
             } else {
-                ": none with --no-promote"
+                ": none with --no-promote or --fork-mode precopy"
             }
         );
         if o.collapse.is_some() {
@@ -310,14 +442,18 @@ fn restored_forks(
         }
         if let Some(p) = &o.promotion {
             report.figure(
-                &format!("fork_pause_restored_{label}_first_ms"),
+                &format!("{pfx}fork_pause_restored_{label}_first_ms"),
                 ms(o.pause),
             );
             let mut first = Phases::default();
             first.add(&o.phases);
-            first.report(report, &format!("fork_restored_{label}_first"));
-            let f =
-                |name: &str, us: u64| (format!("promote_{label}_{name}_ms"), us as f64 / 1000.0);
+            first.report(report, &format!("{pfx}fork_restored_{label}_first"));
+            let f = |name: &str, us: u64| {
+                (
+                    format!("{pfx}promote_{label}_{name}_ms"),
+                    us as f64 / 1000.0,
+                )
+            };
             for (name, v) in [
                 f("precopy", p.precopy_us),
                 f("copy", p.copy_us),
@@ -326,24 +462,27 @@ fn restored_forks(
                 report.figure(&name, v);
             }
             report.figure(
-                &format!("promote_{label}_copied_bytes"),
+                &format!("{pfx}promote_{label}_copied_bytes"),
                 p.copied_bytes as f64,
             );
-            report.figure(&format!("promote_{label}_huge_bytes"), p.huge_bytes as f64);
             report.figure(
-                &format!("promote_{label}_devices_stopped_ms"),
+                &format!("{pfx}promote_{label}_huge_bytes"),
+                p.huge_bytes as f64,
+            );
+            report.figure(
+                &format!("{pfx}promote_{label}_devices_stopped_ms"),
                 p.devices_stopped_us as f64 / 1000.0,
             );
             report.figure(
-                &format!("promote_{label}_rounds_count"),
+                &format!("{pfx}promote_{label}_rounds_count"),
                 f64::from(p.rounds),
             );
             report.figure(
-                &format!("promote_{label}_final_pages_count"),
+                &format!("{pfx}promote_{label}_final_pages_count"),
                 p.final_pages as f64,
             );
             report.figure(
-                &format!("promote_{label}_precopy_rounds_pages_count"),
+                &format!("{pfx}promote_{label}_precopy_rounds_pages_count"),
                 p.round_pages as f64,
             );
         } else {
@@ -354,21 +493,29 @@ fn restored_forks(
     }
     if !owner.is_empty() {
         report.figure(
-            &format!("fork_restored_{label}_owner_p50_ms"),
+            &format!("{pfx}fork_restored_{label}_owner_p50_ms"),
             ms(median(&mut owner)),
         );
     }
     if paused {
         restored.resume()?;
     }
-    phases.report(report, &format!("fork_restored_{label}"));
+    phases.report(report, &format!("{pfx}fork_restored_{label}"));
+    precopies.report(report, &format!("{pfx}restored_{label}"));
     report.figure(
-        &format!("collapse_restored_{label}_count"),
+        &format!("{pfx}collapse_restored_{label}_count"),
         collapsed as f64,
     );
-    p50_p95(report, &format!("fork_pause_restored_{label}"), &mut pauses);
+    p50_p95(
+        report,
+        &format!("{pfx}fork_pause_restored_{label}"),
+        &mut pauses,
+    );
     if let Some(min) = pauses.iter().min() {
-        report.figure(&format!("fork_pause_restored_{label}_min_ms"), ms(*min));
+        report.figure(
+            &format!("{pfx}fork_pause_restored_{label}_min_ms"),
+            ms(*min),
+        );
     }
     count::finish(&mut restored).context("the restored VM after its forks")?;
     drop(restored);
@@ -387,10 +534,15 @@ fn size_label(mib: u64) -> String {
 
 /// Forks `vmm` into one child per directory and waits until every child's guest has run.
 /// In a child this never returns.
-fn fork_once(vmm: &mut Vmm, config: &VmConfig, dirs: &[PathBuf]) -> anyhow::Result<Outcome> {
+fn fork_once(
+    vmm: &mut Vmm,
+    config: &VmConfig,
+    dirs: &[PathBuf],
+    mode: ForkMode,
+) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     let forked = vmm
-        .fork(config, dirs)
+        .fork_with(config, dirs, mode)
         .map_err(|e| anyhow::anyhow!(specc_vmm::error_chain(&e)))?;
     let report = match forked {
         Forked::Child { index, .. } => child(vmm, &dirs[index], t0),
@@ -421,6 +573,9 @@ fn fork_once(vmm: &mut Vmm, config: &VmConfig, dirs: &[PathBuf]) -> anyhow::Resu
         ready,
         running,
         promotion: report.promotion,
+        precopy: report.precopy,
+        asked: mode,
+        mode: report.mode,
         phases: report.phases,
         memory: report.memory,
         collapse: report.collapse,
@@ -501,6 +656,7 @@ mod tests {
                     no_promote: false,
                     paused: false,
                     hugetlb: false,
+                    fork_mode: vec![ForkModeArg::Cow, ForkModeArg::Precopy],
                 })
             },
         );
