@@ -44,8 +44,27 @@ pub enum Request {
     /// (`Vmm::promote_memory`; running or paused). The result is the `PromotionReport`, or
     /// null if there was nothing to promote.
     Promote,
+    /// For a guest that stopped answering: the vCPUs (mp_state, LAPIC IRR/ISR), the
+    /// devices' IOAPIC pins, every virtqueue's indices in guest memory beside the device's,
+    /// the interrupt status registers and the vsock connection table (`inspect::Inspection`).
+    /// A running VM is paused for the moment of the reading.
+    Inspect,
+    /// By hand, for a stuck guest: raise every device's interrupt (`interrupts`, the default)
+    /// and/or signal every queue as if the driver had notified it (`queues`).
+    Kick {
+        /// Raise the used-ring interrupt of every device.
+        #[serde(default = "yes")]
+        interrupts: bool,
+        /// Signal every queue's notification event.
+        #[serde(default)]
+        queues: bool,
+    },
     /// End the VM (the process exits 0).
     Stop,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a VM does after a snapshot.
@@ -259,6 +278,25 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"promote"}"#).unwrap(),
             Request::Promote
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"inspect"}"#).unwrap(),
+            Request::Inspect
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"kick"}"#).unwrap(),
+            Request::Kick {
+                interrupts: true,
+                queues: false
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"kick","interrupts":false,"queues":true}"#)
+                .unwrap(),
+            Request::Kick {
+                interrupts: false,
+                queues: true
+            }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
     }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod exit;
+pub mod inspect;
 pub mod probe;
 pub mod promote;
 pub mod snapshot;
@@ -466,6 +467,16 @@ pub fn handle_request(
             }
             Err(e) => Reply::err(chain(&e)),
         },
+        Request::Inspect => done(
+            inspect::inspect(vmm)
+                .map(|i| serde_json::to_value(i).unwrap_or_default())
+                .map_err(|e| chain(&e)),
+        ),
+        Request::Kick { interrupts, queues } => done(
+            inspect::kick(vmm, interrupts, queues)
+                .map(|n| serde_json::json!({ "devices": n }))
+                .map_err(|e| chain(&e)),
+        ),
         Request::Stop => Reply::ok(serde_json::Value::Null),
         Request::Fork { .. } => Reply::err("fork is served by the process's main loop"),
     }

@@ -171,6 +171,68 @@ fn exec_true(c: &Client, id: &str) -> anyhow::Result<bool> {
     }
 }
 
+/// For a VM whose execs failed: what its VMM sees (the `inspect` control request), then
+/// whether it recovers when every device's interrupt is raised again (a lost interrupt), or
+/// else when every queue is signalled again (a lost notification). Prints all of it.
+fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path) {
+    use specc_vmm::control::{Client as Vmm, Request};
+    // The VMM's run directory is `<id>-<generation>`: the one whose control socket exists.
+    let prefix = format!("{id}-");
+    let Some(sock) = std::fs::read_dir(run_vms)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().join("control.sock"))
+        .find(|p| p.exists())
+    else {
+        eprintln!(
+            "--- VM {id}: no VMM control socket under {}",
+            run_vms.display()
+        );
+        return;
+    };
+    let call = |r: &Request| {
+        Vmm::connect(&sock, Duration::from_secs(10))
+            .and_then(|mut v| v.call(r))
+            .map_err(|e| specc_vmm::error_chain(&e))
+    };
+    let show = |what: &str, r: Result<serde_json::Value, String>| match r {
+        Ok(v) => eprintln!("--- VM {id}: {what} ---\n{v}"),
+        Err(e) => eprintln!("--- VM {id}: {what} failed: {e}"),
+    };
+    // An exec that does not come back within a minute still runs on in its thread; the VM is
+    // deleted at the end of the run and the exec then fails.
+    let try_exec = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (c, id) = (c.clone(), id.to_owned());
+        std::thread::spawn(move || {
+            let _ = tx.send(exec_true(&c, &id).map_err(|e| format!("{e:#}")));
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(_)) => "an exec succeeds".to_owned(),
+            Ok(Err(e)) => format!("an exec fails: {e}"),
+            Err(_) => "an exec does not return within 60 s".to_owned(),
+        }
+    };
+    show("inspect", call(&Request::Inspect));
+    for (what, interrupts, queues) in [("interrupts", true, false), ("queues", false, true)] {
+        show(
+            &format!("kick {what}"),
+            call(&Request::Kick { interrupts, queues }),
+        );
+        let outcome = try_exec();
+        eprintln!("--- VM {id}: after kicking {what}, {outcome}");
+        show(
+            &format!("inspect after kicking {what}"),
+            call(&Request::Inspect),
+        );
+        if outcome == "an exec succeeds" {
+            break;
+        }
+    }
+}
+
 fn delete(c: &Client, id: &str) -> anyhow::Result<()> {
     c.request("DELETE", &format!("/v1/vms/{id}"), None)?;
     Ok(())
@@ -361,6 +423,7 @@ fn load(
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_else(|e| format!("(no console: {e})"));
             eprintln!("--- VM {id}: console (end) ---\n{console}");
+            diagnose_stuck_vm(c, id, &daemon.state().join("run/vms"));
         }
     }
     let phases = exec_phases(&daemon.log());

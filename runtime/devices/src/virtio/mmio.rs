@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::inspect::{QueueInspect, TransportInspect};
 use super::persist::{QueueRestoreError, QueueStateData, VirtioDeviceState};
 use super::{ActivateContext, ActivateError, IrqTrigger, VirtioDevice, features, status};
 use crate::Interrupt;
@@ -220,6 +221,54 @@ impl MmioTransport {
     /// used-ring interrupt is harmless: the driver finds nothing new.
     pub fn signal_after_restore(&self) {
         if self.activated {
+            self.irq.signal_used_queue();
+        }
+    }
+
+    /// The registers, the rings' indices in guest memory and the device's own state, for
+    /// diagnosing a guest that stopped answering (see [`super::inspect`]).
+    pub fn inspect(&self) -> TransportInspect {
+        let live = if self.activated {
+            self.device.queue_states()
+        } else {
+            None
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let l = live.as_ref().and_then(|l| l.get(i));
+                QueueInspect::read(q, l, &self.mem)
+            })
+            .collect();
+        TransportInspect {
+            device_type: self.device.device_type(),
+            status: self.device_status(),
+            activated: self.activated,
+            event_idx: self.acked_features & (1 << features::VIRTIO_RING_F_EVENT_IDX) != 0,
+            interrupt_status: self.irq.status(),
+            queues,
+            device: self.device.inspect(),
+        }
+    }
+
+    /// By hand, for a stuck guest: raise the used-ring interrupt (`interrupt`) and/or signal
+    /// every queue's notification event as if the driver had written QueueNotify (`queues`).
+    /// Whether the guest recovers tells a lost interrupt from a lost notification. Both are
+    /// harmless when nothing was lost: the driver and the device find nothing new.
+    pub fn kick(&self, interrupt: bool, queues: bool) {
+        if !self.activated {
+            return;
+        }
+        if queues {
+            for evt in &self.queue_evts {
+                if let Err(e) = evt.write(1) {
+                    tracing::error!("virtio-mmio: queue kick failed: {e}");
+                }
+            }
+        }
+        if interrupt {
             self.irq.signal_used_queue();
         }
     }
@@ -732,6 +781,51 @@ mod tests {
         d.write_reg(reg::STATUS, 0);
         assert!(!d.transport.is_activated());
         assert_eq!(d.status(), 0);
+    }
+
+    #[test]
+    fn inspect_shows_an_unnotified_buffer_and_a_queue_kick_makes_the_device_take_it() {
+        let mut d = driver();
+        d.init(16);
+        let a = d.alloc(32);
+        // A buffer published without QueueNotify: a lost notification.
+        let head = d.add_chain(0, &[(a, 32, true)]);
+        let i = d.transport.inspect();
+        assert!(i.activated && i.event_idx);
+        let q = &i.queues[0];
+        assert_eq!(
+            (q.size, q.avail_idx, q.next_avail, q.used_idx, q.next_used),
+            (16, Some(1), 0, Some(0), 0)
+        );
+        assert_eq!(i.device, crate::virtio::inspect::DeviceInspect::Plain);
+        d.transport.kick(false, true);
+        assert_eq!(d.wait_used(0), (head, 32));
+        let q = &d.transport.inspect().queues[0];
+        assert_eq!(
+            (q.avail_idx, q.next_avail, q.used_idx, q.next_used),
+            (Some(1), 1, Some(1), 1)
+        );
+        // With the ring empty again the device asked to be notified about entry 1.
+        assert_eq!(q.avail_event, Some(1));
+    }
+
+    #[test]
+    fn an_interrupt_kick_raises_the_line_and_sets_the_used_ring_bit() {
+        let mut d = driver();
+        d.init(16);
+        let before = d.irq.count();
+        d.write_reg(reg::INTERRUPT_ACK, u32::MAX);
+        d.transport.kick(true, false);
+        assert_eq!(d.irq.count(), before + 1);
+        assert_eq!(
+            d.transport.inspect().interrupt_status,
+            crate::virtio::interrupt_status::USED_RING
+        );
+        // Before activation nothing is kicked.
+        let fresh = driver();
+        fresh.transport.kick(true, true);
+        assert_eq!(fresh.irq.count(), 0);
+        assert!(!fresh.transport.inspect().activated);
     }
 
     #[test]

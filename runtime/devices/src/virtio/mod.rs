@@ -2,6 +2,7 @@
 
 pub mod block;
 pub(crate) mod chain;
+pub mod inspect;
 pub mod mmio;
 pub mod net;
 pub mod persist;
@@ -205,6 +206,11 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
     /// The device's own state for a snapshot.
     fn save_state(&self) -> VirtioDeviceState;
+    /// What the device's backend holds beyond its queues (connections, buffers), for
+    /// diagnosing a stuck guest.
+    fn inspect(&self) -> inspect::DeviceInspect {
+        inspect::DeviceInspect::Plain
+    }
 }
 
 /// Copy `src` (the whole config space) into `data` at `offset`, ignoring what lies outside.

@@ -8,6 +8,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{HEADER_LEN, Header};
+use crate::virtio::inspect::VsockConnInspect;
 
 /// Bytes the device buffers from the guest for one connection (its advertised `buf_alloc`).
 pub(super) const TX_BUF_CAP: u32 = 256 * 1024;
@@ -205,6 +206,32 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// The connection as the VMM's `inspect` request shows it.
+    pub(super) fn inspect(&self, peer_port: u32) -> VsockConnInspect {
+        VsockConnInspect {
+            local_port: self.local_port,
+            peer_port,
+            state: match self.state {
+                State::Connecting => "connecting",
+                State::Established => "established",
+                State::Closing => "closing",
+            },
+            state_ms: u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            peer_buf_alloc: self.peer_buf_alloc,
+            peer_fwd_cnt: self.peer_fwd_cnt,
+            tx_cnt: self.tx_cnt,
+            fwd_cnt: self.fwd_cnt,
+            peer_credit: self.peer_credit(),
+            to_host: self.to_host.len(),
+            to_guest: self.to_guest.len(),
+            host_eof: self.host_eof,
+            hup: self.hup,
+            peer_shut_send: self.peer_shut_send,
+            peer_shut_rcv: self.peer_shut_rcv,
+            interest: self.interest.bits(),
+        }
     }
 
     /// Payload bytes for one RW packet into a buffer of `space` bytes (header included).

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::event_handler::VsockHandler;
-use crate::virtio::worker::Running;
+use crate::virtio::inspect::DeviceInspect;
+use crate::virtio::worker::{Running, lock};
 use crate::virtio::{
     ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, device_type, read_config_bytes,
 };
@@ -154,5 +155,12 @@ impl VirtioDevice for Vsock {
 
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Vsock(crate::persist::Persist::save(self))
+    }
+
+    fn inspect(&self) -> DeviceInspect {
+        match &self.running {
+            Some(r) => DeviceInspect::Vsock(lock(&r.handler).inspect()),
+            None => DeviceInspect::Plain,
+        }
     }
 }

@@ -19,6 +19,7 @@ use super::connection::{Conn, State};
 use super::device::VsockConfig;
 use super::packet::*;
 use crate::virtio::chain::{ChainError, ChainReader, ChainWriter, complete, pop_chain};
+use crate::virtio::inspect::VsockInspect;
 use crate::virtio::worker::{EventHandler, epoll_add, epoll_modify, epoll_remove};
 use crate::virtio::{ActivateContext, ActivateError, IrqTrigger};
 
@@ -112,6 +113,18 @@ impl VsockHandler {
             timer_armed: false,
             failed: false,
         })
+    }
+
+    /// The connection table, for the VMM's `inspect` request.
+    pub(super) fn inspect(&self) -> VsockInspect {
+        let mut conns: Vec<_> = self.conns.iter().map(|(k, c)| c.inspect(k.1)).collect();
+        conns.sort_by_key(|c| (c.local_port, c.peer_port));
+        VsockInspect {
+            backlog: self.backlog.len(),
+            pending_host: self.pending.len(),
+            failed: self.failed,
+            conns,
+        }
     }
 
     fn fail(&mut self, e: &ChainError) {
