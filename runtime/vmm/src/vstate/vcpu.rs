@@ -227,6 +227,7 @@ impl Vcpu {
     ) -> Result<(), Error> {
         let mut entries = supported_cpuid.as_slice().to_vec();
         cpuid::filter(&mut entries, self.id, num_cpus);
+        cpuid::hide_async_pf(&mut entries);
         if tsc_deadline {
             cpuid::set_tsc_deadline(&mut entries);
         }
@@ -364,7 +365,8 @@ impl Vcpu {
         self.fd
             .set_mp_state(state.mp_state)
             .map_err(|e| Error::RestoreState("mp_state", e))?;
-        for chunk in state.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+        let msrs = without_async_pf(&state.msrs);
+        for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
             let msrs = Msrs::from_entries(chunk).map_err(Error::Fam)?;
             let n = self
                 .fd
@@ -554,6 +556,29 @@ impl Drop for VcpuHandle {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// MSR_KVM_ASYNC_PF_EN: where the guest's async page fault area is, and whether it is on.
+pub(crate) const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+
+/// `msrs` with KVM's asynchronous page faults turned off (MSR_KVM_ASYNC_PF_EN = 0).
+///
+/// Snapshots made before the guest's CPUID hid the feature (`cpuid::hide_async_pf`) have a
+/// guest that turned it on; a restored VM would then keep getting them, and their "page
+/// ready" wake-ups were lost under load in the rig (issue 7: tasks of restored VMs that never
+/// ran again). With the MSR at 0, KVM never puts a guest task to sleep for a page: the vCPU
+/// waits for it instead. The guest still believes the feature is on, which costs nothing:
+/// only KVM starts an async page fault.
+fn without_async_pf(msrs: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
+    msrs.iter()
+        .map(|m| {
+            let mut m = *m;
+            if m.index == MSR_KVM_ASYNC_PF_EN {
+                m.data = 0;
+            }
+            m
+        })
+        .collect()
 }
 
 /// What one KVM_RUN led to.
@@ -806,6 +831,26 @@ mod tests {
                 boot.index
             );
         }
+    }
+
+    #[test]
+    fn restored_msrs_turn_async_page_faults_off_and_keep_the_rest() {
+        let entry = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let saved = [
+            entry(0x10, 1234),
+            entry(MSR_KVM_ASYNC_PF_EN, 0x3f_f000 | 0b1001),
+            entry(0x4b56_4d06, 0xf3),
+        ];
+        let out = without_async_pf(&saved);
+        let got: Vec<(u32, u64)> = out.iter().map(|m| (m.index, m.data)).collect();
+        assert_eq!(
+            got,
+            vec![(0x10, 1234), (MSR_KVM_ASYNC_PF_EN, 0), (0x4b56_4d06, 0xf3)]
+        );
     }
 
     #[test]

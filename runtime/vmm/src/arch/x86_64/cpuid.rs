@@ -26,6 +26,29 @@ const ECX_CX16: u32 = 1 << 13;
 
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_ASYNC_PF: u32 = 1 << 4;
+const KVM_FEATURE_ASYNC_PF_VMEXIT: u32 = 1 << 10;
+const KVM_FEATURE_ASYNC_PF_INT: u32 = 1 << 14;
+
+/// Hides KVM's asynchronous page faults from the guest (leaf 0x4000_0001), so a guest never
+/// turns them on. With them, a guest task that touches a page the host must first read in
+/// (every restored VM's RAM is a private mapping of its memory file) is put to sleep until
+/// KVM sends "page ready". That wake-up is state in the host kernel that no snapshot carries:
+/// a task waiting at a snapshot sleeps for ever in every VM restored from it. And on AMD
+/// (the rig's emulated CPU) tasks of restored VMs stopped waking up under load: a `true`
+/// that never exited, then every fork of the agent behind it (docs/benchmarks.md, issue 7;
+/// Firecracker and Cloud Hypervisor hide the feature for the same hangs). Without them
+/// the vCPU itself waits for the page, which is all a one-process-per-VM guest loses.
+pub fn hide_async_pf(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_KVM_FEATURES)
+    {
+        e.eax &= !(KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT);
+    }
+}
+
 /// Announces the LAPIC TSC-deadline timer. KVM emulates it in the in-kernel LAPIC but leaves the
 /// bit out of KVM_GET_SUPPORTED_CPUID (KVM_CAP_TSC_DEADLINE_TIMER says whether it can);
 /// without it Linux calibrates the LAPIC timer against the PIT, which fails under emulation
@@ -184,6 +207,22 @@ mod tests {
         e[0].ecx = ECX_CX16 | 1;
         hide_unemulated(&mut e);
         assert_eq!(e[0].ecx, 1);
+    }
+
+    #[test]
+    fn hide_async_pf_clears_the_three_async_pf_bits_of_the_kvm_leaf_only() {
+        let mut e = sample();
+        let mut kvm = leaf(LEAF_KVM_FEATURES, 0);
+        // clocksource2 (3), async PF (4), steal time (5), async PF vmexit (10), async PF
+        // int (14), clocksource stable (24).
+        kvm.eax = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 10) | (1 << 14);
+        kvm.edx = 1 << 4;
+        e.push(kvm);
+        e[0].eax = 1 << 4;
+        hide_async_pf(&mut e);
+        assert_eq!(e[7].eax, (1 << 3) | (1 << 5));
+        assert_eq!(e[7].edx, 1 << 4, "only eax holds KVM feature bits");
+        assert_eq!(e[0].eax, 1 << 4, "other leaves are untouched");
     }
 
     #[test]
