@@ -108,8 +108,9 @@ pub enum BuildError {
     /// The store is on tmpfs with less free space than the restored guest may take from it.
     #[error(
         "layer `{layer}`: the store {} is on tmpfs with {} MiB free, and restoring the parent \
-         may take up to {} MiB of it (a page for every page of memory the guest touches that \
-         the snapshot left out); free space or put SPECC_HOME on a disk file system (ENOSPC)",
+         may take up to {} MiB of it (a page for every page the guest touches in the holes of \
+         its memory files not mapped anonymous); free space or put SPECC_HOME on a disk file \
+         system (ENOSPC)",
         root.display(), free >> 20, holes >> 20
     )]
     TmpfsRoom {
@@ -117,7 +118,7 @@ pub enum BuildError {
         layer: String,
         /// The store's root.
         root: PathBuf,
-        /// Bytes of holes in the memory files to be mapped.
+        /// Bytes of holes in the memory files that stay file-backed when mapped.
         holes: u64,
         /// Free bytes on the store's file system.
         free: u64,
@@ -364,7 +365,7 @@ impl Builder {
             }
             Some(parent) => {
                 let (vmstate, memory, disks) = restore_sources(store, &spec.layers[parent.0].key)?;
-                check_tmpfs_room(store, &memory, name)?;
+                check_tmpfs_room(store, &memory, self.mem_bytes, name)?;
                 let m =
                     Machine::restore_image(&vmstate, &memory, &self.config(disks, top), &vm_dir)
                         .map_err(machine_err)?;
@@ -581,13 +582,6 @@ fn store_full(store: &Store, layer: &str) -> BuildError {
 /// `TMPFS_MAGIC` from <linux/magic.h>.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 
-/// Bytes of `path` that are holes (its size beyond its allocated blocks).
-fn hole_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok(m.len().saturating_sub(m.blocks().saturating_mul(512)))
-}
-
 /// The file system type and free bytes (for an unprivileged writer) of `path`'s file system.
 fn fs_free(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
@@ -610,20 +604,24 @@ fn fs_free(path: &Path) -> std::io::Result<(u64, u64)> {
 /// in. A private mapping of a tmpfs file allocates a tmpfs page for every hole the guest
 /// touches (read or write) before the copy-on-write, so on a nearly full tmpfs the guest's
 /// access fails in the middle of a step, which the VM cannot recover from (the build hung
-/// until the agent timeout and beyond). Other file systems map holes to the zero page and
-/// copy on write into anonymous memory, and are not checked.
-fn check_tmpfs_room(store: &Store, image: &MemoryImage, layer: &str) -> Result<(), BuildError> {
+/// until the agent timeout and beyond). The VMM maps anonymous memory over the holes of
+/// memory files, except those beyond its bound on mappings (the shortest): only those count
+/// here (`snapshot_dir::file_hole_bytes`). Other file systems map holes to the zero page and
+/// are not checked.
+fn check_tmpfs_room(
+    store: &Store,
+    image: &MemoryImage,
+    mem_bytes: u64,
+    layer: &str,
+) -> Result<(), BuildError> {
     let Ok((kind, free)) = fs_free(store.root()) else {
         return Ok(());
     };
     if kind != TMPFS_MAGIC {
         return Ok(());
     }
-    let files = image
-        .base
-        .iter()
-        .chain(image.overlays.iter().map(|o| &o.file));
-    let holes = files.filter_map(|f| hole_bytes(f).ok()).sum::<u64>();
+    // A file that cannot be read fails the restore itself, with its own error.
+    let holes = snapshot_dir::file_hole_bytes(image, mem_bytes).unwrap_or(0);
     if holes > free {
         return Err(BuildError::TmpfsRoom {
             layer: layer.to_owned(),
@@ -696,43 +694,40 @@ pub fn restore_sources(
 mod tests {
     use super::*;
 
+    /// On /dev/shm (tmpfs on Linux): a memory file whose one hole is larger than all the free
+    /// space passes (the VMM maps that hole anonymous); one with more long holes than the VMM
+    /// maps, whose remaining holes exceed the free space, is refused.
     #[test]
-    fn hole_bytes_counts_the_unallocated_part_of_a_sparse_file() {
-        use std::io::{Seek, SeekFrom, Write};
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("memory");
-        let mut f = std::fs::File::create(&p).unwrap();
-        f.write_all(&[1u8; 8192]).unwrap();
-        f.seek(SeekFrom::Start(4 << 20)).unwrap();
-        f.write_all(&[1u8; 4096]).unwrap();
-        f.sync_all().unwrap();
-        let holes = hole_bytes(&p).unwrap();
-        let size = (4 << 20) + 4096;
-        // The file system may allocate a little more than the data, never the whole hole.
-        assert!(holes <= size - 12288, "{holes}");
-        assert!(holes >= size - (1 << 20), "{holes}");
-    }
-
-    #[test]
-    fn a_store_on_tmpfs_without_room_for_the_holes_is_refused() {
-        // /dev/shm is tmpfs on Linux; the hole is larger than any free space it has.
+    fn a_store_on_tmpfs_is_refused_only_for_holes_left_to_the_file() {
+        use std::os::unix::fs::FileExt;
         let (kind, free) = fs_free(Path::new("/dev/shm")).unwrap();
         assert_eq!(kind, TMPFS_MAGIC, "/dev/shm is not tmpfs here");
         let root = tempfile::tempdir_in("/dev/shm").unwrap();
         let store = Store::open(root.path()).unwrap();
         let mem = root.path().join("memory");
         let f = std::fs::File::create(&mem).unwrap();
-        f.set_len(free + (1 << 30)).unwrap();
         let image = MemoryImage {
             base: Some(mem.clone()),
             overlays: Vec::new(),
         };
-        let err = check_tmpfs_room(&store, &image, "l").unwrap_err();
+        let len = (free + (1 << 30)).next_multiple_of(4096);
+        f.set_len(len).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        check_tmpfs_room(&store, &image, len, "l").unwrap();
+
+        // 4096 holes, each a 1024th of the free space and more, one data page apart: of the
+        // ~4000 in the region above the PCI hole, the VMM maps 1024.
+        let max = snapshot_dir::MAX_HOLES as u64;
+        let hole = (free / max + (1 << 20)).next_multiple_of(4096);
+        let n = 4 * max;
+        let len = n * (hole + 4096);
+        f.set_len(len).unwrap();
+        for i in 0..n {
+            f.write_all_at(&[1u8; 4096], i * (hole + 4096)).unwrap();
+        }
+        let err = check_tmpfs_room(&store, &image, len, "l").unwrap_err();
         assert!(matches!(err, BuildError::TmpfsRoom { .. }), "{err}");
         assert!(err.to_string().contains("ENOSPC"), "{err}");
-        // A small hole fits.
-        f.set_len(4096).unwrap();
-        check_tmpfs_room(&store, &image, "l").unwrap();
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!   values encoded with `postcard`; the VMM's vmstate goes here.
 //! - [`memory`]: sparse memory files of guest RAM, diff files of dirty pages, and
 //!   copy-on-write overlays of diffs onto restored guest memory.
+//! - [`holes`]: anonymous memory over the holes of a privately mapped memory file (a tmpfs
+//!   file would otherwise give a page of the file system to every hole page touched).
 //! - [`cpu`]: the host CPU's fingerprint and the check that a snapshot may run here.
 //!
 //! Architecture invariant: every reader treats its input as hostile and returns an error for
@@ -15,10 +17,12 @@ mod atomic;
 pub mod cpu;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod holes;
 pub mod memory;
 pub mod state;
 
 pub use cpu::{CpuFingerprint, CpuMismatch};
+pub use holes::{HoleStats, fill_holes};
 /// Errors of [`memory`].
 pub use memory::Error as MemoryError;
 pub use memory::{

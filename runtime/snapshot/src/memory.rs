@@ -183,6 +183,16 @@ pub enum Error {
         /// The region's guest address.
         guest_base: u64,
     },
+    /// Mapping anonymous memory over the holes of a diff's ranges failed (a process out of
+    /// mappings, or of memory); guest memory is partly overlaid and must be discarded.
+    #[error("mapping anonymous memory over the holes of {path}")]
+    FillHoles {
+        /// The diff file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Mapping a diff range failed; guest memory is partly overlaid and must be discarded.
     #[error("mapping diff range {offset:#x}+{len:#x}")]
     Mmap {
@@ -778,6 +788,30 @@ fn map_overlay_bounded(
         for p in &pieces {
             map_piece(&file, p)?;
         }
+        // Zero pages written since the parent are holes of the diff: anonymous memory over
+        // them, or on tmpfs each one the guest touches takes a page of the file system.
+        let ranges: Vec<PageRange> = pieces
+            .iter()
+            .map(|p| PageRange {
+                offset: p.offset,
+                len: p.len,
+            })
+            .collect();
+        let host = |offset: u64| {
+            let i = pieces.partition_point(|p| p.offset + p.len <= offset);
+            let p = &pieces[i.min(pieces.len() - 1)];
+            // SAFETY: `offset` lies in piece `p` (a hole found inside its range), whose
+            // mapping it stays inside.
+            (unsafe { p.host.add(us(offset - p.offset)) }, p.prot)
+        };
+        // SAFETY: each piece was just mapped privately from this diff file at its own offset,
+        // and guest memory is not in use yet (see this function's contract).
+        unsafe { crate::holes::fill_holes(&file, &ranges, &host) }.map_err(|source| {
+            Error::FillHoles {
+                path: diff.to_path_buf(),
+                source,
+            }
+        })?;
     } else {
         // The copy writes through the mapping.
         if let Some(p) = pieces.iter().find(|p| p.prot & libc::PROT_WRITE == 0) {

@@ -339,6 +339,56 @@ pub fn restore_with(
     Ok(vmm)
 }
 
+/// The bounds on which holes of a memory file [`map_image`] maps anonymous.
+pub use specc_snapshot::holes::{MAX_HOLES, MIN_HOLE};
+
+/// Bytes of holes in `image`'s files that [`map_image`] leaves file-backed (beyond the bound
+/// on mappings; see `specc_snapshot::holes`): on tmpfs, the most a restored
+/// guest can take from the file system by touching them. Every other hole is mapped
+/// anonymous. Follows `map_image`'s own split: the base per RAM region, an overlay's ranges
+/// cut at region boundaries (and none for an overlay with more pieces than are mapped, which
+/// is copied in with `pread`, which takes no page of a hole).
+pub fn file_hole_bytes(image: &MemoryImage, mem_bytes: u64) -> Result<u64, Error> {
+    let mut regions = Vec::new();
+    let mut at = 0u64;
+    for (_, len) in crate::arch::x86_64::layout::ram_regions(mem_bytes) {
+        regions.push(PageRange { offset: at, len });
+        at += len;
+    }
+    let open = |p: &Path| File::open(p).map_err(|e| file_err(p, e));
+    let mut total = 0;
+    if let Some(base) = &image.base {
+        let f = open(base.as_path())?;
+        for r in &regions {
+            total += specc_snapshot::holes::plan_holes(&f, std::slice::from_ref(r))
+                .map_err(|e| file_err(base, e))?
+                .1;
+        }
+    }
+    for o in &image.overlays {
+        let mut pieces = Vec::new();
+        for range in &o.ranges {
+            for r in &regions {
+                let lo = range.offset.max(r.offset);
+                let hi = (range.offset + range.len).min(r.offset + r.len);
+                if lo < hi {
+                    pieces.push(PageRange {
+                        offset: lo,
+                        len: hi - lo,
+                    });
+                }
+            }
+        }
+        if pieces.len() <= specc_snapshot::memory::MAX_OVERLAY_MAPPINGS {
+            let f = open(o.file.as_path())?;
+            total += specc_snapshot::holes::plan_holes(&f, &pieces)
+                .map_err(|e| file_err(&o.file, e))?
+                .1;
+        }
+    }
+    Ok(total)
+}
+
 /// Maps a memory image: the base privately (or zeroes), each overlay over it.
 pub fn map_image(
     image: &MemoryImage,
@@ -362,7 +412,9 @@ pub fn map_image(
 
 /// Pages of a privately mapped file that have been written since it was mapped: in
 /// /proc/self/pagemap they are present (bit 63) or swapped (bit 62) but no longer file pages
-/// (bit 61).
+/// (bit 61). A page of a hole mapped anonymous (see [`file_hole_bytes`]) that the guest only
+/// read is the zero page, no file page either: it is taken as written, which costs the diff a
+/// range of zeros (a hole of the diff file), never a wrong byte.
 pub fn cow_pages(mem: &GuestMemoryMmap) -> Result<DirtyPages, Error> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
@@ -394,4 +446,105 @@ pub fn cow_pages(mem: &GuestMemoryMmap) -> Result<DirtyPages, Error> {
         bitmaps.push(words);
     }
     Ok(DirtyPages::from_kvm_bitmaps(bitmaps))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A sparse file of `len` bytes with a page of 0x11 at each of `pages` (byte offsets).
+    fn sparse(path: &Path, len: u64, pages: &[u64]) {
+        let f = File::create(path).unwrap();
+        f.set_len(len).unwrap();
+        for &at in pages {
+            f.write_all_at(&[0x11; 4096], at).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+
+    /// A base with holes and an overlay whose range has a one-page and a long hole: all are
+    /// mapped anonymous, nothing stays file-backed; the restored memory reads the files' bytes
+    /// and zeros, and a diff snapshot takes as written the pages written and the anonymous
+    /// hole pages read, never a file page only read.
+    #[test]
+    fn restored_memory_maps_long_holes_anonymous_and_diffs_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("memory");
+        let diff = dir.path().join("memory.diff");
+        sparse(&base, 16 * MIB, &[0, 8 * MIB]);
+        // The range 4 MiB..6 MiB: data at its start, at +8 KiB (a 4 KiB hole between) and at
+        // its last page (a long hole before it).
+        sparse(&diff, 16 * MIB, &[4 * MIB, 4 * MIB + 8192, 6 * MIB - 4096]);
+        let image = MemoryImage {
+            base: Some(base.clone()),
+            overlays: vec![Overlay {
+                file: diff.clone(),
+                ranges: vec![PageRange {
+                    offset: 4 * MIB,
+                    len: 2 * MIB,
+                }],
+            }],
+        };
+        assert_eq!(file_hole_bytes(&image, 16 * MIB).unwrap(), 0);
+
+        let mem = map_image(&image, 16 * MIB, false).unwrap();
+        let byte = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
+        for (a, want) in [
+            (0, 0x11),
+            (4096, 0),
+            (2 * MIB, 0),
+            (4 * MIB, 0x11),
+            (4 * MIB + 4096, 0),
+            (4 * MIB + 8192, 0x11),
+            (5 * MIB, 0),
+            (6 * MIB - 4096, 0x11),
+            (8 * MIB, 0x11),
+            (12 * MIB, 0),
+        ] {
+            assert_eq!(byte(a), want, "byte at {a:#x}");
+        }
+        let bitmap = |addrs: &[u64]| {
+            let mut words = vec![0u64; 16 * 256 / 64];
+            for a in addrs {
+                let page = usize::try_from(a / 4096).unwrap();
+                words[page / 64] |= 1 << (page % 64);
+            }
+            DirtyPages::from_kvm_bitmaps(vec![words])
+        };
+        // Reading an anonymous hole maps the zero page, which is not a file page: a diff takes
+        // it as written (zeros, a hole of the diff file). Reads of file data are not.
+        let read = [4096, 2 * MIB, 4 * MIB + 4096, 5 * MIB, 12 * MIB];
+        assert_eq!(cow_pages(&mem).unwrap(), bitmap(&read));
+        let written = [0, 2 * MIB, 5 * MIB, 8 * MIB + 4096];
+        for a in written {
+            mem.write_obj(0x77u8, GuestAddress(a)).unwrap();
+        }
+        assert_eq!(
+            cow_pages(&mem).unwrap(),
+            bitmap(&[
+                0,
+                4096,
+                2 * MIB,
+                4 * MIB + 4096,
+                5 * MIB,
+                8 * MIB + 4096,
+                12 * MIB
+            ])
+        );
+        let mut back = vec![0u8; 4096];
+        File::open(&base)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0x11),
+            "the base file is untouched"
+        );
+    }
 }

@@ -9,6 +9,12 @@
 //! mapping stays at 4 KiB (the copies of written pages are anonymous pages inside a file-backed
 //! mapping, which no THP path handles), so forking a restored VM copies one entry per page it
 //! touched (docs/benchmarks.md, fork).
+//!
+//! The holes of a memory file (its zero pages) are mapped anonymous over the file's mapping
+//! (`specc_snapshot::holes`): over the file, every hole page the guest touched would first
+//! get a page-cache page, which on tmpfs is a page of the file system (a store on a nearly
+//! full tmpfs made the guest's page faults fail). Anonymous, they are zero pages until
+//! written, as in a booted VM.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -60,6 +66,15 @@ pub enum Error {
         len: u64,
         /// The guest memory size.
         needed: u64,
+    },
+    /// Mapping anonymous memory over the holes of the memory file failed.
+    #[error("mapping anonymous memory over the holes of memory file {path}")]
+    FillHoles {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// mmap failed.
     #[error("mapping guest memory")]
@@ -195,6 +210,7 @@ pub fn create_with(
     };
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
+    let mut holes = specc_snapshot::HoleStats::default();
     for (start, len) in ram_regions(mem_bytes) {
         let size = usize::try_from(len).map_err(|_| Error::Region(start))?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
@@ -219,11 +235,54 @@ pub fn create_with(
                 );
             }
         }
+        if let Some(f) = &file {
+            let host = region.as_ptr();
+            let range = specc_snapshot::PageRange {
+                offset: file_offset,
+                len,
+            };
+            // SAFETY: `region` is a private mapping of `f` from `file_offset`, just made and
+            // used by nobody yet; `o` is a hole's offset inside `range`.
+            let filled = unsafe {
+                specc_snapshot::fill_holes(f, &[range], &|o| {
+                    (
+                        host.wrapping_add(usize::try_from(o - file_offset).unwrap_or(0)),
+                        prot,
+                    )
+                })
+            };
+            match filled {
+                Ok(stats) => {
+                    holes.add(stats);
+                }
+                Err(source) => {
+                    return Err(Error::FillHoles {
+                        path: backing_path(backing),
+                        source,
+                    });
+                }
+            }
+        }
         regions
             .push(GuestRegionMmap::new(region, GuestAddress(start)).ok_or(Error::Region(start))?);
         file_offset += len;
     }
+    if file.is_some() {
+        tracing::debug!(
+            holes = holes.filled,
+            hole_bytes = holes.filled_bytes,
+            file_hole_bytes = holes.file_hole_bytes,
+            "memory file holes mapped anonymous"
+        );
+    }
     GuestMemoryMmap::from_regions(regions).map_err(Error::Collection)
+}
+
+fn backing_path(backing: &MemoryBacking) -> PathBuf {
+    match backing {
+        MemoryBacking::File { path } => path.clone(),
+        MemoryBacking::Anonymous => PathBuf::new(),
+    }
 }
 
 /// How guest RAM is backed right now, from `/proc/self/smaps` (what `fork(2)` will copy).
