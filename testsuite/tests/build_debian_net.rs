@@ -16,11 +16,7 @@
 
 mod build_common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
-
-use build_common::{build_ok, events_of, marker, prepare_on_host, specc};
+use build_common::{build_ok, events_of, loopback_up, marker, prepare_on_host, serve, specc};
 use specc_guestkit::rootfs::{self, Base, DEFAULT_DISK_BYTES, RootfsOptions};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
@@ -53,35 +49,6 @@ fn prepare_debian_on_host() {
     .expect("building the debian bookworm rootfs (needs the Debian mirror)");
 }
 
-/// Serves `body` for every GET on the loopback; returns the port and the request lines seen.
-fn serve(body: String) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listening on the loopback");
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut first = String::new();
-            if reader.read_line(&mut first).is_err() {
-                continue;
-            }
-            // The rest of the head, up to the blank line.
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim() != "" {
-                line.clear();
-            }
-            log.lock().unwrap().push(first.trim().to_owned());
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    (port, seen)
-}
-
 #[test]
 fn a_debian_base_gets_dhcp_and_a_run_step_fetches_over_the_network() {
     prepare_on_host();
@@ -91,15 +58,7 @@ fn a_debian_base_gets_dhcp_and_a_run_step_fetches_over_the_network() {
     {
         return;
     }
-    if specc_rig::in_rig() {
-        // The rig boots with its loopback down (specc brings it up with passt's stand-in
-        // interface, but the server listens first).
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("running ip");
-        assert!(up.success(), "ip link set lo up: {up}");
-    }
+    loopback_up();
     let m = marker();
     let body = format!("fetched by apt over passt {m}\n");
     let (port, seen) = serve(body.clone());

@@ -9,8 +9,11 @@
 // Not every test file uses every helper.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 
 use specc_guestkit::rootfs;
 
@@ -190,4 +193,47 @@ pub fn sh(script: &str) {
         "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Serves `body` for every GET on the loopback (HTTP/1.1, `Connection: close`: busybox's wget
+/// and apt's HTTP client both read it); returns the port and the request lines seen. Inside
+/// the rig, call [`loopback_up`] first.
+pub fn serve(body: String) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listening on the loopback");
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            // The rest of the head, up to the blank line.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim() != "" {
+                line.clear();
+            }
+            log.lock().unwrap().push(first.trim().to_owned());
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+/// Inside the rig, brings the loopback up: the rig boots with it down (specc brings it up with
+/// passt's stand-in interface, but a test's server listens first).
+pub fn loopback_up() {
+    if specc_rig::in_rig() {
+        let up = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("running ip");
+        assert!(up.success(), "ip link set lo up: {up}");
+    }
 }
