@@ -192,10 +192,19 @@ fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path) {
         );
         return;
     };
+    // A VMM that is stuck as a whole never replies: bound each call, and say so.
     let call = |r: &Request| {
-        Vmm::connect(&sock, Duration::from_secs(10))
-            .and_then(|mut v| v.call(r))
-            .map_err(|e| specc_vmm::error_chain(&e))
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (sock, r) = (sock.clone(), r.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                Vmm::connect(&sock, Duration::from_secs(10))
+                    .and_then(|mut v| v.call(&r))
+                    .map_err(|e| specc_vmm::error_chain(&e)),
+            );
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| Err("the VMM did not reply within 30 s".to_owned()))
     };
     let show = |what: &str, r: Result<serde_json::Value, String>| match r {
         Ok(v) => eprintln!("--- VM {id}: {what} ---\n{v}"),
