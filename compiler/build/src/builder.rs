@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use specc_machine::{After, Disk, Machine, MachineConfig};
 use specc_plan::ir::{self, Digest, LayerId};
-use specc_store::{Algorithm, LayerRecord, Part, Role, Store};
+use specc_store::{Algorithm, LayerRecord, Part, Role, Store, owner};
 pub use specc_vmm::error_chain;
 use specc_vmm::snapshot_dir::{self, MemoryImage, Overlay};
 
@@ -339,7 +339,7 @@ impl Builder {
             .prefix(&format!(
                 "build-{}-{}-",
                 &layer.key.to_hex()[..12],
-                scratch_owner()
+                owner::current()
             ))
             .tempdir_in(&building)
             .map_err(scratch_err)?;
@@ -499,67 +499,33 @@ impl Builder {
 /// Where under the store root layer builds keep their VM's files until the store adopts them.
 pub const SCRATCH_DIR: &str = "building";
 
-/// Names the process that owns a build's scratch directories (`<boot id>.<pid>`), so a later
-/// build can tell a dead build's leftovers from a live one's. A build re-run inside the rig
-/// is owned by the host process that started the rig (`SCRATCH_OWNER_ENV`): a rig's processes
-/// are gone when it is, and only the host can see whether that process still runs.
-pub fn scratch_owner() -> String {
-    if let Some(owner) = std::env::var(SCRATCH_OWNER_ENV)
-        .ok()
-        .filter(|o| parse_owner(&format!("build-000000000000-{o}-x")).is_some())
-    {
-        return owner;
-    }
-    format!("{}.{}", boot_id(), std::process::id())
-}
-
-/// The variable a host process sets for the build it re-runs inside the rig
-/// ([`scratch_owner`]).
-pub const SCRATCH_OWNER_ENV: &str = "SPECC_BUILD_OWNER";
-
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(12)
-        .collect()
-}
-
-/// `build-<key 12 hex>-<boot id>.<pid>-<random>` → (boot id, pid).
-fn parse_owner(name: &str) -> Option<(&str, u32)> {
+/// The owner in a scratch directory's name, `build-<key 12 hex>-<owner>-<random>`: the process
+/// that made it (`specc_store::owner`; for a build re-run inside the rig, the host process that
+/// started the rig, which outlives it and whose end only the host can see).
+fn scratch_owner_of(name: &str) -> Option<&str> {
     let rest = name.strip_prefix("build-")?;
     let (_key, rest) = rest.split_once('-')?;
     let (owner, _random) = rest.split_once('-')?;
-    let (boot, pid) = owner.split_once('.')?;
-    (boot.len() == 12 && boot.chars().all(|c| c.is_ascii_hexdigit()))
-        .then_some(())
-        .and(pid.parse().ok().map(|pid| (boot, pid)))
+    owner::parse(owner).map(|_| owner)
 }
 
 /// Removes the scratch directories of killed builds: those whose owner ran on this boot and
-/// is gone, and any older than a day (an owner this kernel cannot see: a rig's, another
-/// machine's on a shared store). Returns how many it removed. A live build's are kept;
-/// its owner is still there.
+/// is gone, and, where this kernel cannot tell (a rig's, another machine's on a shared store),
+/// those older than a day. Returns how many it removed. A live build's are kept.
 pub fn remove_dead_scratch(store: &Store) -> usize {
     let Ok(dir) = std::fs::read_dir(store.root().join(SCRATCH_DIR)) else {
         return 0;
     };
-    let here = boot_id();
     let mut removed = 0;
     for e in dir.flatten() {
         let name = e.file_name();
-        let dead = match parse_owner(&name.to_string_lossy()) {
-            Some((boot, pid)) if boot == here => !Path::new(&format!("/proc/{pid}")).exists(),
-            _ => false,
-        };
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > Duration::from_secs(24 * 3600));
-        if (dead || old) && std::fs::remove_dir_all(e.path()).is_ok() {
+        let mtime = e.metadata().and_then(|m| m.modified()).ok();
+        if owner::is_leftover(
+            scratch_owner_of(&name.to_string_lossy()),
+            mtime,
+            owner::FOREIGN_GRACE,
+        ) && std::fs::remove_dir_all(e.path()).is_ok()
+        {
             removed += 1;
         }
     }
@@ -741,10 +707,10 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = child.id();
         child.wait().unwrap();
-        let boot = boot_id();
-        assert_eq!(boot.len(), 12, "{boot:?}");
+        let me = owner::current();
+        let (boot, _) = owner::parse(&me).expect("own owner");
         let dead = building.join(format!("build-0123456789ab-{boot}.{dead_pid}-x1"));
-        let live = building.join(format!("build-0123456789ab-{}-x2", scratch_owner()));
+        let live = building.join(format!("build-0123456789ab-{me}-x2"));
         let other_boot = building.join(format!("build-0123456789ab-000000000000.{dead_pid}-x3"));
         let unnamed = building.join("something-else");
         for d in [&dead, &live, &other_boot, &unnamed] {
@@ -755,8 +721,8 @@ mod tests {
         assert!(!dead.exists());
         assert!(live.exists() && other_boot.exists() && unnamed.exists());
         assert_eq!(
-            parse_owner(&live.file_name().unwrap().to_string_lossy()).map(|o| o.1),
-            Some(std::process::id())
+            scratch_owner_of(&live.file_name().unwrap().to_string_lossy()),
+            Some(me.as_str())
         );
     }
 }

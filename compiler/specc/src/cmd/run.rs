@@ -317,10 +317,7 @@ pub(crate) fn rerun_in_rig(
     unsafe {
         std::env::set_var("SPECC_AGENT_BIN", &guest.agent);
         // This process, which outlives the rig, owns the build's scratch files in the store.
-        std::env::set_var(
-            specc_build::builder::SCRATCH_OWNER_ENV,
-            specc_build::builder::scratch_owner(),
-        );
+        std::env::set_var(specc_store::owner::OWNER_ENV, specc_store::owner::current());
         // The rig has no route to a registry; an OCI base was pulled just now, out here.
         std::env::set_var(specc_guestkit::oci::OFFLINE_ENV, "1");
     }
