@@ -420,19 +420,21 @@ impl Machine {
     /// Live fork into one child per run directory; returns the source's pause in
     /// microseconds and the children.
     pub fn fork(&self, dirs: &[PathBuf]) -> Result<(u64, Vec<ForkedMachine>), MachineError> {
-        let (report, children) = self.fork_with_report(dirs)?;
+        let (report, children) = self.fork_with_report(dirs, None)?;
         Ok((report.pause_us, children))
     }
 
-    /// [`Machine::fork`], with the VMM's whole report: the pause's phases, guest memory's
-    /// backing, any collapse or promotion (docs/fork.md). Its `children` are moved into the
-    /// returned machines.
+    /// [`Machine::fork`] in `mode` (`None`: the VM's `fork_mode`), with the VMM's whole report:
+    /// the pause's phases, guest memory's backing, the precopy or promotion (docs/fork.md). Its
+    /// `children` are moved into the returned machines.
     pub fn fork_with_report(
         &self,
         dirs: &[PathBuf],
+        mode: Option<specc_vmm::snapshot::ForkMode>,
     ) -> Result<(specc_vmm::snapshot::ForkReport, Vec<ForkedMachine>), MachineError> {
         let r = self.control(&specc_vmm::control::Request::Fork {
             children: dirs.to_vec(),
+            mode,
         })?;
         let mut report: specc_vmm::snapshot::ForkReport =
             serde_json::from_value(r).map_err(|e| MachineError::Control(e.into()))?;

@@ -39,6 +39,11 @@ pub enum Request {
     Fork {
         /// The children's run directories.
         children: Vec<PathBuf>,
+        /// How the children get memory; absent: the VM's `fork_mode`. `cow` gives children
+        /// within milliseconds at a pause that grows with memory, `precopy` a pause that does
+        /// not, after a copy of the touched RAM (docs/fork.md).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<crate::snapshot::ForkMode>,
     },
     /// Move a restored VM's guest RAM into anonymous huge pages now, ahead of its first fork
     /// (`Vmm::promote_memory`; running or paused). The result is the `PromotionReport`, or
@@ -271,8 +276,21 @@ mod tests {
         assert_eq!(
             f,
             Request::Fork {
-                children: vec!["/a".into(), "/b".into()]
+                children: vec!["/a".into(), "/b".into()],
+                mode: None
             }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"fork","children":["/a"],"mode":"cow"}"#)
+                .unwrap(),
+            Request::Fork {
+                children: vec!["/a".into()],
+                mode: Some(crate::snapshot::ForkMode::Cow)
+            }
+        );
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"fork","children":[],"mode":"copy"}"#)
+                .is_err()
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"fork","children":[],"x":1}"#).is_err());
         assert_eq!(

@@ -63,19 +63,21 @@ fn serve(mut vmm: Vmm, mut config: VmConfig) -> anyhow::Result<(Vmm, VmConfig, E
                         }
                 );
                 let reply = match p.request {
-                    Request::Fork { children } => match vmm.fork(&config, &children) {
-                        Ok(Forked::Source(report)) => {
-                            Reply::ok(serde_json::to_value(report).unwrap_or_default())
+                    Request::Fork { children, mode } => {
+                        match vmm.fork_with(&config, &children, mode.unwrap_or(config.fork_mode)) {
+                            Ok(Forked::Source(report)) => {
+                                Reply::ok(serde_json::to_value(report).unwrap_or_default())
+                            }
+                            Ok(Forked::Child { config: c, .. }) => {
+                                // The request and its reply channel are the source's.
+                                std::mem::forget(p.reply);
+                                std::mem::forget(rx);
+                                config = *c;
+                                continue 'vm;
+                            }
+                            Err(e) => Reply::err(error_chain(&e)),
                         }
-                        Ok(Forked::Child { config: c, .. }) => {
-                            // The request and its reply channel are the source's.
-                            std::mem::forget(p.reply);
-                            std::mem::forget(rx);
-                            config = *c;
-                            continue 'vm;
-                        }
-                        Err(e) => Reply::err(error_chain(&e)),
-                    },
+                    }
                     other => specc_vmm::handle_request(&mut vmm, &config, other),
                 };
                 let failed = !reply.ok;

@@ -331,7 +331,7 @@ fn restored_linux_forks(
     for (k, name) in ["first", "second"].iter().enumerate() {
         let dirs = vec![run_dir.join(format!("child{k}"))];
         let (fork, children) = vm
-            .fork_with_report(&dirs)
+            .fork_with_report(&dirs, None)
             .with_context(|| format!("{name} fork of the restored VM"))?;
         report.figure(
             &format!("fork_restored_linux_{name}_ms"),
