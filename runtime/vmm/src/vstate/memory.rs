@@ -330,7 +330,22 @@ pub fn usage(mem: &GuestMemoryMmap) -> Result<Usage, Error> {
         if let Some((lo, hi)) = first.split_once('-')
             && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
         {
-            inside = ranges.iter().any(|&(a, b)| lo < b && hi > a);
+            // The kernel merges an anonymous RAM mapping with an adjacent one of the same
+            // flags (another thread's, say), and smaps then reports both as one: count such a
+            // mapping's RAM part page by page instead of its whole figures.
+            let mut partial = false;
+            inside = false;
+            for &(a, b) in &ranges {
+                if lo < b && hi > a {
+                    if lo >= a && hi <= b {
+                        inside = true;
+                    } else {
+                        partial = true;
+                        u.resident_bytes += resident_in(lo.max(a), hi.min(b));
+                    }
+                }
+            }
+            inside &= !partial;
             continue;
         }
         let Some((key, rest)) = line.split_once(':') else {
@@ -353,6 +368,19 @@ pub fn usage(mem: &GuestMemoryMmap) -> Result<Usage, Error> {
         }
     }
     Ok(u)
+}
+
+/// Resident bytes of `[lo, hi)` (page aligned, mapped), by `mincore(2)`.
+fn resident_in(lo: usize, hi: usize) -> u64 {
+    let pages = (hi - lo).div_ceil(PAGE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `[lo, hi)` lies in a mapping of this process (read from smaps just now), and
+    // `vec` has one byte per page of it.
+    let rc = unsafe { libc::mincore(lo as *mut libc::c_void, hi - lo, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE as u64
 }
 
 /// `MADV_COLLAPSE` of every region of `mem`: 4 KiB anonymous pages into huge pages, with
