@@ -4,7 +4,8 @@
 //! route), then a `run` step restored from the base fetches a file over HTTP with what
 //! Debian's minbase has (`apt-helper download-file`, apt's own HTTP client) from a server of
 //! this test reached through the passt gateway. The file is in the built layer (`specc run`
-//! reads it back) and a rebuild is cached without fetching again.
+//! reads it back), the layer's `service` is a systemd unit still running in a VM restored from
+//! the built head, and a rebuild is cached without fetching again.
 //!
 //! The debootstrap tree and the image are made on the host first (root and the Debian mirror:
 //! minutes the first time, cached under `$SPECC_HOME` after). The build itself runs inside
@@ -75,6 +76,7 @@ fn a_debian_base_gets_dhcp_and_a_run_step_fetches_over_the_network() {
 
     layer "fetch" {{
         run "gw=$(ip route show default | awk '{{print $3; exit}}'); /usr/lib/apt/apt-helper download-file http://$gw:{port}/file-{m} /tmp/fetched && mv /tmp/fetched /root/fetched && networkctl list --no-pager --no-legend > /root/links"
+        service "ticker" exec="while :; do date +%s%N > /run/ticker.new; mv /run/ticker.new /run/ticker; sleep 0.2; done"
     }}
 }}
 "#
@@ -122,6 +124,31 @@ fn a_debian_base_gets_dhcp_and_a_run_step_fetches_over_the_network() {
                 .iter()
                 .all(|l| l.contains("routable") && l.contains("configured")),
         "every ethernet link configured and routable by networkd: {links}"
+    );
+
+    // The layer's service is a systemd unit, enabled, and still running in a VM restored
+    // from the built head: its file keeps changing.
+    let out = specc(&["run"])
+        .arg(&spec)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "systemctl is-enabled ticker.service; systemctl is-active ticker.service; \
+             a=$(cat /run/ticker); sleep 1; b=$(cat /run/ticker); \
+             [ \"$b\" -gt \"$a\" ] && echo ticking",
+        ])
+        .output()
+        .expect("running specc run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout
+                .split_whitespace()
+                .eq(["enabled", "active", "ticking"]),
+        "the ticker service after restore ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // Cached: the key covers the command, not what it fetched, so no second request.

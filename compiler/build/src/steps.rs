@@ -488,18 +488,21 @@ fn install_service(
         let mut unit = format!(
             "[Unit]\nDescription=specc service {name}\nAfter=network.target\n\n[Service]\n\
              ExecStart=/bin/sh -c {exec}\nRestart={restart}\n",
-            name = s.name,
-            exec = sh_quote(&s.exec),
+            name = unit_escape(&s.name),
+            exec = unit_quote(&s.exec),
             restart = s.restart.as_str(),
         );
         if let Some(u) = &s.user {
-            unit.push_str(&format!("User={u}\n"));
+            unit.push_str(&format!("User={}\n", unit_escape(u)));
         }
         if let Some(w) = &s.workdir {
-            unit.push_str(&format!("WorkingDirectory={w}\n"));
+            unit.push_str(&format!("WorkingDirectory={}\n", unit_escape(w)));
         }
         for (k, v) in &s.env {
-            unit.push_str(&format!("Environment={}\n", sh_quote(&format!("{k}={v}"))));
+            unit.push_str(&format!(
+                "Environment={}\n",
+                unit_quote(&format!("{k}={v}"))
+            ));
         }
         unit.push_str("\n[Install]\nWantedBy=multi-user.target\n");
         let path = format!("/etc/systemd/system/{}.service", s.name);
@@ -543,6 +546,24 @@ fn install_service(
     run_shell(agent, &script, &BTreeMap::new(), "/", &user, out)
 }
 
+/// `s` with systemd's specifiers (`%s` is the user's shell, `%N` the unit's name, ...)
+/// turned back into literal text.
+fn unit_escape(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// `s` as one argument of a systemd unit's command line or `Environment=`: double-quoted with
+/// C escapes, and `%` and `$` doubled, since systemd expands specifiers and `$VAR` there
+/// before the shell ever sees the command.
+fn unit_quote(s: &str) -> String {
+    let escaped = unit_escape(s)
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('$', "$$")
+        .replace('\n', "\\n");
+    format!("\"{escaped}\"")
+}
+
 /// Quotes `s` for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
     if !s.is_empty()
@@ -557,6 +578,16 @@ pub fn sh_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unit_command_line_reaches_the_shell_unexpanded() {
+        assert_eq!(
+            unit_quote(r#"date +%s > "$f" \ done"#),
+            r#""date +%%s > \"$$f\" \\ done""#
+        );
+        assert_eq!(unit_quote("a\nb"), r#""a\nb""#);
+        assert_eq!(unit_escape("/srv/%i"), "/srv/%%i");
+    }
 
     #[test]
     fn sh_quote_leaves_plain_words_and_quotes_the_rest() {
