@@ -515,6 +515,16 @@ mod tests {
         p
     }
 
+    /// Runs test `name` alone in a fresh process of this test binary with `var=value` (so a
+    /// `fork(2)` there sees no other test thread), and returns its output.
+    fn in_own_process(name: &str, var: &str, value: &str) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env(var, value)
+            .output()
+            .unwrap()
+    }
+
     fn require_kvm() {
         if let Err(e) = std::fs::File::options()
             .read(true)
@@ -801,15 +811,11 @@ mod tests {
             std::process::exit(fork_probe());
         }
         require_kvm();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::fork_of_a_paused_vmm_gives_a_child_vm_over_copy_on_write_memory",
-                "--test-threads=1",
-            ])
-            .env("SPECC_VMM_FORK_PROBE", "1")
-            .output()
-            .unwrap();
+        let out = in_own_process(
+            "tests::fork_of_a_paused_vmm_gives_a_child_vm_over_copy_on_write_memory",
+            "SPECC_VMM_FORK_PROBE",
+            "1",
+        );
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -1172,16 +1178,11 @@ mod tests {
         require_kvm();
         // A paused source is copied whole while it stays paused (no dirty log).
         for mode in ["cow", "precopy", "precopy-paused"] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "tests::live_fork_gives_three_independent_running_children",
-                    "--test-threads=1",
-                    "--nocapture",
-                ])
-                .env("SPECC_VMM_LIVE_FORK_PROBE", mode)
-                .output()
-                .unwrap();
+            let out = in_own_process(
+                "tests::live_fork_gives_three_independent_running_children",
+                "SPECC_VMM_LIVE_FORK_PROBE",
+                mode,
+            );
             assert_eq!(
                 out.status.code(),
                 Some(0),
@@ -1349,16 +1350,11 @@ mod tests {
             std::process::exit(precopy_exact_probe());
         }
         require_kvm();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::a_precopy_fork_child_sees_memory_exactly_as_of_the_pause",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .env("SPECC_VMM_PRECOPY_PROBE", "1")
-            .output()
-            .unwrap();
+        let out = in_own_process(
+            "tests::a_precopy_fork_child_sees_memory_exactly_as_of_the_pause",
+            "SPECC_VMM_PRECOPY_PROBE",
+            "1",
+        );
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -1511,16 +1507,11 @@ mod tests {
             std::process::exit(restored_fork_probe());
         }
         require_kvm();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::a_restored_vm_is_promoted_on_its_first_fork_and_its_forks_diverge",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .env("SPECC_VMM_RESTORED_FORK_PROBE", "1")
-            .output()
-            .unwrap();
+        let out = in_own_process(
+            "tests::a_restored_vm_is_promoted_on_its_first_fork_and_its_forks_diverge",
+            "SPECC_VMM_RESTORED_FORK_PROBE",
+            "1",
+        );
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -1625,16 +1616,11 @@ mod tests {
             std::process::exit(restored_precopy_probe());
         }
         require_kvm();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::precopy_forks_of_a_restored_vm_and_of_its_child_keep_every_byte",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .env("SPECC_VMM_RESTORED_PRECOPY_PROBE", "1")
-            .output()
-            .unwrap();
+        let out = in_own_process(
+            "tests::precopy_forks_of_a_restored_vm_and_of_its_child_keep_every_byte",
+            "SPECC_VMM_RESTORED_PRECOPY_PROBE",
+            "1",
+        );
         assert_eq!(
             out.status.code(),
             Some(0),
