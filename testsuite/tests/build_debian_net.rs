@@ -17,7 +17,7 @@
 
 mod build_common;
 
-use build_common::{build_ok, events_of, loopback_up, marker, prepare_on_host, serve, specc};
+use build_common::{build_ok, events_of, loopback_up, marker, prepare_on_host, run_ok, serve};
 use specc_guestkit::rootfs::{self, Base, DEFAULT_DISK_BYTES, RootfsOptions};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
@@ -103,18 +103,7 @@ fn a_debian_base_gets_dhcp_and_a_run_step_fetches_over_the_network() {
 
     // The fetched file is in the built head's disk, and networkd had configured the link
     // (by DHCP in the base; the restored layer kept it).
-    let out = specc(&["run"])
-        .arg(&spec)
-        .args(["--", "sh", "-c", "cat /root/fetched; cat /root/links"])
-        .output()
-        .expect("running specc run");
-    assert!(
-        out.status.success(),
-        "specc run failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = run_ok(&spec, "cat /root/fetched; cat /root/links");
     let (fetched, links) = stdout.split_at(body.len().min(stdout.len()));
     assert_eq!(fetched, body, "{stdout}");
     let ether: Vec<&str> = links.lines().filter(|l| l.contains(" ether ")).collect();
@@ -128,27 +117,17 @@ fn a_debian_base_gets_dhcp_and_a_run_step_fetches_over_the_network() {
 
     // The layer's service is a systemd unit, enabled, and still running in a VM restored
     // from the built head: its file keeps changing.
-    let out = specc(&["run"])
-        .arg(&spec)
-        .args([
-            "--",
-            "sh",
-            "-c",
-            "systemctl is-enabled ticker.service; systemctl is-active ticker.service; \
-             a=$(cat /run/ticker); sleep 1; b=$(cat /run/ticker); \
-             [ \"$b\" -gt \"$a\" ] && echo ticking",
-        ])
-        .output()
-        .expect("running specc run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ticker = run_ok(
+        &spec,
+        "systemctl is-enabled ticker.service; systemctl is-active ticker.service; \
+         a=$(cat /run/ticker); sleep 1; b=$(cat /run/ticker); \
+         [ \"$b\" -gt \"$a\" ] && echo ticking",
+    );
     assert!(
-        out.status.success()
-            && stdout
-                .split_whitespace()
-                .eq(["enabled", "active", "ticking"]),
-        "the ticker service after restore ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        ticker
+            .split_whitespace()
+            .eq(["enabled", "active", "ticking"]),
+        "the ticker service after restore: {ticker}"
     );
 
     // Cached: the key covers the command, not what it fetched, so no second request.

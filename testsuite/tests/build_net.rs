@@ -11,7 +11,9 @@
 
 mod build_common;
 
-use build_common::{DISK, build_ok, events_of, loopback_up, marker, prepare_on_host, serve, specc};
+use build_common::{
+    DISK, build_ok, events_of, loopback_up, marker, prepare_on_host, run_ok, serve,
+};
 use specc_rig::testing::run_in_rig_unless_hardware;
 
 #[test]
@@ -75,19 +77,8 @@ fn a_run_step_fetches_over_the_network_into_the_layer() {
 
     // The fetched file is in the built head's disk: `specc run` restores the snapshot (with
     // its network device, over a new passt) and reads it.
-    let out = specc(&["run"])
-        .arg(&spec)
-        .args(["--", "sh", "-c", "cat /root/fetched; cat /root/size"])
-        .output()
-        .expect("running specc run");
-    assert!(
-        out.status.success(),
-        "specc run failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        run_ok(&spec, "cat /root/fetched; cat /root/size"),
         format!("{body}{}\n", body.len())
     );
 

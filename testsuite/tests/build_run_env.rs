@@ -8,21 +8,10 @@
 
 mod build_common;
 
-use build_common::{DISK, build_ok, events_of, marker, prepare_on_host, specc};
+use build_common::{DISK, build_ok, events_of, marker, prepare_on_host, run_ok};
 
 fn run_cmd(spec: &std::path::Path) -> String {
-    let out = specc(&["run"])
-        .arg(spec)
-        .args(["--", "sh", "-c", "echo \"$GREETING $TARGET\"; pwd; id -u"])
-        .output()
-        .expect("running specc run");
-    assert!(
-        out.status.success(),
-        "specc run failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(spec, "echo \"$GREETING $TARGET\"; pwd; id -u")
 }
 
 #[test]

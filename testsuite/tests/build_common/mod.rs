@@ -47,6 +47,24 @@ pub fn specc(args: &[&str]) -> Command {
     cmd
 }
 
+/// `specc run SPEC -- sh -c SCRIPT` (the spec's VM, restored from its built head or booted);
+/// asserts it succeeded and returns its stdout.
+pub fn run_ok(spec: &Path, script: &str) -> String {
+    let out = specc(&["run"])
+        .arg(spec)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .expect("running specc run");
+    assert!(
+        out.status.success(),
+        "specc run failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A string unique to this run, for commands whose layer keys must be new.
 pub fn marker() -> String {
     let nanos = std::time::SystemTime::now()
