@@ -543,10 +543,7 @@ impl Daemon {
                     .map_err(|e| src(&e))?
             }
             Source::Registry { reference } => {
-                let layout = tempfile::Builder::new()
-                    .prefix("pull-")
-                    .tempdir_in(self.store.root().join("tmp"))
-                    .map_err(io_err("creating a pull directory in the store"))?;
+                let layout = self.store.temp_dir("pull").map_err(|e| src(&e))?;
                 specc_store::registry::pull(
                     reference,
                     layout.path(),
