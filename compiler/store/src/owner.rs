@@ -55,13 +55,17 @@ pub fn is_leftover(owner: Option<&str>, mtime: Option<SystemTime>, grace: Durati
             .is_some_and(|age| age > grace)
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(12)
-        .collect()
+/// The first 12 hex digits of this boot's id, read once (a cleanup judges every entry by it).
+fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(12)
+            .collect()
+    })
 }
 
 #[cfg(test)]
