@@ -4,6 +4,7 @@
 //!   values encoded with `postcard`; the VMM's vmstate goes here.
 //! - [`memory`]: sparse memory files of guest RAM, diff files of dirty pages, and
 //!   copy-on-write overlays of diffs onto restored guest memory.
+//! - [`merge`]: one diff file from a chain of them (a VM's suspends, compacted).
 //! - [`holes`]: anonymous memory over the holes of a privately mapped memory file (a tmpfs
 //!   file would otherwise give a page of the file system to every hole page touched).
 //! - [`cpu`]: the host CPU's fingerprint and the check that a snapshot may run here.
@@ -19,6 +20,7 @@ pub mod cpu;
 pub mod fuzzing;
 pub mod holes;
 pub mod memory;
+pub mod merge;
 pub mod state;
 
 pub use cpu::{CpuFingerprint, CpuMismatch};

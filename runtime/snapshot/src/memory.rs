@@ -525,7 +525,7 @@ impl<'a> RunWriter<'a> {
 }
 
 /// A sparse output file of `total` bytes, all holes, that replaces `path` when committed.
-fn create_sparse(path: &Path, total: u64) -> Result<AtomicFile, Error> {
+pub(crate) fn create_sparse(path: &Path, total: u64) -> Result<AtomicFile, Error> {
     let cerr = |source| Error::Create {
         path: path.to_path_buf(),
         source,
@@ -680,7 +680,7 @@ pub fn check_memory_file(path: &Path, expected_len: u64) -> Result<(), Error> {
     check_open_file(&file, path, expected_len)
 }
 
-fn check_open_file(file: &File, path: &Path, expected: u64) -> Result<(), Error> {
+pub(crate) fn check_open_file(file: &File, path: &Path, expected: u64) -> Result<(), Error> {
     let meta = file.metadata().map_err(|source| Error::Open {
         path: path.to_path_buf(),
         source,
@@ -696,6 +696,37 @@ fn check_open_file(file: &File, path: &Path, expected: u64) -> Result<(), Error>
             len: meta.len(),
             expected,
         });
+    }
+    Ok(())
+}
+
+/// Checks a diff's range list from an untrusted vmstate against a memory of `total` bytes:
+/// every range non-empty, page-aligned, inside memory, and after the previous one.
+pub(crate) fn check_ranges(ranges: &[PageRange], total: u64) -> Result<(), Error> {
+    let mut prev_end = 0u64;
+    for r in ranges {
+        let bad = |reason| Error::BadRange {
+            offset: r.offset,
+            len: r.len,
+            reason,
+        };
+        if r.len == 0 {
+            return Err(bad("empty"));
+        }
+        if r.offset % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
+            return Err(bad("not page aligned"));
+        }
+        let end = r
+            .offset
+            .checked_add(r.len)
+            .ok_or_else(|| bad("overflows"))?;
+        if end > total {
+            return Err(bad("beyond the end of guest memory"));
+        }
+        if r.offset < prev_end {
+            return Err(bad("overlaps or precedes the previous range"));
+        }
+        prev_end = end;
     }
     Ok(())
 }
@@ -738,31 +769,10 @@ fn map_overlay_bounded(
         source,
     })?;
     check_open_file(&file, diff, total)?;
+    check_ranges(ranges, total)?;
     let mut pieces = Vec::new();
-    let mut prev_end = 0u64;
     for r in ranges {
-        let bad = |reason| Error::BadRange {
-            offset: r.offset,
-            len: r.len,
-            reason,
-        };
-        if r.len == 0 {
-            return Err(bad("empty"));
-        }
-        if r.offset % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
-            return Err(bad("not page aligned"));
-        }
-        let end = r
-            .offset
-            .checked_add(r.len)
-            .ok_or_else(|| bad("overflows"))?;
-        if end > total {
-            return Err(bad("beyond the end of guest memory"));
-        }
-        if r.offset < prev_end {
-            return Err(bad("overlaps or precedes the previous range"));
-        }
-        prev_end = end;
+        let end = r.offset + r.len;
         for view in &views {
             let lo = r.offset.max(view.file_base);
             let hi = end.min(view.file_base + view.len);
@@ -878,7 +888,7 @@ fn copy_piece(file: &File, path: &Path, p: &Piece) -> Result<(), Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use proptest::prelude::*;
@@ -891,7 +901,7 @@ mod tests {
 
     /// Two anonymous regions with a gap between them in guest space, like RAM below and above
     /// the PCI hole; THP off so that pagemap counts are exact.
-    fn anon_mem(lens: &[usize]) -> GuestMemoryMmap {
+    pub(crate) fn anon_mem(lens: &[usize]) -> GuestMemoryMmap {
         let mut base = 0u64;
         let ranges: Vec<_> = lens
             .iter()
@@ -911,7 +921,7 @@ mod tests {
     }
 
     /// Guest memory of the same layout as `like`, mapped MAP_PRIVATE from `path`.
-    fn file_mem(path: &Path, like: &GuestMemoryMmap) -> GuestMemoryMmap {
+    pub(crate) fn file_mem(path: &Path, like: &GuestMemoryMmap) -> GuestMemoryMmap {
         let file = Arc::new(File::open(path).unwrap());
         let mut off = 0u64;
         let regions: Vec<_> = like
@@ -930,7 +940,7 @@ mod tests {
         GuestMemoryMmap::from_regions(regions).unwrap()
     }
 
-    fn contents(mem: &GuestMemoryMmap) -> Vec<u8> {
+    pub(crate) fn contents(mem: &GuestMemoryMmap) -> Vec<u8> {
         let mut out = Vec::new();
         for r in mem.iter() {
             let mut buf = vec![0u8; us(r.len())];
@@ -941,7 +951,7 @@ mod tests {
     }
 
     /// Guest address of memory-file offset `off`.
-    fn gpa(mem: &GuestMemoryMmap, mut off: u64) -> GuestAddress {
+    pub(crate) fn gpa(mem: &GuestMemoryMmap, mut off: u64) -> GuestAddress {
         for r in mem.iter() {
             if off < r.len() {
                 return r.start_addr().unchecked_add(off);
@@ -951,7 +961,7 @@ mod tests {
         panic!("offset beyond memory");
     }
 
-    fn fill_page(mem: &GuestMemoryMmap, off: u64, byte: u8) {
+    pub(crate) fn fill_page(mem: &GuestMemoryMmap, off: u64, byte: u8) {
         mem.write_slice(&[byte; us(PAGE_SIZE)], gpa(mem, off))
             .unwrap();
     }
