@@ -224,6 +224,15 @@ fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path) {
             Err(_) => "an exec does not return within 60 s".to_owned(),
         }
     };
+    // First what the rig's kernel says about the VMM process: a VMM blocked as a whole shows
+    // here (thread states, where each one sleeps) even when its control thread cannot answer.
+    match peer_pid(&sock) {
+        Some(pid) => eprintln!("--- VM {id}: VMM pid {pid} ---\n{}", process_report(pid)),
+        None => eprintln!("--- VM {id}: no pid behind {}", sock.display()),
+    }
+    // Status needs only the VMM's main thread; inspect also pauses the vCPUs and reads guest
+    // memory: which one answers says how much of the VMM still runs.
+    show("status", call(&Request::Status));
     show("inspect", call(&Request::Inspect));
     for (what, interrupts, queues) in [("interrupts", true, false), ("queues", false, true)] {
         show(
@@ -240,6 +249,177 @@ fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path) {
             break;
         }
     }
+}
+
+/// The pid of the process listening on the unix socket `sock` (SO_PEERCRED of a connection;
+/// the kernel answers it even when the listener never accepts).
+fn peer_pid(sock: &Path) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let stream = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized ucred.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+/// The process state of task `stat` (the letter after the command's closing parenthesis),
+/// and its minor and major fault counts (fields 10 and 12 of proc(5)).
+fn stat_state(stat: &str) -> (String, String, String) {
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or("?").to_owned();
+    // After the comm: state is field 3 of proc(5), so index 0 here; minflt 10, majflt 12.
+    (at(0), at(7), at(9))
+}
+
+/// What the kernel says about process `pid` and each of its threads: `status` (State, VmRSS,
+/// Threads), then per thread its name, state, faults, wait channel, system call and kernel
+/// stack (the last two only where the kernel has them).
+fn process_report(pid: i32) -> String {
+    let read = |p: String| {
+        std::fs::read_to_string(&p)
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_else(|e| format!("({p}: {e})"))
+    };
+    let mut out = String::new();
+    let status = read(format!("/proc/{pid}/status"));
+    for key in ["State:", "VmRSS:", "Threads:"] {
+        if let Some(l) = status.lines().find(|l| l.starts_with(key)) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    for tid in tids {
+        let t = format!("/proc/{pid}/task/{tid}");
+        let (state, minflt, majflt) = stat_state(&read(format!("{t}/stat")));
+        out.push_str(&format!(
+            "tid {tid} {:<16} state {state} minflt {minflt} majflt {majflt} wchan {} syscall {}\n",
+            read(format!("{t}/comm")),
+            read(format!("{t}/wchan")),
+            read(format!("{t}/syscall")),
+        ));
+        if let Ok(stack) = std::fs::read_to_string(format!("{t}/stack")) {
+            for l in stack.lines() {
+                out.push_str("    ");
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// The rig-wide picture once VMs stop answering: memory available, every task in
+/// uninterruptible sleep (state D) and where it sleeps, and the kernel's hung-task and 9p
+/// messages (plus its last lines).
+fn host_report() -> String {
+    let mut out = String::new();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    for key in [
+        "MemAvailable:",
+        "MemFree:",
+        "Cached:",
+        "Dirty:",
+        "Writeback:",
+    ] {
+        if let Some(l) = meminfo.lines().find(|l| l.starts_with(key)) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out.push_str(&format!(
+        "loadavg {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default()
+    ));
+    let mut blocked = 0;
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        for t in std::fs::read_dir(p.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let (state, _, majflt) = stat_state(&stat);
+            if state != "D" {
+                continue;
+            }
+            blocked += 1;
+            let r = |f: &str| {
+                std::fs::read_to_string(t.path().join(f))
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            if blocked <= 60 {
+                out.push_str(&format!(
+                    "D pid {pid} tid {} {} majflt {majflt} wchan {} syscall {}\n",
+                    t.file_name().to_string_lossy(),
+                    r("comm"),
+                    r("wchan"),
+                    r("syscall"),
+                ));
+            }
+        }
+    }
+    out.push_str(&format!("{blocked} tasks in state D\n"));
+    match Command::new("dmesg").output() {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            let notable: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| {
+                    [
+                        "hung_task",
+                        "blocked for more than",
+                        "9p",
+                        "9pnet",
+                        "Call Trace",
+                        "oom",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .collect();
+            out.push_str(&format!(
+                "dmesg: {} lines, {} notable:\n",
+                lines.len(),
+                notable.len()
+            ));
+            for l in notable.iter().take(80) {
+                out.push_str(l);
+                out.push('\n');
+            }
+            out.push_str("dmesg (end):\n");
+            out.push_str(&lines[lines.len().saturating_sub(15)..].join("\n"));
+            out.push('\n');
+        }
+        Err(e) => out.push_str(&format!("(dmesg: {e})\n")),
+    }
+    out
 }
 
 fn delete(c: &Client, id: &str) -> anyhow::Result<()> {
@@ -370,6 +550,7 @@ fn load(
                         // Stalled: what the VMMs said is the best clue to where.
                         dumped = true;
                         dump_vmm_logs(&daemon.state().join("run/vms"));
+                        eprintln!("--- rig: execs stalled ---\n{}", host_report());
                     }
                     before = n;
                     progress(
@@ -422,6 +603,7 @@ fn load(
         }
         eprintln!("--- specd log (end) ---\n{}", daemon.log_tail(40));
         // Where the failing VMs stand: their guest consoles (kernel and agent messages).
+        eprintln!("--- rig: at the diagnosis ---\n{}", host_report());
         let mut failed: Vec<&str> = errors.iter().map(|e| e.2.as_str()).collect();
         failed.sort_unstable();
         failed.dedup();
@@ -520,6 +702,16 @@ fn strip_ansi(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_state_reads_state_and_faults_after_a_command_with_spaces_and_parens() {
+        let stat = "4242 (vcpu 0 (x)) D 1 4242 4242 0 -1 4194624 17 3 5 0 9 2";
+        assert_eq!(
+            stat_state(stat),
+            ("D".to_owned(), "17".to_owned(), "5".to_owned())
+        );
+        assert_eq!(stat_state("").0, "?");
+    }
 
     #[test]
     fn exec_phases_reads_the_daemons_exec_lines_coloured_or_not() {
