@@ -395,7 +395,53 @@ fn daemon_lifecycle_with_linux_guests() {
     let d = start(&state, u64::MAX >> 1);
     let c = d.client();
     assert_eq!(show(&c, &b.id).unwrap().state, VmState::Suspended);
-    assert!(exec(&c, &b.id, "cat /root/only-b").stdout == "mine\n");
+
+    // Compaction: more suspend/wake cycles of `a` than the chain may hold. A counter in /tmp
+    // (memory) goes up every cycle, a process started before lives on, and the chain's
+    // memory diffs stay bounded. `a` has fork children, whose disk stacks name layers in its
+    // directory: `b`, suspended meanwhile, still wakes with its files afterwards.
+    let sleeper = exec(
+        &c,
+        &a.id,
+        "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+    );
+    let sleeper = sleeper.stdout.trim().to_owned();
+    let cycles = specd::policy::MAX_CHAIN_DIFFS + 2;
+    for n in 0..cycles {
+        assert_eq!(post(&c, &a.id, "suspend").state, VmState::Suspended);
+        let r = exec(
+            &c,
+            &a.id,
+            &format!(
+                "test $(cat /tmp/counter) = {} && echo $(( $(cat /tmp/counter) + 1 )) > /tmp/counter && kill -0 {sleeper} && cat /root/data",
+                41 + n
+            ),
+        );
+        assert!(r.woke, "cycle {n}: the exec should have woken the VM");
+        assert_eq!(
+            (r.code, r.stdout.as_str()),
+            (Some(0), "kept across suspend\n"),
+            "cycle {n}: {}",
+            r.stderr
+        );
+    }
+    let memory_diffs = std::fs::read_dir(state.join("vms").join(&a.id))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("memory.diff").is_file())
+        .count();
+    assert!(
+        memory_diffs <= specd::policy::MAX_CHAIN_DIFFS + 1,
+        "{memory_diffs} memory diffs after {cycles} more suspends"
+    );
+    let metrics =
+        String::from_utf8(c.request("GET", "/metrics", None).unwrap().bytes().unwrap()).unwrap();
+    assert!(
+        !metrics.contains("specd_compactions_total{result=\"merged\"} 0")
+            && metrics.contains("specd_compactions_total{result=\"error\"} 0"),
+        "{metrics}"
+    );
+    assert!(exec(&c, &b.id, "cat /root/only-b /root/data").stdout == "mine\nkept across suspend\n");
 
     // An exposed port: host TCP → the daemon → vsock → the guest's service, which reads to
     // EOF (the client's half-close must arrive as one, with the way back open) and answers

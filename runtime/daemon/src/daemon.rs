@@ -21,7 +21,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use specc_machine::{DEFAULT_CMDLINE, Disk, Machine, MachineConfig};
@@ -34,6 +34,8 @@ use crate::api::{self, CreateVm, ExecEvent, Port, Source, Vm, VmState};
 use crate::db::{Db, DbError, Record, RestorePoint};
 use crate::metrics::Metrics;
 use crate::policy::{self, IdleAction};
+
+mod compact;
 
 /// How long past an exec's own timeout the daemon waits for the agent's answer.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
@@ -144,6 +146,11 @@ struct Slot {
     busy: AtomicUsize,
     /// Last activity, ms since the epoch (persisted at the next transition).
     last_active: AtomicU64,
+    /// Set while a compaction of its chain runs outside the `live` lock; whatever would
+    /// leave the suspended state waits on `compacted` until it is over (see
+    /// [`Daemon::lock_settled`]).
+    compacting: Mutex<bool>,
+    compacted: Condvar,
 }
 
 #[derive(Debug)]
@@ -342,6 +349,21 @@ impl Daemon {
         Ok(live)
     }
 
+    /// [`Daemon::lock`] once no compaction of the VM's chain is running: what wakes, starts,
+    /// stops or forks a suspended VM then restores from the merged chain instead of racing the
+    /// switch to it (a compaction runs only while its VM is suspended).
+    fn lock_settled<'a>(slot: &'a Slot, id: &str) -> Result<MutexGuard<'a, Live>, DaemonError> {
+        let mut running = slot.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        while *running {
+            running = slot
+                .compacted
+                .wait(running)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(running);
+        Self::lock(slot, id)
+    }
+
     /// Writes `live`'s record (with the slot's latest activity) durably.
     fn save(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
         live.rec.vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
@@ -358,6 +380,8 @@ impl Daemon {
         let slot = Arc::new(Slot {
             last_active: AtomicU64::new(rec.vm.last_active_ms),
             busy: AtomicUsize::new(0),
+            compacting: Mutex::new(false),
+            compacted: Condvar::new(),
             live: Mutex::new(Live {
                 rec: rec.clone(),
                 machine,
@@ -464,6 +488,15 @@ impl Daemon {
                 .as_ref()
                 .and_then(Machine::pid)
                 .and_then(|p| i32::try_from(p).ok());
+            if let RestorePoint::Snapshot { dir } = &rec.restore {
+                // What an interrupted compaction left: a merge never switched to, or the files
+                // of a switched one not yet removed.
+                let removed = compact::remove_leftovers(&rec.dir, dir);
+                if !removed.is_empty() {
+                    tracing::info!(vm = %id, files = removed.len(), "removed what an interrupted compaction left");
+                    rec.vm.disk_bytes = disk_usage(&rec.dir);
+                }
+            }
             self.db().put(&rec)?;
             // VMs made before pins existed get theirs now.
             if let Err(e) = self.pin(&rec) {
@@ -825,14 +858,14 @@ impl Daemon {
         Ok(Some(vm))
     }
 
-    fn suspend_locked(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+    fn suspend_locked(&self, slot: &Arc<Slot>, live: &mut Live) -> Result<(), DaemonError> {
         let t0 = Instant::now();
         let r = self.suspend_inner(slot, live);
         self.metrics.observe("suspend", t0.elapsed(), r.is_ok());
         r
     }
 
-    fn suspend_inner(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+    fn suspend_inner(&self, slot: &Arc<Slot>, live: &mut Live) -> Result<(), DaemonError> {
         match live.rec.vm.state {
             VmState::Suspended => return Ok(()),
             VmState::Running | VmState::Paused => {}
@@ -842,7 +875,156 @@ impl Daemon {
         let snap = live.rec.dir.join(format!("snap-{n}"));
         self.snapshot_and_exit(slot, live, &snap, VmState::Suspending, "suspend")?;
         self.finish_suspend(&mut live.rec, snap);
-        self.save(slot, live)
+        self.save(slot, live)?;
+        self.schedule_compaction(slot, live);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- compaction
+
+    /// Whether any VM (living, or kept for its files) was forked from `id` or its descendants.
+    fn has_descendants(&self, id: &str) -> Result<bool, DaemonError> {
+        Ok(self
+            .db()
+            .all()?
+            .iter()
+            .any(|r| r.lineage.iter().any(|a| a == id)))
+    }
+
+    /// After a suspend: when the VM's own chain is past the policy's bound, merges it into
+    /// `merged-<n>/` (see `compact`). The merge runs on a thread of its own, so the suspend
+    /// answers at once; a wake (or start, stop, fork) meanwhile waits for it. A chain twice
+    /// the bound (merges discarded because the VM woke before their switch) is merged here,
+    /// before the suspend answers, so no chain grows without bound.
+    fn schedule_compaction(&self, slot: &Arc<Slot>, live: &mut Live) {
+        let RestorePoint::Snapshot { dir } = &live.rec.restore else {
+            return;
+        };
+        let id = live.rec.vm.id.clone();
+        let plan = self
+            .has_descendants(&id)
+            .map_err(|e| e.to_string())
+            .and_then(|d| compact::Plan::new(&live.rec.dir, dir, d).map_err(|e| chain(&e)));
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(vm = %id, "compaction: cannot plan it: {e}");
+                self.metrics.compaction("error", 0);
+                return;
+            }
+        };
+        let shape = plan.shape();
+        if !policy::should_compact(&shape) {
+            return;
+        }
+        let out = live.rec.dir.join(format!(
+            "{}{}",
+            compact::MERGED_PREFIX,
+            live.rec.vm.suspends
+        ));
+        let me = self.me.get().and_then(std::sync::Weak::upgrade);
+        let inline = shape.memory_diffs.max(shape.disk_diffs) > 2 * policy::MAX_CHAIN_DIFFS;
+        let Some(me) = me.filter(|_| !inline) else {
+            let t0 = Instant::now();
+            let merged = compact::write(&plan, &out);
+            self.switch_chain(slot, live, &plan, merged, t0);
+            return;
+        };
+        *slot.compacting.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        /// Ends the compaction whatever happens to its thread, so no waiter hangs.
+        struct Done(Arc<Slot>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                *self.0.compacting.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                self.0.compacted.notify_all();
+            }
+        }
+        let done = Done(slot.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("compact-{id}"))
+            .spawn(move || {
+                let t0 = Instant::now();
+                let merged = compact::write(&plan, &out);
+                let slot = done.0.clone();
+                let mut live = slot.live.lock().unwrap_or_else(|p| p.into_inner());
+                me.switch_chain(&slot, &mut live, &plan, merged, t0);
+                drop(live);
+                drop(done);
+            });
+        if let Err(e) = spawned {
+            // The closure (and its `Done`) was dropped: the flag is clear again.
+            tracing::warn!(vm = %id, "compaction: cannot start its thread: {e}");
+            self.metrics.compaction("error", 0);
+        }
+    }
+
+    /// Makes the merged snapshot the VM's restore point, if the VM is still suspended at the
+    /// snapshot the merge started from (else the merge is thrown away: the VM runs from the
+    /// old chain, whose files it maps), then removes the files it replaces.
+    fn switch_chain(
+        &self,
+        slot: &Slot,
+        live: &mut Live,
+        plan: &compact::Plan,
+        merged: Result<compact::Merged, compact::CompactError>,
+        t0: Instant,
+    ) {
+        let id = live.rec.vm.id.clone();
+        let merged = match merged {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(vm = %id, "compaction failed (the chain stays as it is): {}", chain(&e));
+                self.metrics.compaction("error", 0);
+                self.metrics.observe("compact", t0.elapsed(), false);
+                return;
+            }
+        };
+        let current =
+            matches!(&live.rec.restore, RestorePoint::Snapshot { dir } if *dir == plan.from);
+        if live.deleted || live.rec.vm.state != VmState::Suspended || !current {
+            let _ = std::fs::remove_dir_all(&merged.dir);
+            tracing::info!(vm = %id, "compaction discarded: the VM left {} meanwhile", plan.from.display());
+            self.metrics.compaction("discarded", 0);
+            return;
+        }
+        let before = std::mem::replace(
+            &mut live.rec.restore,
+            RestorePoint::Snapshot {
+                dir: merged.dir.clone(),
+            },
+        );
+        // The switch: one durable write. Before it a restart restores the old chain (and
+        // removes `merged.dir`), after it the new one (and removes what it replaces).
+        if let Err(e) = self.save(slot, live) {
+            live.rec.restore = before;
+            let _ = std::fs::remove_dir_all(&merged.dir);
+            tracing::warn!(vm = %id, "compaction: recording the merged chain failed: {e}");
+            self.metrics.compaction("error", 0);
+            return;
+        }
+        let removed = compact::remove_leftovers(&live.rec.dir, &merged.dir);
+        let disk_before = live.rec.vm.disk_bytes;
+        live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
+        if let Err(e) = self.save(slot, live) {
+            tracing::warn!(vm = %id, "compaction: recording the disk use: {e}");
+        }
+        self.metrics.compaction(
+            "merged",
+            u64::try_from(merged.memory_diffs + merged.disk_diffs).unwrap_or(u64::MAX),
+        );
+        self.metrics.observe("compact", t0.elapsed(), true);
+        tracing::info!(
+            vm = %id,
+            into = %merged.dir.display(),
+            memory_diffs = merged.memory_diffs,
+            disk_diffs = merged.disk_diffs,
+            memory_data_bytes = merged.memory_data_bytes,
+            files_removed = removed.len(),
+            disk_bytes_before = disk_before,
+            disk_bytes_after = live.rec.vm.disk_bytes,
+            took_ms = t0.elapsed().as_millis(),
+            "compacted the snapshot chain"
+        );
     }
 
     /// Snapshots the VM to `snap` and lets its VMM exit, with `during` recorded meanwhile; on
@@ -890,7 +1072,7 @@ impl Daemon {
     /// Wakes a suspended VM or resumes a paused one; returns whether anything had to be done.
     pub fn wake(&self, id: &str) -> Result<(Vm, bool), DaemonError> {
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = Self::lock_settled(&slot, id)?;
         let woke = self.wake_locked(&slot, &mut live)?;
         Ok((live.rec.vm.clone(), woke))
     }
@@ -929,7 +1111,7 @@ impl Daemon {
     pub fn stop(&self, id: &str) -> Result<Vm, DaemonError> {
         let t0 = Instant::now();
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = Self::lock_settled(&slot, id)?;
         let r = self.stop_locked(&slot, &mut live);
         self.metrics.observe("stop", t0.elapsed(), r.is_ok());
         r?;
@@ -1065,7 +1247,7 @@ impl Daemon {
     /// paused one resumes. Returns whether anything had to be done.
     pub fn start(&self, id: &str) -> Result<(Vm, bool), DaemonError> {
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = Self::lock_settled(&slot, id)?;
         if live.rec.vm.state != VmState::Stopped {
             let woke = self.wake_locked(&slot, &mut live)?;
             return Ok((live.rec.vm.clone(), woke));
@@ -1201,7 +1383,7 @@ impl Daemon {
             )));
         }
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = Self::lock_settled(&slot, id)?;
         self.wake_locked(&slot, &mut live)?;
         let now = now_ms();
         let mut children = Vec::new();
@@ -1317,7 +1499,7 @@ impl Daemon {
     /// agent's vsock socket and whether it had to wake.
     fn enter(&self, id: &str) -> Result<(Arc<Slot>, PathBuf, bool), DaemonError> {
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = Self::lock_settled(&slot, id)?;
         let woke = self.wake_locked(&slot, &mut live)?;
         let vsock = live
             .rec
@@ -1934,7 +2116,10 @@ fn discard_memory(rec: &Record) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("snap-") || name.starts_with("stop-")) {
+        if !(name.starts_with("snap-")
+            || name.starts_with("stop-")
+            || name.starts_with(compact::MERGED_PREFIX))
+        {
             continue;
         }
         for f in [

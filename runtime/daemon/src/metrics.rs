@@ -33,6 +33,8 @@ struct Inner {
     latency: BTreeMap<&'static str, Histogram>,
     transitions: BTreeMap<(&'static str, bool), u64>,
     evictions: u64,
+    compactions: BTreeMap<&'static str, u64>,
+    compacted_diffs: u64,
 }
 
 impl Metrics {
@@ -59,6 +61,15 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .evictions += 1;
+    }
+
+    /// Counts one compaction of a VM's snapshot chain by how it ended (`merged`: the VM now
+    /// restores from the merged snapshot; `discarded`: the VM left the suspended state
+    /// meanwhile, so the old chain stays; `error`) and, when merged, the diffs it merged.
+    pub fn compaction(&self, result: &'static str, diffs: u64) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        *m.compactions.entry(result).or_default() += 1;
+        m.compacted_diffs += diffs;
     }
 
     /// The text exposition, with the current count of VMs per state.
@@ -109,6 +120,19 @@ impl Metrics {
              # TYPE specd_evictions_total counter\n",
         );
         let _ = writeln!(out, "specd_evictions_total {}", m.evictions);
+        out.push_str(
+            "# HELP specd_compactions_total Compactions of suspended VMs' snapshot chains by result.\n\
+             # TYPE specd_compactions_total counter\n",
+        );
+        for result in ["merged", "discarded", "error"] {
+            let n = m.compactions.get(result).copied().unwrap_or(0);
+            let _ = writeln!(out, "specd_compactions_total{{result=\"{result}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP specd_compacted_diffs_total Memory and disk diffs merged away by compactions.\n\
+             # TYPE specd_compacted_diffs_total counter\n",
+        );
+        let _ = writeln!(out, "specd_compacted_diffs_total {}", m.compacted_diffs);
         out
     }
 }
@@ -124,6 +148,9 @@ mod tests {
         m.observe("wake", Duration::from_millis(700), true);
         m.observe("wake", Duration::from_millis(1), false);
         m.evicted();
+        m.compaction("merged", 10);
+        m.compaction("discarded", 0);
+        m.compaction("merged", 6);
         let states = BTreeMap::from([(VmState::Running, 2)]);
         let text = m.render(&states);
         assert!(text.contains("specd_vms{state=\"running\"} 2"), "{text}");
@@ -140,5 +167,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("specd_evictions_total 1"), "{text}");
+        assert!(
+            text.contains("specd_compactions_total{result=\"merged\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("specd_compactions_total{result=\"discarded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("specd_compactions_total{result=\"error\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("specd_compacted_diffs_total 16"), "{text}");
     }
 }

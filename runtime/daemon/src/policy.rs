@@ -66,6 +66,37 @@ pub fn evictions(vms: &[Vm], budget_bytes: u64) -> Vec<String> {
     out
 }
 
+/// Own diffs above which a suspended VM's chain is merged into one. Each suspend adds one
+/// memory diff and one disk diff; a wake maps every memory diff (mappings and open files per
+/// diff, plus the holes of each mapped anonymous) and opens every disk layer. Four keeps a wake
+/// within a handful of files over the layer's own, while a merge, which rewrites the union of
+/// the diffs once, runs at most once every four suspends.
+pub const MAX_CHAIN_DIFFS: usize = 4;
+
+/// The diffs' ranges may add up to this many times the memory they cover before they are
+/// merged whatever their count: a VM that rewrites the same pages every cycle would otherwise
+/// keep up to four copies of them on disk.
+pub const MAX_REWRITE_FACTOR: u64 = 2;
+
+/// A VM's own chain above the layer it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainShape {
+    /// Own memory diffs.
+    pub memory_diffs: usize,
+    /// Own disk diffs that may be merged (of the disk that has most).
+    pub disk_diffs: usize,
+    /// The memory diffs' range bytes, added up.
+    pub range_bytes: u64,
+    /// The bytes they cover (their union).
+    pub union_bytes: u64,
+}
+
+/// Whether a suspended VM's chain should be compacted now.
+pub fn should_compact(chain: &ChainShape) -> bool {
+    chain.memory_diffs.max(chain.disk_diffs) > MAX_CHAIN_DIFFS
+        || (chain.memory_diffs >= 2 && chain.range_bytes > MAX_REWRITE_FACTOR * chain.union_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +171,25 @@ mod tests {
             ["lo-old", "lo-new", "mid", "hi-old"],
             "persistent and running VMs are never evicted"
         );
+    }
+
+    #[test]
+    fn chains_are_compacted_past_four_diffs_or_twice_the_memory_they_cover() {
+        let shape = |memory_diffs, disk_diffs, range_bytes, union_bytes| ChainShape {
+            memory_diffs,
+            disk_diffs,
+            range_bytes,
+            union_bytes,
+        };
+        assert!(!should_compact(&shape(4, 4, 400, 400)));
+        assert!(should_compact(&shape(5, 5, 500, 500)));
+        assert!(should_compact(&shape(1, 5, 100, 100)), "the disk alone");
+        assert!(!should_compact(&shape(3, 3, 200, 100)), "exactly twice");
+        assert!(should_compact(&shape(3, 3, 201, 100)));
+        assert!(
+            !should_compact(&shape(1, 1, 900, 100)),
+            "one diff has nothing to merge"
+        );
+        assert!(!should_compact(&shape(0, 0, 0, 0)));
     }
 }
