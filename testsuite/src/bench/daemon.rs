@@ -175,7 +175,8 @@ fn exec_true(c: &Client, id: &str) -> anyhow::Result<bool> {
 /// whether it recovers when every device's interrupt is raised again (a lost interrupt), or
 /// else when every queue is signalled again (a lost notification). Prints all of it. With
 /// `calls` false only what the kernel says about the VMM process: each control call to a VMM
-/// stuck as a whole waits out its bound (minutes per VM).
+/// stuck as a whole waits out its bound (minutes per VM); a VMM whose status request goes
+/// unanswered gets no further calls.
 fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path, calls: bool) {
     use specc_vmm::control::{Client as Vmm, Request};
     // The VMM's run directory is `<id>-<generation>`: the one whose control socket exists.
@@ -237,7 +238,13 @@ fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path, calls: bool) {
     }
     // Status needs only the VMM's main thread; inspect also pauses the vCPUs and reads guest
     // memory: which one answers says how much of the VMM still runs.
-    show("status", call(&Request::Status));
+    let status = call(&Request::Status);
+    let answered = status.is_ok();
+    show("status", status);
+    if !answered {
+        // Its main thread does not answer: neither would inspect or a kick.
+        return;
+    }
     show("inspect", call(&Request::Inspect));
     for (what, interrupts, queues) in [("interrupts", true, false), ("queues", false, true)] {
         show(
@@ -619,8 +626,8 @@ fn load(
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_else(|e| format!("(no console: {e})"));
             eprintln!("--- VM {id}: console (end) ---\n{console}");
-            // The control calls of the first two failing VMs say whether the rest is alike.
-            diagnose_stuck_vm(c, id, &daemon.state().join("run/vms"), n < 2);
+            // The control calls of the first failing VM say whether the rest is alike.
+            diagnose_stuck_vm(c, id, &daemon.state().join("run/vms"), n == 0);
         }
     }
     let phases = exec_phases(&daemon.log());
