@@ -7,12 +7,14 @@
 //! there when [`detect()`] finds no hardware KVM. See `docs/rig.md`.
 #![deny(missing_docs)]
 
+pub mod bridge;
 pub mod detect;
 pub mod initramfs;
 pub mod run;
 pub mod testing;
 pub mod tsc;
 
+pub use bridge::{HostBridge, HostListener};
 pub use detect::{Decision, Detection, KvmMode, Placement, decide, detect, in_rig};
 pub use run::{
     BootImage, Rig, RigCommand, RigConfig, RigError, RigOutcome, Timings, run_self_in_rig,

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use specc_guestkit::kernel::{self, KernelError, KernelKind};
 
+use crate::bridge::HostBridge;
 use crate::detect::IN_RIG_ENV;
 use crate::initramfs::{self, InitramfsError};
 
@@ -99,6 +100,9 @@ pub struct RigCommand {
     pub capture: bool,
     /// Kill the rig and fail if CMD has not exited after this long (boot included).
     pub timeout: Option<Duration>,
+    /// Carry connections to these host listeners to a unix socket CMD serves inside (CMD
+    /// calls [`crate::bridge::serve_in_rig`] on [`crate::bridge::RIG_PORT`]).
+    pub bridge: Option<HostBridge>,
 }
 
 impl RigCommand {
@@ -115,6 +119,7 @@ impl RigCommand {
             timings: false,
             capture: false,
             timeout: None,
+            bridge: None,
         })
     }
 
@@ -215,6 +220,9 @@ pub enum RigError {
         /// The tail of the rig's console and QEMU's own messages.
         console: String,
     },
+    /// The command's bridge asked to end the run at once; the rig was killed.
+    #[error("the run was aborted before the command exited; killed the rig")]
+    Aborted,
     /// CMD did not exit within the command's timeout; the rig was killed.
     #[error("the command did not exit within {0:?} in the rig; killed it\n{console}", console = .1)]
     Timeout(Duration, String),
@@ -406,7 +414,7 @@ impl Rig {
             BootImage::Vmlinux => &kernel.vmlinux,
             BootImage::BzImage => &kernel.bzimage,
         };
-        let channels = Channels::new()?;
+        let channels = Channels::new(cmd.bridge.is_some())?;
         let console = run_dir.0.join("console.log");
         let qemu_log = run_dir.0.join("qemu.log");
         let args = self.qemu_args(image, &initrd, &run_dir.0, &console, &shares, &channels);
@@ -428,7 +436,7 @@ impl Rig {
                 if libc::setpgid(0, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                for fd in inherit {
+                for &fd in &inherit {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(io::Error::last_os_error());
@@ -442,13 +450,24 @@ impl Rig {
             .spawn()
             .map_err(|e| RigError::Spawn(self.config.qemu.clone(), e))?;
         let mut guard = QemuGuard { child: Some(child) };
-        let host = channels.into_host_side();
+        let (host, bridge_port) = channels.into_host_side();
+        // Ends the bridge's connections and removes its sockets on every return path.
+        let _bridge = match (&cmd.bridge, bridge_port) {
+            (Some(b), Some(port)) => {
+                b.start(port)
+                    .map_err(io_err("starting the bridge", Path::new("-")))?;
+                Some(BridgeGuard(b))
+            }
+            _ => None,
+        };
+        let aborted = || cmd.bridge.as_ref().is_some_and(HostBridge::aborted);
 
         let relay = relay(
             host,
             &mut guard,
             cmd.capture,
             cmd.timeout.map(|t| t_spawn + t),
+            &aborted,
         )?;
         let t_exit = Instant::now();
         let qemu_status = guard.kill_and_wait();
@@ -465,6 +484,7 @@ impl Rig {
             End::Timeout => {
                 return Err(RigError::Timeout(cmd.timeout.unwrap_or_default(), tail()));
             }
+            End::Aborted => return Err(RigError::Aborted),
             End::Gone => {
                 return Err(RigError::NoExitStatus {
                     status: qemu_status.unwrap_or_else(|| ExitStatus::from_raw(0)),
@@ -552,7 +572,11 @@ impl Rig {
             &s("-serial"),
             &s("chardev:con"),
             &s("-device"),
-            &s("virtio-serial-device,max_ports=4"),
+            // Port 0 is the (unused) console port; 1..=3 the channels, 4 the bridge.
+            &s(&format!(
+                "virtio-serial-device,max_ports={}",
+                ch.guest_named().len() + 1
+            )),
         ]);
         for (i, (name, fd)) in ch.guest_named().into_iter().enumerate() {
             push(&[
@@ -655,24 +679,26 @@ fn console_tail(console: &Path, qemu_log: &Path) -> String {
     )
 }
 
-/// The three socketpairs between this process and QEMU's virtio-serial ports.
+/// The socketpairs between this process and QEMU's virtio-serial ports: stdout, stderr,
+/// control, and the bridge's when the command has one.
 #[derive(Debug)]
 struct Channels {
-    pairs: [(UnixStream, UnixStream); 3],
+    pairs: Vec<(UnixStream, UnixStream)>,
 }
 
-const CHANNEL_NAMES: [&str; 3] = ["stdout", "stderr", "control"];
+const CHANNEL_NAMES: [&str; 4] = ["stdout", "stderr", "control", "bridge"];
 
 impl Channels {
-    fn new() -> Result<Self, RigError> {
+    fn new(bridge: bool) -> Result<Self, RigError> {
         let pair = || UnixStream::pair().map_err(io_err("creating a socketpair", Path::new("-")));
+        let n = if bridge { 4 } else { 3 };
         Ok(Channels {
-            pairs: [pair()?, pair()?, pair()?],
+            pairs: (0..n).map(|_| pair()).collect::<Result<_, _>>()?,
         })
     }
 
-    fn guest_fds(&self) -> [RawFd; 3] {
-        [0, 1, 2].map(|i| self.pairs[i].1.as_raw_fd())
+    fn guest_fds(&self) -> Vec<RawFd> {
+        self.pairs.iter().map(|p| p.1.as_raw_fd()).collect()
     }
 
     fn guest_named(&self) -> Vec<(&'static str, RawFd)> {
@@ -684,8 +710,20 @@ impl Channels {
     }
 
     /// Drops QEMU's ends here, so EOF on ours means QEMU is gone.
-    fn into_host_side(self) -> [UnixStream; 3] {
-        self.pairs.map(|(host, _guest)| host)
+    fn into_host_side(self) -> ([UnixStream; 3], Option<UnixStream>) {
+        let mut host = self.pairs.into_iter().map(|(host, _guest)| host);
+        let mut next = || host.next().expect("three channels");
+        let three = [next(), next(), next()];
+        (three, host.next())
+    }
+}
+
+/// Finishes a run's bridge when the run returns.
+struct BridgeGuard<'a>(&'a HostBridge);
+
+impl Drop for BridgeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 
@@ -694,6 +732,7 @@ enum End {
     Exit(i32),
     Fail(String),
     Timeout,
+    Aborted,
     Gone,
 }
 
@@ -711,6 +750,7 @@ fn relay(
     guard: &mut QemuGuard,
     capture: bool,
     deadline: Option<Instant>,
+    aborted: &dyn Fn() -> bool,
 ) -> Result<Relay, RigError> {
     for s in &streams {
         s.set_nonblocking(true)
@@ -742,6 +782,10 @@ fn relay(
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             r.end = End::Timeout;
+            return Ok(r);
+        }
+        if aborted() {
+            r.end = End::Aborted;
             return Ok(r);
         }
         let nfds = libc::nfds_t::try_from(fds.len()).expect("three fds");
@@ -879,6 +923,7 @@ mod tests {
             timings: false,
             capture: true,
             timeout: None,
+            bridge: None,
         };
         let o = Command::new("/bin/sh")
             .arg("-c")
