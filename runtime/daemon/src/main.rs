@@ -1,12 +1,20 @@
 //! `specd`: serve the VM API until SIGTERM; VMs keep running when the daemon stops and are
 //! attached again when it starts.
+//!
+//! On a host without hardware KVM the daemon places itself in the rig, like `specc build`:
+//! this process boots the rig, runs a second `specd` inside it on the same (host) state
+//! directory and store, and carries connections to its own API socket (and `--tcp`) into the
+//! rig over the rig's bridge (`specc_rig::bridge`, docs/rig.md). SIGTERM or SIGINT here asks
+//! the daemon inside to stop; a second one kills the rig.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use specd::api::VmState;
 use specd::daemon::{Config, Daemon};
 
 /// The specc host daemon: runs VMs from snapshot artifacts.
@@ -45,6 +53,41 @@ struct Args {
     /// How often the idle timers run, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     tick_ms: u64,
+    /// Inside the rig: also serve the connections the host's specd bridges in on this
+    /// virtio-serial port. Set by the host's specd when it places itself in the rig.
+    #[arg(long, value_name = "PORT", hide = true)]
+    rig_bridge: Option<PathBuf>,
+}
+
+/// Where the daemon's files are, as the user gave them (or their defaults).
+#[derive(Debug)]
+struct Paths {
+    state: PathBuf,
+    run_dir: PathBuf,
+    socket: PathBuf,
+    store: PathBuf,
+}
+
+impl Paths {
+    fn of(args: &Args) -> Paths {
+        let state = args.state.clone().unwrap_or_else(specd::default_state_dir);
+        let run_dir = args.run_dir.clone().unwrap_or_else(|| state.join("run"));
+        let socket = args
+            .socket
+            .clone()
+            .or_else(|| std::env::var_os("SPECD_SOCKET").map(PathBuf::from))
+            .unwrap_or_else(|| run_dir.join("specd.sock"));
+        let store = args
+            .store
+            .clone()
+            .unwrap_or_else(|| specc_plan::store::specc_home().join("store"));
+        Paths {
+            state,
+            run_dir,
+            socket,
+            store,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,28 +102,24 @@ fn main() -> anyhow::Result<()> {
     let signals = block_stop_signals()?;
     let decision = specc_rig::decide().context("looking at /dev/kvm")?;
     if decision.placement == specc_rig::Placement::Rig {
-        anyhow::bail!(
-            "{}\nspecd: its API socket would be inside the rig, where this host cannot reach \
-             it; run the daemon and its clients inside the rig together, e.g. \
-             `specc rig run -- sh -c 'specd & sleep 1; specc vm ls'`",
-            decision.line
-        );
+        eprintln!("{}", decision.line);
+        let code = serve_through_rig(&args, signals)?;
+        std::process::exit(code);
     }
-    let home = specc_plan::store::specc_home();
-    let state = args.state.unwrap_or_else(specd::default_state_dir);
-    let run_dir = args.run_dir.unwrap_or_else(|| state.join("run"));
-    let socket = args
-        .socket
-        .or_else(|| std::env::var_os("SPECD_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| run_dir.join("specd.sock"));
+    let Paths {
+        state,
+        run_dir,
+        socket,
+        store,
+    } = Paths::of(&args);
     let config = Config {
         state_dir: state.clone(),
         run_dir,
-        store: args.store.unwrap_or_else(|| home.join("store")),
+        store,
         budget_bytes: args.budget,
         agent_timeout: Duration::from_secs(args.agent_timeout),
         tick: Duration::from_millis(args.tick_ms),
-        kernel: args.kernel,
+        kernel: args.kernel.clone(),
     };
     let daemon = Daemon::open(config).context("opening the daemon's state")?;
     let server = Arc::new(
@@ -104,18 +143,135 @@ fn main() -> anyhow::Result<()> {
             }
         });
     }
+    // Placed in the rig by a host specd: the rig, and every VM in it, ends with this process.
+    let rig_ends_with_us = args.rig_bridge.is_some();
     {
         let server = server.clone();
         let d = daemon.clone();
         stop_on_signal(signals, move || {
-            tracing::info!("stopping: VMs keep running and are attached again at the next start");
+            if rig_ends_with_us {
+                tracing::info!("stopping: the rig ends with the daemon, so its VMs are suspended");
+                suspend_all(&d);
+            } else {
+                tracing::info!(
+                    "stopping: VMs keep running and are attached again at the next start"
+                );
+            }
             d.release_all();
             server.unblock();
+        });
+    }
+    if let Some(port) = args.rig_bridge.clone() {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let stop = || {
+                // SAFETY: kill(2) on our own pid; the sigwait thread of stop_on_signal takes it.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            };
+            if let Err(e) = specc_rig::bridge::serve_in_rig(&port, &socket, stop) {
+                tracing::error!(
+                    "the bridge to the host failed: {}",
+                    specc_vmm::error_chain(&e)
+                );
+            }
+            // Without the bridge nobody can reach the daemon: stop it.
+            stop();
         });
     }
     specd::server::serve(&daemon, &server);
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Suspends every running or paused VM (an ephemeral one is deleted, as its suspend does).
+fn suspend_all(d: &Daemon) {
+    for vm in d.list() {
+        if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            continue;
+        }
+        match d.suspend(&vm.id) {
+            Ok(Some(_)) => tracing::info!(vm = %vm.id, "suspended"),
+            Ok(None) => tracing::info!(vm = %vm.id, "deleted (ephemeral)"),
+            Err(e) => tracing::warn!(vm = %vm.id, "suspending failed: {e}"),
+        }
+    }
+}
+
+/// The rig's own directory for the daemon's API socket: a fresh tmpfs in every rig.
+const RIG_SOCKET: &str = "/run/specd/specd.sock";
+
+/// Runs the daemon inside the rig and serves its API on this host's socket (and `--tcp`)
+/// through the rig's bridge; returns the exit code of the daemon inside.
+fn serve_through_rig(args: &Args, signals: libc::sigset_t) -> anyhow::Result<i32> {
+    let p = Paths::of(args);
+    // The daemon inside sees the host's tree at the same paths, but runs in another cwd.
+    let abs = |what: &str, p: &Path| {
+        std::fs::create_dir_all(p)
+            .with_context(|| format!("creating the {what} {}", p.display()))?;
+        std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+    };
+    let state = abs("state directory", &p.state)?;
+    let run_dir = abs("run directory", &p.run_dir)?;
+    let store = abs("store", &p.store)?;
+    let mut listeners = vec![
+        specc_rig::HostListener::unix(&p.socket)
+            .with_context(|| format!("listening on {}", p.socket.display()))?,
+    ];
+    if let Some(addr) = &args.tcp {
+        listeners.push(specc_rig::HostListener::tcp(addr)?);
+    }
+    let bridge = specc_rig::HostBridge::new(listeners);
+    {
+        let (socket, tcp) = (p.socket.clone(), args.tcp.clone());
+        bridge.on_ready(move || {
+            tracing::info!(socket = %socket.display(), tcp = tcp.as_deref().unwrap_or("-"), "specd listening (the daemon runs in the rig)");
+        });
+    }
+    {
+        let bridge = bridge.clone();
+        std::thread::spawn(move || {
+            loop {
+                wait_signal(&signals);
+                if bridge.is_ready() {
+                    tracing::info!(
+                        "stopping the daemon in the rig (a second signal kills the rig)"
+                    );
+                } else {
+                    tracing::info!(
+                        "stopping: the daemon in the rig is not up yet; killing the rig"
+                    );
+                }
+                bridge.stop();
+            }
+        });
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut argv: Vec<OsString> = vec![exe.into(), "--state".into(), state.clone().into()];
+    argv.extend(["--run-dir".into(), run_dir.clone().into()]);
+    argv.extend(["--store".into(), store.clone().into()]);
+    argv.extend(["--socket".into(), RIG_SOCKET.into()]);
+    argv.extend(["--budget".into(), args.budget.to_string().into()]);
+    argv.extend([
+        "--agent-timeout".into(),
+        args.agent_timeout.to_string().into(),
+    ]);
+    argv.extend(["--tick-ms".into(), args.tick_ms.to_string().into()]);
+    if let Some(k) = &args.kernel {
+        let k = std::path::absolute(k).with_context(|| format!("resolving {}", k.display()))?;
+        argv.extend(["--kernel".into(), k.into()]);
+    }
+    argv.extend(["--rig-bridge".into(), specc_rig::bridge::RIG_PORT.into()]);
+    let mut cmd = specc_rig::RigCommand::new(argv).context("reading the current directory")?;
+    // Not the caller's cwd: the rig makes the project tree around its cwd writable, and a
+    // service's cwd may be `/`.
+    cmd.cwd = state.clone();
+    cmd.bridge = Some(bridge);
+    let mut config = specc_rig::RigConfig::default();
+    config.extra_shares.extend([state, run_dir, store]);
+    let outcome = specc_rig::Rig::new(config).run(&cmd);
+    let _ = std::fs::remove_file(&p.socket);
+    let outcome = outcome.context("running the daemon in the rig")?;
+    Ok(outcome.status.code().unwrap_or(1))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -151,9 +307,14 @@ fn block_stop_signals() -> anyhow::Result<libc::sigset_t> {
 /// Calls `f` once when SIGTERM or SIGINT arrives.
 fn stop_on_signal(set: libc::sigset_t, f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: waits on a set initialised by block_stop_signals.
-        unsafe { libc::sigwait(&raw const set, &raw mut sig) };
+        wait_signal(&set);
         f();
     });
+}
+
+/// Waits for one of the signals of `set` (blocked by [`block_stop_signals`]).
+fn wait_signal(set: &libc::sigset_t) {
+    let mut sig = 0;
+    // SAFETY: waits on a set initialised by block_stop_signals; `sig` is a valid out pointer.
+    unsafe { libc::sigwait(set, &raw mut sig) };
 }
