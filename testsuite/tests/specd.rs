@@ -356,10 +356,20 @@ fn daemon_lifecycle_with_linux_guests() {
         .call(
             "POST",
             &format!("/v1/vms/{}/fork", a.id),
-            Some(&api::ForkVm { count: 2 }),
+            Some(&api::ForkVm {
+                count: 2,
+                mode: None,
+            }),
         )
         .unwrap();
     assert_eq!(f.vms.len(), 2);
+    // The VMM's report of the fork: the default mode, and each child by its VM id.
+    assert_eq!(f.report.mode, api::ForkMode::Precopy, "{:?}", f.report);
+    assert!(f.report.precopy.is_some(), "{:?}", f.report);
+    assert_eq!(f.report.pause_us, f.pause_us);
+    let reported: Vec<&str> = f.report.children.iter().map(|c| c.id.as_str()).collect();
+    let ids: Vec<&str> = f.vms.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(reported, ids, "{:?}", f.report);
     let (b, cc) = (&f.vms[0], &f.vms[1]);
     exec(&c, &b.id, "echo mine > /root/only-b");
     let hb = exec(&c, &b.id, "hostname").stdout;
@@ -372,6 +382,25 @@ fn daemon_lifecycle_with_linux_guests() {
     assert!(!hc.stdout.contains("LEAK"), "{}", hc.stdout);
     assert!(hc.stdout.contains("kept across suspend"), "{}", hc.stdout);
     assert!(!exec(&c, &a.id, "ls /root").stdout.contains("only-b"));
+    // The other mode, asked for: a copy-on-write fork of a fork child.
+    let g: api::Forked = c
+        .call(
+            "POST",
+            &format!("/v1/vms/{}/fork", cc.id),
+            Some(&api::ForkVm {
+                count: 1,
+                mode: Some(api::ForkMode::Cow),
+            }),
+        )
+        .unwrap();
+    assert_eq!(
+        (g.report.mode, g.report.precopy.is_none(), g.vms.len()),
+        (api::ForkMode::Cow, true, 1),
+        "{:?}",
+        g.report
+    );
+    let r = exec(&c, &g.vms[0].id, "cat /root/data");
+    assert_eq!(r.stdout, "kept across suspend\n");
 
     // kill -9 of the daemon: every VM keeps running and is attached again after a restart.
     let before: Vec<Vm> = c.call("GET", "/v1/vms", None::<&()>).unwrap();

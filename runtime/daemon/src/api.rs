@@ -203,15 +203,108 @@ pub struct Vm {
 pub struct ForkVm {
     /// How many children.
     pub count: u32,
+    /// How the children get the source's memory; `precopy` when absent (docs/vmm.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ForkMode>,
+}
+
+/// How a live fork gives its children the source's memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ForkMode {
+    /// `fork(2)` shares guest RAM copy-on-write: nothing copied up front, but the pause grows
+    /// with the source's resident memory (a page-table entry per mapped page).
+    Cow,
+    /// Guest RAM is copied into an image while the guest runs; the pause copies the last dirty
+    /// pages and does not grow with memory size. The children share the image's clean pages.
+    #[default]
+    Precopy,
 }
 
 /// The answer to a fork.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Forked {
-    /// How long the source's vCPUs stood still, in microseconds.
+    /// How long the source's vCPUs stood still, in microseconds (`report.pause_us`).
     pub pause_us: u64,
+    /// The VMM's figures of the fork.
+    #[serde(default)]
+    pub report: ForkReport,
     /// The new VMs.
     pub vms: Vec<Vm>,
+}
+
+/// What the source's VMM reports of a fork (docs/fork.md explains each figure).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkReport {
+    /// The mode the fork ran in: `cow` when a precopy failed and fell back to it.
+    pub mode: ForkMode,
+    /// How long the source's guest did not run, as its vCPU threads timed it (µs).
+    pub pause_us: u64,
+    /// The same pause as the VMM's controlling thread saw it (µs).
+    pub owner_us: u64,
+    /// Where the pause went.
+    pub phases: ForkPhases,
+    /// A precopy fork's copy of guest RAM into its image, made while the guest ran.
+    pub precopy: Option<MemoryCopy>,
+    /// The first fork of a restored VM in `cow` mode moves its RAM into huge pages first.
+    pub promotion: Option<MemoryCopy>,
+    /// Each child as the VMM reported it, in request order (failed ones included).
+    pub children: Vec<ForkChild>,
+}
+
+/// The spans of a fork's pause in microseconds, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkPhases {
+    /// Kicking every vCPU out of the guest until each is parked.
+    pub vcpu_stop_us: u64,
+    /// Stopping the device workers.
+    pub devices_stop_us: u64,
+    /// A promotion's last dirty pages and swap.
+    pub promotion_swap_us: u64,
+    /// A precopy fork's last dirty pages copied into its image.
+    pub final_copy_us: u64,
+    /// Freezing the disk diffs and capturing VM and device state.
+    pub capture_us: u64,
+    /// `fork(2)` of the VMM process.
+    pub fork_us: u64,
+    /// Restarting the device workers.
+    pub devices_resume_us: u64,
+    /// Resuming the vCPUs.
+    pub vcpu_resume_us: u64,
+}
+
+/// A copy of guest RAM made while the guest ran (a precopy fork's image, or a promotion).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemoryCopy {
+    /// From the start until the vCPUs were paused (µs); the guest ran.
+    pub precopy_us: u64,
+    /// Of that, the bulk copy (µs).
+    pub copy_us: u64,
+    /// With the device workers stopped before the pause (µs): the guest ran, its I/O waited.
+    pub devices_stopped_us: u64,
+    /// Bytes of the bulk copy.
+    pub copied_bytes: u64,
+    /// Dirty-log rounds while the guest ran.
+    pub rounds: u32,
+    /// Pages those rounds copied.
+    pub round_pages: u64,
+    /// Pages copied with the vCPUs paused.
+    pub final_pages: u64,
+    /// The final copy (and a promotion's swap) in the pause (µs).
+    pub swap_us: u64,
+}
+
+/// One child of a fork as the VMM reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkChild {
+    /// The VM id it was registered under.
+    pub id: String,
+    /// Its VMM process (0 if it never reported).
+    pub pid: i32,
+    /// From the fork request until its vCPUs ran (µs).
+    pub ready_us: Option<u64>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }
 
 /// `POST /v1/vms/{id}/exec`.

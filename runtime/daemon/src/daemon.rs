@@ -1368,15 +1368,26 @@ impl Daemon {
 
     // ---------------------------------------------------------------- fork
 
-    /// Forks a running (or paused, or suspended: it is woken first) VM into `count` new VMs.
-    pub fn fork(&self, id: &str, count: u32) -> Result<api::Forked, DaemonError> {
+    /// Forks a running (or paused, or suspended: it is woken first) VM into `count` new VMs,
+    /// in `mode`.
+    pub fn fork(
+        &self,
+        id: &str,
+        count: u32,
+        mode: api::ForkMode,
+    ) -> Result<api::Forked, DaemonError> {
         let t0 = Instant::now();
-        let r = self.fork_inner(id, count);
+        let r = self.fork_inner(id, count, mode);
         self.metrics.observe("fork", t0.elapsed(), r.is_ok());
         r
     }
 
-    fn fork_inner(&self, id: &str, count: u32) -> Result<api::Forked, DaemonError> {
+    fn fork_inner(
+        &self,
+        id: &str,
+        count: u32,
+        mode: api::ForkMode,
+    ) -> Result<api::Forked, DaemonError> {
         if count == 0 || count > 64 {
             return Err(DaemonError::BadRequest(format!(
                 "fork count is 1 to 64, got {count}"
@@ -1423,10 +1434,15 @@ impl Daemon {
             children.push(rec);
         }
         let dirs: Vec<PathBuf> = children.iter().filter_map(|c| c.run_dir.clone()).collect();
-        let forked = self
-            .machine(&live, "fork")
-            .and_then(|m| m.fork(&dirs).map_err(|e| vm_error(&live.rec, "fork", &e)));
-        let (pause_us, machines) = match forked {
+        let vmm_mode = match mode {
+            api::ForkMode::Cow => specc_vmm::snapshot::ForkMode::Cow,
+            api::ForkMode::Precopy => specc_vmm::snapshot::ForkMode::Precopy,
+        };
+        let forked = self.machine(&live, "fork").and_then(|m| {
+            m.fork_with_report(&dirs, Some(vmm_mode))
+                .map_err(|e| vm_error(&live.rec, "fork", &e))
+        });
+        let (vmm_report, machines) = match forked {
             Ok(f) => f,
             Err(e) => {
                 for c in &children {
@@ -1450,6 +1466,7 @@ impl Daemon {
         }
         let source_ports = live.rec.vm.ports.clone();
         drop(live);
+        let report = fork_report(&vmm_report, &children, &machines);
         let mut vms = Vec::new();
         let mut failures = Vec::new();
         for (mut rec, fm) in children.into_iter().zip(machines) {
@@ -1490,7 +1507,11 @@ impl Daemon {
         for f in &failures {
             tracing::warn!(vm = id, "fork child failed: {f}");
         }
-        Ok(api::Forked { pause_us, vms })
+        Ok(api::Forked {
+            pause_us: report.pause_us,
+            report,
+            vms,
+        })
     }
 
     // ---------------------------------------------------------------- exec and files
@@ -2050,6 +2071,56 @@ fn vm_error(rec: &Record, op: &'static str, e: &specc_machine::MachineError) -> 
         id: rec.vm.id.clone(),
         op,
         message: chain(e),
+    }
+}
+
+/// The API's view of the VMM's fork report; the children's come from `machines` (in request
+/// order, like `children`, the records they were registered under).
+fn fork_report(
+    r: &specc_vmm::snapshot::ForkReport,
+    children: &[Record],
+    machines: &[specc_machine::ForkedMachine],
+) -> api::ForkReport {
+    let copy = |p: &specc_vmm::promote::PromotionReport| api::MemoryCopy {
+        precopy_us: p.precopy_us,
+        copy_us: p.copy_us,
+        devices_stopped_us: p.devices_stopped_us,
+        copied_bytes: p.copied_bytes,
+        rounds: p.rounds,
+        round_pages: p.round_pages,
+        final_pages: p.final_pages,
+        swap_us: p.swap_us,
+    };
+    let ph = &r.phases;
+    api::ForkReport {
+        mode: match r.mode {
+            specc_vmm::snapshot::ForkMode::Cow => api::ForkMode::Cow,
+            specc_vmm::snapshot::ForkMode::Precopy => api::ForkMode::Precopy,
+        },
+        pause_us: r.pause_us,
+        owner_us: r.owner_us,
+        phases: api::ForkPhases {
+            vcpu_stop_us: ph.vcpu_stop_us,
+            devices_stop_us: ph.devices_stop_us,
+            promotion_swap_us: ph.promotion_swap_us,
+            final_copy_us: ph.final_copy_us,
+            capture_us: ph.capture_us,
+            fork_us: ph.fork_us,
+            devices_resume_us: ph.devices_resume_us,
+            vcpu_resume_us: ph.vcpu_resume_us,
+        },
+        precopy: r.precopy.as_ref().map(copy),
+        promotion: r.promotion.as_ref().map(copy),
+        children: children
+            .iter()
+            .zip(machines)
+            .map(|(rec, m)| api::ForkChild {
+                id: rec.vm.id.clone(),
+                pid: m.report.pid,
+                ready_us: m.report.ready_us,
+                error: m.report.error.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -102,6 +102,11 @@ struct ForkArgs {
     /// How many children.
     #[arg(short = 'n', long, default_value_t = 1)]
     count: u32,
+    /// How the children get the source's memory: `precopy` (copied while the source runs; a
+    /// short pause whatever its size, the default) or `cow` (shared copy-on-write by
+    /// `fork(2)`: nothing copied, a pause that grows with the source's memory).
+    #[arg(long, value_parser = ["cow", "precopy"])]
+    mode: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -235,12 +240,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let f: api::Forked = client.call(
                 "POST",
                 &format!("/v1/vms/{}/fork", a.id),
-                Some(&api::ForkVm { count: a.count }),
+                Some(&api::ForkVm {
+                    count: a.count,
+                    mode: a.mode.as_deref().map(|m| match m {
+                        "cow" => api::ForkMode::Cow,
+                        _ => api::ForkMode::Precopy,
+                    }),
+                }),
             )?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);
             } else {
-                eprintln!("source paused {:.3} ms", f.pause_us as f64 / 1e3);
+                let mode = match f.report.mode {
+                    api::ForkMode::Cow => "cow",
+                    api::ForkMode::Precopy => "precopy",
+                };
+                let copied = f.report.precopy.as_ref().map_or(String::new(), |p| {
+                    format!(
+                        ", {:.1} MiB copied in {:.1} ms before it",
+                        p.copied_bytes as f64 / f64::from(1 << 20),
+                        p.precopy_us as f64 / 1e3
+                    )
+                });
+                eprintln!(
+                    "source paused {:.3} ms ({mode} fork{copied})",
+                    f.pause_us as f64 / 1e3
+                );
                 print_vms(&f.vms, false)?;
             }
         }
