@@ -26,7 +26,8 @@ struct Args {
     state: Option<PathBuf>,
     /// Sockets and the VMs' run directories [default: <state>/run]. On the same filesystem as
     /// the state (a snapshot moves a VM's disk diff from here into the state directory) and
-    /// one where unix sockets can be bound (not 9p).
+    /// one where unix sockets can be bound (not 9p). When specd places itself in the rig, its
+    /// VMs' run directories are the rig's own tmpfs and this only places the default socket.
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
     /// The API's unix socket [default: $SPECD_SOCKET, else <run-dir>/specd.sock].
@@ -197,8 +198,11 @@ fn suspend_all(d: &Daemon) {
     }
 }
 
-/// The rig's own directory for the daemon's API socket: a fresh tmpfs in every rig.
+/// The daemon's API socket inside the rig, on the rig's own tmpfs (fresh in every rig).
 const RIG_SOCKET: &str = "/run/specd/specd.sock";
+/// The VMs' run directories inside the rig, on the same tmpfs: they hold unix sockets, and 9p
+/// cannot (binding one on the rig's view of a host directory fails with ENXIO).
+const RIG_RUN_DIR: &str = "/run/specd/run";
 
 /// Runs the daemon inside the rig and serves its API on this host's socket (and `--tcp`)
 /// through the rig's bridge; returns the exit code of the daemon inside.
@@ -211,7 +215,6 @@ fn serve_through_rig(args: &Args, signals: libc::sigset_t) -> anyhow::Result<i32
         std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
     };
     let state = abs("state directory", &p.state)?;
-    let run_dir = abs("run directory", &p.run_dir)?;
     let store = abs("store", &p.store)?;
     let mut listeners = vec![
         specc_rig::HostListener::unix(&p.socket)
@@ -247,7 +250,7 @@ fn serve_through_rig(args: &Args, signals: libc::sigset_t) -> anyhow::Result<i32
     }
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut argv: Vec<OsString> = vec![exe.into(), "--state".into(), state.clone().into()];
-    argv.extend(["--run-dir".into(), run_dir.clone().into()]);
+    argv.extend(["--run-dir".into(), RIG_RUN_DIR.into()]);
     argv.extend(["--store".into(), store.clone().into()]);
     argv.extend(["--socket".into(), RIG_SOCKET.into()]);
     argv.extend(["--budget".into(), args.budget.to_string().into()]);
@@ -267,7 +270,7 @@ fn serve_through_rig(args: &Args, signals: libc::sigset_t) -> anyhow::Result<i32
     cmd.cwd = state.clone();
     cmd.bridge = Some(bridge);
     let mut config = specc_rig::RigConfig::default();
-    config.extra_shares.extend([state, run_dir, store]);
+    config.extra_shares.extend([state, store]);
     let outcome = specc_rig::Rig::new(config).run(&cmd);
     let _ = std::fs::remove_file(&p.socket);
     let outcome = outcome.context("running the daemon in the rig")?;
