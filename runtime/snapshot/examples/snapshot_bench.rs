@@ -8,6 +8,7 @@
 //!   4 KiB pages and with transparent huge pages (where every touched run faults in 2 MiB);
 //! - write_memory_diff and map_overlay of a diff with 1000 scattered dirty pages (mapped) and
 //!   with 8192 (over the mapping bound: copied);
+//! - merge_diffs of a chain of 5 overlapping diffs of 4096 pages each;
 //! - encode/decode of a ~100 KB vmstate.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use specc_snapshot::fuzzing::{SampleVmState, sample_state};
 use specc_snapshot::memory::PAGE_SIZE;
+use specc_snapshot::merge::{ChainDiff, merge_diffs};
 use specc_snapshot::{
     DirtyPages, WriteOptions, decode, encode, map_overlay, write_memory, write_memory_diff,
 };
@@ -119,6 +121,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "map_overlay {} ranges ({label}): median {:.2} ms, min {:.2} ms",
             ranges.len(),
             times[2].as_secs_f64() * 1e3,
+            times[0].as_secs_f64() * 1e3
+        );
+    }
+
+    // A suspend chain to compact: 5 diffs of 4096 dirty pages (16 MiB) each, every one
+    // rewriting half of the previous one's pages and adding as many new ones.
+    let mut chain = Vec::new();
+    for d in 0..5u64 {
+        let mut dirty = DirtyPages::none(&mem);
+        for i in 0..4096u64 {
+            let page = (d * 2048 + i) * 61 % (GIB as u64 / PAGE_SIZE);
+            let addr = GuestAddress(page * PAGE_SIZE);
+            mem.write_obj(d << 32 | i | 1, addr)?;
+            dirty.mark_range(&mem, addr, 8)?;
+        }
+        let diff = dir.join(format!("chain{d}"));
+        let (ranges, _) = write_memory_diff(&mem, &diff, &dirty)?;
+        chain.push((diff, ranges));
+    }
+    let links: Vec<ChainDiff<'_>> = chain
+        .iter()
+        .map(|(file, ranges)| ChainDiff { file, ranges })
+        .collect();
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..3 {
+        let (_, s) = merge_diffs(GIB as u64, &links, &dir.join("merged"))?;
+        times.push(s.elapsed);
+        last = Some(s);
+    }
+    times.sort();
+    if let Some(s) = last {
+        println!(
+            "merge_diffs of {} diffs ({} MiB of ranges, {} MiB covered, {} MiB data written): median {:.1} ms, min {:.1} ms",
+            s.diffs,
+            s.input_range_bytes >> 20,
+            s.range_bytes >> 20,
+            s.data_bytes >> 20,
+            times[1].as_secs_f64() * 1e3,
             times[0].as_secs_f64() * 1e3
         );
     }
