@@ -972,6 +972,11 @@ impl Daemon {
         let id = live.rec.vm.id.clone();
         let merged = match merged {
             Ok(m) => m,
+            // Deleted meanwhile: its directory went under the merge.
+            Err(_) if live.deleted => {
+                self.metrics.compaction("discarded", 0);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(vm = %id, "compaction failed (the chain stays as it is): {}", chain(&e));
                 self.metrics.compaction("error", 0);
