@@ -2,7 +2,8 @@
 //! it runs directly; without it, it places itself in the rig and bridges its API socket out
 //! (docs/rig.md, "The bridge"). From the host: `specc vm create` from a built layer, `specc vm
 //! exec -i` with its output streaming while its stdin is still open (two concurrent
-//! connections), `specc vm ls --json`; then SIGTERM stops the daemon, and its rig with it.
+//! connections), `specc vm ls --json`; then SIGTERM stops the daemon, and its rig with it. In
+//! the rig the VM is suspended by that stop, and an exec after a restart wakes it.
 
 // An integration test file is a test module of its own.
 #![allow(clippy::tests_outside_test_module)]
@@ -111,28 +112,7 @@ fn specd_on_the_host_serves_host_clients() {
     std::fs::create_dir_all(&state).expect("state dir");
     let socket = state.join("run/specd.sock");
     let _unpin = PinSweep::new(&state);
-    let log = state.join("specd.log");
-    let log_file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(specd_binary().expect("the specd binary"))
-        .arg("--state")
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("dup"))
-        .stderr(log_file)
-        .spawn()
-        .expect("starting specd");
-    let mut d = Daemon { child, log };
-    let t0 = Instant::now();
-    while !vm(&socket, &["ls"]).status.success() {
-        if let Some(status) = d.child.try_wait().expect("try_wait") {
-            panic!("specd exited ({status}) before answering");
-        }
-        assert!(
-            t0.elapsed() < START_LIMIT,
-            "specd did not answer within {START_LIMIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut d = start(&state, &socket);
     let qemu = qemu_child_of(d.child.id());
     if in_rig {
         assert!(
@@ -168,7 +148,7 @@ fn specd_on_the_host_serves_host_clients() {
         .arg("--socket")
         .arg(&socket)
         .args(["exec", "-i", &created.id, "--", "sh", "-c"])
-        .arg("hostname; while read l; do echo got:$l; done; echo eof")
+        .arg("echo kept > /tmp/kept; hostname; while read l; do echo got:$l; done; echo eof")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -204,6 +184,66 @@ fn specd_on_the_host_serves_host_clients() {
         vm_ok(&socket, &["rm", &created.id]);
     }
 
+    stop(&mut d);
+    assert!(!socket.exists(), "the API socket outlived the daemon");
+    if let Some(q) = qemu {
+        assert!(gone(q), "the rig's QEMU {q} outlived specd");
+        // The rig's VMs cannot outlive it: the daemon suspended this one before it stopped.
+        assert!(
+            d.log().contains("suspended") && d.log().contains(&created.id),
+            "no suspend of {} in the log:\n{}",
+            created.id,
+            d.log()
+        );
+        // The next daemon finds it suspended, and an exec wakes it with its memory intact.
+        let mut d = start(&state, &socket);
+        let events = vm_ok(
+            &socket,
+            &["--json", "exec", &created.id, "--", "cat", "/tmp/kept"],
+        );
+        assert!(
+            events.contains("\"woke\":true") && events.contains("a2VwdAo="),
+            "exec after the restart: {events}"
+        );
+        vm_ok(&socket, &["rm", &created.id]);
+        stop(&mut d);
+    }
+}
+
+/// Starts `specd --state STATE` (its log in `STATE/specd.log`) and waits until `socket`
+/// answers.
+fn start(state: &Path, socket: &Path) -> Daemon {
+    let log = state.join("specd.log");
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log file");
+    let child = Command::new(specd_binary().expect("the specd binary"))
+        .arg("--state")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup"))
+        .stderr(log_file)
+        .spawn()
+        .expect("starting specd");
+    let mut d = Daemon { child, log };
+    let t0 = Instant::now();
+    while !vm(socket, &["ls"]).status.success() {
+        if let Some(status) = d.child.try_wait().expect("try_wait") {
+            panic!("specd exited ({status}) before answering");
+        }
+        assert!(
+            t0.elapsed() < START_LIMIT,
+            "specd did not answer within {START_LIMIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d
+}
+
+/// SIGTERM, then waits for a successful exit.
+fn stop(d: &mut Daemon) {
     let pid = libc::pid_t::try_from(d.child.id()).expect("pid");
     // SAFETY: kill(2) on our own child's pid; no memory involved.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -224,15 +264,4 @@ fn specd_on_the_host_serves_host_clients() {
         "specd after SIGTERM: {status}\n{}",
         d.log()
     );
-    assert!(!socket.exists(), "the API socket outlived the daemon");
-    if let Some(q) = qemu {
-        assert!(gone(q), "the rig's QEMU {q} outlived specd");
-        // The rig's VMs cannot outlive it: the daemon suspended this one before it stopped.
-        assert!(
-            d.log().contains("suspended") && d.log().contains(&created.id),
-            "no suspend of {} in the log:\n{}",
-            created.id,
-            d.log()
-        );
-    }
 }
