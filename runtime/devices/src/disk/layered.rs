@@ -402,15 +402,85 @@ impl LayeredDisk {
     /// a fork's directory, on the same file system) and the fresh diff takes the top's old
     /// path, so the disk's writable path never changes. Without `durable` nothing is synced
     /// ([`DiffFile::freeze_with`]).
+    ///
+    /// When `frozen_at` is on another file system (a daemon in the rig keeps its VMs' run
+    /// directories, where a fork child's top lives, on the rig's tmpfs and its snapshots on a
+    /// 9p share), the layer is copied there instead.
     pub fn freeze_into(&mut self, frozen_at: &Path, durable: bool) -> Result<PathBuf, DiskError> {
         let top_path = self.top.path().to_owned();
-        std::fs::rename(&top_path, frozen_at).map_err(|source| DiskError::Move {
-            path: frozen_at.to_owned(),
-            source,
-        })?;
-        // The open descriptor follows the rename; only the recorded path changes.
-        self.top.set_path(frozen_at.to_owned());
-        self.freeze_with(&top_path, durable)
+        match std::fs::rename(&top_path, frozen_at) {
+            Ok(()) => {
+                // The open descriptor follows the rename; only the recorded path changes.
+                self.top.set_path(frozen_at.to_owned());
+                self.freeze_with(&top_path, durable)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                self.freeze_by_copy(frozen_at, durable)
+            }
+            Err(source) => Err(DiskError::Move {
+                path: frozen_at.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// [`LayeredDisk::freeze_into`] across file systems: the top is frozen where it is, its
+    /// header, bitmap and allocated blocks are copied to `frozen_at` (holes stay holes), the
+    /// copy becomes the layer, and a fresh top takes the old path. The copy is always synced:
+    /// it is a new file whose contents nobody else has in their page cache.
+    fn freeze_by_copy(&mut self, frozen_at: &Path, durable: bool) -> Result<PathBuf, DiskError> {
+        let top_path = self.top.path().to_owned();
+        let mut next = top_path.clone().into_os_string();
+        next.push(".next");
+        let next = PathBuf::from(next);
+        let moved = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DiskError::Move { path, source }
+        };
+        let fresh = DiffFile::create(&next, self.size)?;
+        let frozen = std::mem::replace(&mut self.top, fresh).freeze_with(durable)?;
+        let copy = (|| {
+            let src = File::open(&top_path)?;
+            let dst = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(frozen_at)?;
+            let head = usize::try_from(frozen.data_offset()).map_err(io::Error::other)?;
+            let mut buf = vec![0u8; head];
+            src.read_exact_at(&mut buf, 0)?;
+            dst.write_all_at(&buf, 0)?;
+            const CHUNK: usize = 256;
+            let block = BLOCK_SIZE as usize;
+            buf.resize(CHUNK * block, 0);
+            for (first, count) in frozen.allocated_runs() {
+                let mut b = first;
+                while b < first + count {
+                    let n =
+                        usize::try_from(first + count - b).map_or(CHUNK, |left| left.min(CHUNK));
+                    let at = frozen.data_offset() + b * BS;
+                    let chunk = &mut buf[..n * block];
+                    src.read_exact_at(chunk, at)?;
+                    dst.write_all_at(chunk, at)?;
+                    b += n as u64;
+                }
+            }
+            dst.set_len(src.metadata()?.len())?;
+            dst.sync_all()
+        })();
+        if let Err(e) = copy {
+            let _ = std::fs::remove_file(frozen_at);
+            // The disk stays whole: the frozen old top joins the stack in place, and writes go
+            // on in the fresh top beside it.
+            self.lower.push(Layer::Diff(frozen));
+            return Err(moved(frozen_at)(e));
+        }
+        drop(frozen);
+        self.lower
+            .push(Layer::Diff(DiffFile::open(frozen_at, false)?));
+        std::fs::remove_file(&top_path).map_err(moved(&top_path))?;
+        std::fs::rename(&next, &top_path).map_err(moved(&top_path))?;
+        self.top.set_path(top_path);
+        Ok(frozen_at.to_owned())
     }
 }
 
@@ -452,6 +522,57 @@ mod tests {
             live.freeze_into(&dir.path().join("no/such/dir/x"), false),
             Err(DiskError::Move { .. })
         ));
+    }
+
+    /// The copy that replaces the rename across file systems, checked on one file system
+    /// (always) and across two when the machine has them (the test says when it has not).
+    #[test]
+    fn freeze_by_copy_keeps_the_layer_whole_and_sparse_and_the_top_path() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").ok();
+        let cross = shm
+            .as_ref()
+            .filter(|s| s.path().metadata().unwrap().dev() != dir.path().metadata().unwrap().dev());
+        if cross.is_none() {
+            eprintln!(
+                "NOTE: no second file system (/dev/shm) here: freeze_into's EXDEV path is \
+                 checked through freeze_by_copy on one file system only"
+            );
+        }
+        let b = base(dir.path(), 4 << 20, |_| 0);
+        let top_dir = cross.map_or(dir.path(), |s| s.path());
+        let top = top_dir.join("top");
+        let mut disk = LayeredDisk::open(std::slice::from_ref(&b), &top).unwrap();
+        disk.write_at(0, &[0xaa; 4096]).unwrap();
+        disk.write_at(3 << 20, &[0xcc; 8192]).unwrap();
+        let frozen = dir.path().join("snap.diff");
+        if cross.is_some() {
+            disk.freeze_into(&frozen, true).unwrap();
+        } else {
+            disk.freeze_by_copy(&frozen, true).unwrap();
+        }
+        assert_eq!(disk.top_path(), top);
+        assert_eq!(disk.layer_paths(), vec![b.clone(), frozen.clone()]);
+        let copy = std::fs::metadata(&frozen).unwrap();
+        assert!(
+            copy.blocks() * 512 < 1 << 20,
+            "the copy is sparse: {} bytes allocated",
+            copy.blocks() * 512
+        );
+        disk.write_at(4096, &[0xbb; 4096]).unwrap();
+        drop(disk);
+        let mut buf = vec![0u8; 8192];
+        let mut snap =
+            LayeredDisk::open(&[b.clone(), frozen.clone()], &dir.path().join("t2")).unwrap();
+        snap.read_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 0xaa) && buf[4096..].iter().all(|&x| x == 0));
+        snap.read_at(3 << 20, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 0xcc));
+        let mut live = LayeredDisk::open(&[b, frozen], &top).unwrap();
+        live.read_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 0xaa) && buf[4096..].iter().all(|&x| x == 0xbb));
+        assert!(!top_dir.join("top.next").exists());
     }
 
     #[test]
