@@ -250,8 +250,9 @@ fn disk_usage(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The pid of the process listening on a unix socket (SO_PEERCRED of a connection to it).
-fn peer_pid(stream: &UnixStream) -> Option<i32> {
+/// The pid of the process listening on a unix socket (SO_PEERCRED of a connection to it; the
+/// kernel answers it even when the listener never accepts).
+pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,

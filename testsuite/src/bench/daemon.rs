@@ -263,28 +263,9 @@ fn diagnose_stuck_vm(c: &Client, id: &str, run_vms: &Path, calls: bool) {
     }
 }
 
-/// The pid of the process listening on the unix socket `sock` (SO_PEERCRED of a connection;
-/// the kernel answers it even when the listener never accepts).
+/// The pid of the process listening on the unix socket `sock`.
 fn peer_pid(sock: &Path) -> Option<i32> {
-    use std::os::fd::AsRawFd;
-    let stream = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized ucred.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
+    specd::daemon::peer_pid(&std::os::unix::net::UnixStream::connect(sock).ok()?)
 }
 
 /// The process state of task `stat` (the letter after the command's closing parenthesis),
