@@ -479,6 +479,57 @@ fn daemon_lifecycle_with_linux_guests() {
     );
     assert!(exec(&c, &b.id, "cat /root/only-b /root/data").stdout == "mine\nkept across suspend\n");
 
+    // A VMM that ends by itself (killed here; a guest that crashes alike) is noticed within a
+    // tick: the VM is failed with the reason, an exec answers 409 at once instead of running
+    // in an older state unasked, and an explicit wake returns it to its last snapshot (the
+    // counter as the last suspend left it, not the one bump since).
+    let pid = show(&c, &a.id).unwrap().pid.expect("pid");
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_state(&c, &a.id, Some(VmState::Failed), Duration::from_secs(10));
+    let failed = show(&c, &a.id).unwrap();
+    let why = failed.error.clone().unwrap_or_default();
+    assert!(why.contains("SIGKILL"), "{failed:?}");
+    assert_eq!(failed.pid, None);
+    let bare = api::Exec {
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        stdin_b64: None,
+        stdin_stream: false,
+        timeout_ms: None,
+    };
+    match c.exec(&a.id, &bare, |_| {}) {
+        Err(specd::client::ClientError::Api {
+            status: 409,
+            message,
+        }) => assert!(
+            message.contains("has failed") && message.contains("wake it"),
+            "{message}"
+        ),
+        other => panic!("exec on a failed VM: {other:?}"),
+    }
+    assert_eq!(show(&c, &a.id).unwrap().state, VmState::Failed);
+    let woken = post(&c, &a.id, "wake");
+    assert_eq!((woken.state, woken.error), (VmState::Running, None));
+    let r = exec(
+        &c,
+        &a.id,
+        &format!("cat /tmp/counter; kill -0 {sleeper} && cat /root/data"),
+    );
+    assert_eq!(
+        r.stdout,
+        format!("{}\nkept across suspend\n", 40 + cycles),
+        "{}",
+        r.stderr
+    );
+    let metrics =
+        String::from_utf8(c.request("GET", "/metrics", None).unwrap().bytes().unwrap()).unwrap();
+    assert!(metrics.contains("specd_vmm_ended_total 1"), "{metrics}");
+
     // An exposed port: host TCP → the daemon → vsock → the guest's service, which reads to
     // EOF (the client's half-close must arrive as one, with the way back open) and answers
     // upper-cased, with its hostname, then closes. A loop keeps it listening; it runs in a

@@ -113,11 +113,15 @@ pub enum VmState {
     Stopped,
     /// Cold-booting from its kernel and its own disk.
     Starting,
+    /// Its VMM ended by itself (a guest crash, the VMM killed): `error` says how. What it
+    /// did since its last snapshot is lost; waking it restores that snapshot, deleting it
+    /// removes it. It is not woken by itself, so no call runs in an older state unasked.
+    Failed,
 }
 
 impl VmState {
     /// All states, for metrics.
-    pub const ALL: [VmState; 9] = [
+    pub const ALL: [VmState; 10] = [
         VmState::Creating,
         VmState::Running,
         VmState::Paused,
@@ -127,6 +131,7 @@ impl VmState {
         VmState::Stopping,
         VmState::Stopped,
         VmState::Starting,
+        VmState::Failed,
     ];
 
     /// The name used on the wire and in the database.
@@ -141,6 +146,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
+            VmState::Failed => "failed",
         }
     }
 
@@ -196,6 +202,10 @@ pub struct Vm {
     /// How many times it was suspended.
     #[serde(default)]
     pub suspends: u32,
+    /// Why its VMM ended, when it ended by itself (the state is then `failed`, or `stopped`
+    /// for a VM that had cold-booted); cleared when it runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `POST /v1/vms/{id}/fork`.

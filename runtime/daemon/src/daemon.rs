@@ -40,6 +40,10 @@ mod compact;
 /// How long past an exec's own timeout the daemon waits for the agent's answer.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 
+/// The longest single attempt to reach an agent; between attempts the daemon checks that the
+/// VM's VMM is still there.
+const AGENT_ATTEMPT: Duration = Duration::from_secs(10);
+
 /// VMMs outlive the daemon (see the module's invariants).
 const DETACHED: specc_machine::Launch = specc_machine::Launch { detached: true };
 
@@ -84,6 +88,17 @@ pub enum DaemonError {
          (`POST /v1/vms/{0}/start`, `specc vm start {0}`)"
     )]
     Stopped(String),
+    /// The VM's VMM ended by itself: it is not woken by a call, since what it did since its
+    /// last snapshot is lost.
+    #[error("VM {id} has failed: {hint}\n{reason}")]
+    Failed {
+        /// The VM.
+        id: String,
+        /// What can be done about it.
+        hint: String,
+        /// How its VMM ended, with its last output.
+        reason: String,
+    },
     /// A filesystem operation on the daemon's state failed.
     #[error("{what}: {source}")]
     Io {
@@ -100,7 +115,9 @@ impl DaemonError {
         match self {
             DaemonError::NotFound(_) => 404,
             DaemonError::BadRequest(_) => 400,
-            DaemonError::Conflict { .. } | DaemonError::Stopped(_) => 409,
+            DaemonError::Conflict { .. } | DaemonError::Stopped(_) | DaemonError::Failed { .. } => {
+                409
+            }
             DaemonError::Source(_) => 422,
             DaemonError::Db(_) | DaemonError::Vm { .. } | DaemonError::Io { .. } => 500,
         }
@@ -377,6 +394,89 @@ impl Daemon {
         Ok(())
     }
 
+    /// Notices a VMM that ended by itself (a guest that crashed, a VMM killed from outside):
+    /// the VM becomes `failed` with the reason, or `stopped` if it had cold-booted (its disk
+    /// is all it had), durably. Returns whether it had ended.
+    fn notice_exit(&self, slot: &Slot, live: &mut Live) -> bool {
+        if !live.rec.vm.state.has_process() {
+            return false;
+        }
+        let Some(how) = live.machine.as_mut().and_then(Machine::ended) else {
+            return false;
+        };
+        let tail = live
+            .machine
+            .take()
+            .map(|m| m.console_tail(15))
+            .unwrap_or_default();
+        let from = live.rec.vm.state;
+        live.rec.vm.state = if matches!(live.rec.restore, RestorePoint::Boot { .. }) {
+            VmState::Stopped
+        } else {
+            VmState::Failed
+        };
+        live.rec.run_dir = None;
+        tracing::warn!(vm = %live.rec.vm.id, from = from.as_str(), to = live.rec.vm.state.as_str(), "{how}");
+        live.rec.vm.error = Some(if tail.trim().is_empty() {
+            how
+        } else {
+            format!("{how}; its last output:\n{}", tail.trim_end())
+        });
+        self.metrics.vmm_ended();
+        if let Err(e) = self.save(slot, live) {
+            tracing::warn!(vm = %live.rec.vm.id, "recording the VMM's end: {e}");
+        }
+        true
+    }
+
+    /// Refuses to go on with a VM whose VMM ended by itself (noticing it now if need be): what
+    /// would wake it implicitly (an exec, a file call, a connection, a fork) must not run in an
+    /// older state unasked.
+    fn refuse_failed(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
+        self.notice_exit(slot, live);
+        if live.rec.vm.error.is_some()
+            && matches!(live.rec.vm.state, VmState::Failed | VmState::Stopped)
+        {
+            return Err(Self::failed(&live.rec));
+        }
+        Ok(())
+    }
+
+    /// [`Daemon::lock`], having noticed whether the VM's VMM ended by itself.
+    fn lock_noticed<'a>(
+        &self,
+        slot: &'a Slot,
+        id: &str,
+    ) -> Result<MutexGuard<'a, Live>, DaemonError> {
+        let mut live = Self::lock(slot, id)?;
+        self.notice_exit(slot, &mut live);
+        Ok(live)
+    }
+
+    /// The error of a call to a VM whose VMM ended by itself.
+    fn failed(rec: &Record) -> DaemonError {
+        let id = rec.vm.id.clone();
+        let hint = match (&rec.restore, rec.vm.state) {
+            (RestorePoint::Boot { .. }, _) | (_, VmState::Stopped) => format!(
+                "it is stopped with what its disk holds; start it (`specc vm start {id}`) or \
+                 delete it (`specc vm rm {id}`)"
+            ),
+            (RestorePoint::Forked, _) => format!(
+                "it is a fork child that was never suspended, so there is no snapshot to \
+                 return to; delete it (`specc vm rm {id}`)"
+            ),
+            _ => format!(
+                "what it did since its last snapshot is lost; wake it to return to that \
+                 snapshot (`specc vm wake {id}`) or delete it (`specc vm rm {id}`)"
+            ),
+        };
+        DaemonError::Failed {
+            id,
+            hint,
+            reason: rec.vm.error.clone().unwrap_or_default(),
+        }
+    }
+
     fn insert(&self, rec: Record, machine: Option<Machine>) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             last_active: AtomicU64::new(rec.vm.last_active_ms),
@@ -519,7 +619,10 @@ impl Daemon {
         let mut out: Vec<Vm> = slots
             .iter()
             .filter_map(|s| {
-                let live = s.live.lock().unwrap_or_else(|p| p.into_inner());
+                let mut live = s.live.lock().unwrap_or_else(|p| p.into_inner());
+                if !live.deleted {
+                    self.notice_exit(s, &mut live);
+                }
                 (!live.deleted).then(|| {
                     let mut vm = live.rec.vm.clone();
                     vm.last_active_ms = s.last_active.load(Ordering::Relaxed);
@@ -534,7 +637,7 @@ impl Daemon {
     /// One VM.
     pub fn show(&self, id: &str) -> Result<Vm, DaemonError> {
         let slot = self.slot(id)?;
-        let live = Self::lock(&slot, id)?;
+        let live = self.lock_noticed(&slot, id)?;
         let mut vm = live.rec.vm.clone();
         vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
         Ok(vm)
@@ -643,6 +746,7 @@ impl Daemon {
                 pid: None,
                 disk_bytes: 0,
                 suspends: 0,
+                error: None,
             },
             dir: self.config.state_dir.join("vms").join(&id),
             restore,
@@ -792,7 +896,7 @@ impl Daemon {
     /// Pauses a running VM.
     pub fn pause(&self, id: &str) -> Result<Vm, DaemonError> {
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = self.lock_noticed(&slot, id)?;
         self.pause_locked(&slot, &mut live)?;
         Ok(live.rec.vm.clone())
     }
@@ -814,7 +918,7 @@ impl Daemon {
     /// Resumes a paused VM (a running one is left alone).
     pub fn resume(&self, id: &str) -> Result<Vm, DaemonError> {
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = self.lock_noticed(&slot, id)?;
         self.resume_locked(&slot, &mut live)?;
         Ok(live.rec.vm.clone())
     }
@@ -845,7 +949,7 @@ impl Daemon {
     /// Suspends a VM to disk (an ephemeral VM is deleted instead).
     pub fn suspend(&self, id: &str) -> Result<Option<Vm>, DaemonError> {
         let slot = self.slot(id)?;
-        let mut live = Self::lock(&slot, id)?;
+        let mut live = self.lock_noticed(&slot, id)?;
         if live.rec.vm.persistence == api::Persistence::Ephemeral {
             self.delete_locked(&mut live)?;
             drop(live);
@@ -1091,21 +1195,25 @@ impl Daemon {
                 return Ok(true);
             }
             VmState::Suspended => {}
+            VmState::Failed if live.rec.restore != RestorePoint::Forked => {}
             VmState::Stopped => return Err(DaemonError::Stopped(live.rec.vm.id.clone())),
+            VmState::Failed => return Err(Self::failed(&live.rec)),
             s => return Err(conflict(&live.rec, s, "wake")),
         }
         let t0 = Instant::now();
+        let at_rest = live.rec.vm.state;
         live.rec.vm.state = VmState::Waking;
         self.save(slot, live)?;
         let r = self.start_vm(live, "wake");
         self.metrics.observe("wake", t0.elapsed(), r.is_ok());
         if let Err(e) = r {
-            live.rec.vm.state = VmState::Suspended;
+            live.rec.vm.state = at_rest;
             live.rec.run_dir = None;
             self.save(slot, live)?;
             return Err(e);
         }
         live.rec.vm.state = VmState::Running;
+        live.rec.vm.error = None;
         slot.last_active.store(now_ms(), Ordering::Relaxed);
         self.save(slot, live)?;
         Ok(true)
@@ -1118,6 +1226,7 @@ impl Daemon {
         let t0 = Instant::now();
         let slot = self.slot(id)?;
         let mut live = Self::lock_settled(&slot, id)?;
+        self.notice_exit(&slot, &mut live);
         let r = self.stop_locked(&slot, &mut live);
         self.metrics.observe("stop", t0.elapsed(), r.is_ok());
         r?;
@@ -1130,14 +1239,15 @@ impl Daemon {
     fn stop_locked(&self, slot: &Slot, live: &mut Live) -> Result<(), DaemonError> {
         match live.rec.vm.state {
             VmState::Stopped => return Ok(()),
-            VmState::Running | VmState::Paused | VmState::Suspended => {}
+            VmState::Running | VmState::Paused | VmState::Suspended | VmState::Failed => {}
             s => return Err(conflict(&live.rec, s, "stop")),
         }
         // Refuse before anything happens if it could never be started again.
         self.kernel_for(&live.rec)?;
-        if live.rec.vm.state == VmState::Suspended {
+        if matches!(live.rec.vm.state, VmState::Suspended | VmState::Failed) {
+            // A failed VM's disk as of its last snapshot is the one it can boot from.
             let RestorePoint::Snapshot { dir } = live.rec.restore.clone() else {
-                return Err(conflict(&live.rec, VmState::Suspended, "stop"));
+                return Err(conflict(&live.rec, live.rec.vm.state, "stop"));
             };
             // One write: the record goes from suspended to stopped (the memory is removed
             // after it).
@@ -1153,7 +1263,7 @@ impl Daemon {
         // What the guest wrote is in its page cache: flush it to the disk that is kept. A
         // guest whose agent does not answer is stopped all the same, with what it flushed.
         if let Some(vsock) = live.rec.run_dir.as_ref().map(|d| d.join("vsock.sock")) {
-            let synced = self.agent(&live.rec.vm.id, &vsock).and_then(|mut a| {
+            let synced = self.agent(slot, &live.rec.vm.id, &vsock).and_then(|mut a| {
                 a.exec_output(&ExecRequest::new(["sync"]))
                     .map_err(|e| DaemonError::Vm {
                         id: live.rec.vm.id.clone(),
@@ -1270,6 +1380,7 @@ impl Daemon {
             return Err(e);
         }
         live.rec.vm.state = VmState::Running;
+        live.rec.vm.error = None;
         live.rec.vm.disk_bytes = disk_usage(&live.rec.dir);
         slot.last_active.store(now_ms(), Ordering::Relaxed);
         self.save(&slot, &mut live)?;
@@ -1401,6 +1512,7 @@ impl Daemon {
         }
         let slot = self.slot(id)?;
         let mut live = Self::lock_settled(&slot, id)?;
+        self.refuse_failed(&slot, &mut live)?;
         self.wake_locked(&slot, &mut live)?;
         let now = now_ms();
         let mut children = Vec::new();
@@ -1427,6 +1539,7 @@ impl Daemon {
                     pid: None,
                     disk_bytes: 0,
                     suspends: 0,
+                    error: None,
                 },
                 dir,
                 restore: RestorePoint::Forked,
@@ -1527,6 +1640,9 @@ impl Daemon {
     fn enter(&self, id: &str) -> Result<(Arc<Slot>, PathBuf, bool), DaemonError> {
         let slot = self.slot(id)?;
         let mut live = Self::lock_settled(&slot, id)?;
+        // A VMM that ended by itself is not restored behind the caller's back: what the VM did
+        // since its last snapshot is gone, and the caller must know before running anything.
+        self.refuse_failed(&slot, &mut live)?;
         let woke = self.wake_locked(&slot, &mut live)?;
         let vsock = live
             .rec
@@ -1540,14 +1656,41 @@ impl Daemon {
         Ok((slot, vsock, woke))
     }
 
-    fn agent(&self, id: &str, vsock: &Path) -> Result<AgentClient<UnixStream>, DaemonError> {
-        AgentClient::connect_uds(vsock, AGENT_VSOCK_PORT, self.config.agent_timeout).map_err(|e| {
-            DaemonError::Vm {
-                id: id.to_owned(),
-                op: "connect to the agent",
-                message: chain(&e),
+    /// Connects to the VM's agent, waiting up to the agent timeout for a slow guest, but not
+    /// for one whose VMM is found gone between attempts.
+    fn agent(
+        &self,
+        slot: &Slot,
+        id: &str,
+        vsock: &Path,
+    ) -> Result<AgentClient<UnixStream>, DaemonError> {
+        let deadline = Instant::now() + self.config.agent_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Attempts long enough for a starved guest to answer one connection rather than
+            // abandon it and pile up new ones.
+            match AgentClient::connect_uds(vsock, AGENT_VSOCK_PORT, left.min(AGENT_ATTEMPT)) {
+                Ok(agent) => return Ok(agent),
+                Err(specc_protocol::client::ClientError::Timeout { .. })
+                    if deadline > Instant::now() =>
+                {
+                    // The caller may hold the lock (a stop syncing the guest): then the VMM is
+                    // its business.
+                    if let Ok(mut live) = slot.live.try_lock()
+                        && self.notice_exit(slot, &mut live)
+                    {
+                        return Err(Self::failed(&live.rec));
+                    }
+                }
+                Err(e) => {
+                    return Err(DaemonError::Vm {
+                        id: id.to_owned(),
+                        op: "connect to the agent",
+                        message: chain(&e),
+                    });
+                }
             }
-        })
+        }
     }
 
     /// Runs a command in the VM (waking it if needed), streaming its output to `sink`; the
@@ -1578,7 +1721,7 @@ impl Daemon {
         let t0 = Instant::now();
         let (slot, vsock, woke) = self.enter(id)?;
         let _busy = Busy(&slot);
-        let mut agent = self.agent(id, &vsock)?;
+        let mut agent = self.agent(&slot, id, &vsock)?;
         // Two bounds, so that a lost connection never hangs the call. Until the agent reports
         // the process started, the wait is for the guest to pick the request up, which on a
         // starved guest takes as long as connecting can: the agent timeout. The exec's own
@@ -1807,7 +1950,7 @@ impl Daemon {
     ) -> Result<T, DaemonError> {
         let (slot, vsock, _) = self.enter(id)?;
         let _busy = Busy(&slot);
-        let mut agent = self.agent(id, &vsock)?;
+        let mut agent = self.agent(&slot, id, &vsock)?;
         f(&mut agent).map_err(|e| match &e {
             specc_protocol::client::ClientError::Agent(info) => {
                 DaemonError::BadRequest(format!("{op}: {}", info.message))
@@ -1905,7 +2048,7 @@ impl Daemon {
         let (slot, vsock, woke) = self.enter(id)?;
         let busy = Busy(&slot);
         let pipe = self
-            .agent(id, &vsock)?
+            .agent(&slot, id, &vsock)?
             .connect_port(guest)
             .map_err(|e| DaemonError::Vm {
                 id: id.to_owned(),
@@ -1995,6 +2138,7 @@ impl Daemon {
             if live.deleted {
                 continue;
             }
+            self.notice_exit(&slot, &mut live);
             let mut vm = live.rec.vm.clone();
             vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
             let busy = slot.busy.load(Ordering::Acquire) > 0;

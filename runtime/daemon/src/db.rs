@@ -225,6 +225,7 @@ mod tests {
                 pid: Some(42),
                 disk_bytes: 0,
                 suspends: 0,
+                error: None,
             },
             dir: "/x".into(),
             restore: RestorePoint::Snapshot {

@@ -1,6 +1,6 @@
 //! Counters and latency histograms for `GET /metrics` (Prometheus text format 0.0.4).
 //!
-//! Written out by hand: four metric families do not justify a metrics registry crate, and the
+//! Written out by hand: a handful of metric families do not justify a metrics registry crate, and the
 //! text format is a few lines of `format!`.
 
 use std::collections::BTreeMap;
@@ -33,6 +33,7 @@ struct Inner {
     latency: BTreeMap<&'static str, Histogram>,
     transitions: BTreeMap<(&'static str, bool), u64>,
     evictions: u64,
+    vmm_ended: u64,
     compactions: BTreeMap<&'static str, u64>,
     compacted_diffs: u64,
 }
@@ -61,6 +62,14 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .evictions += 1;
+    }
+
+    /// Counts one VMM that ended by itself (its VM failed, or stopped if it had cold-booted).
+    pub fn vmm_ended(&self) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vmm_ended += 1;
     }
 
     /// Counts one compaction of a VM's snapshot chain by how it ended (`merged`: the VM now
@@ -121,6 +130,11 @@ impl Metrics {
         );
         let _ = writeln!(out, "specd_evictions_total {}", m.evictions);
         out.push_str(
+            "# HELP specd_vmm_ended_total VMM processes that ended by themselves (guest crash, killed).\n\
+             # TYPE specd_vmm_ended_total counter\n",
+        );
+        let _ = writeln!(out, "specd_vmm_ended_total {}", m.vmm_ended);
+        out.push_str(
             "# HELP specd_compactions_total Compactions of suspended VMs' snapshot chains by result.\n\
              # TYPE specd_compactions_total counter\n",
         );
@@ -148,6 +162,7 @@ mod tests {
         m.observe("wake", Duration::from_millis(700), true);
         m.observe("wake", Duration::from_millis(1), false);
         m.evicted();
+        m.vmm_ended();
         m.compaction("merged", 10);
         m.compaction("discarded", 0);
         m.compaction("merged", 6);
@@ -167,6 +182,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("specd_evictions_total 1"), "{text}");
+        assert!(text.contains("specd_vmm_ended_total 1"), "{text}");
+        assert!(text.contains("specd_vms{state=\"failed\"} 0"), "{text}");
         assert!(
             text.contains("specd_compactions_total{result=\"merged\"} 2"),
             "{text}"

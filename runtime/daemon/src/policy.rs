@@ -30,12 +30,15 @@ pub fn idle_action(vm: &Vm, now_ms: u64, busy: bool) -> Option<IdleAction> {
             IdleAction::Suspend
         }),
         VmState::Running if due(vm.idle.pause_after_s) => Some(IdleAction::Pause),
+        // Its VMM is gone: an ephemeral VM has nothing worth keeping, but it stays for its
+        // suspend timer so that whoever used it can still read why it failed.
+        VmState::Failed if ephemeral && due(vm.idle.suspend_after_s) => Some(IdleAction::Delete),
         _ => None,
     }
 }
 
 /// The VMs to evict so that the VMs' disk use fits `budget_bytes`, in eviction order: sticky
-/// VMs only, and only those at rest (suspended or stopped: a running VM is in use), lowest
+/// VMs only, and only those at rest (suspended, stopped or failed: a running VM is in use), lowest
 /// priority first, then least recently active. Persistent VMs are never evicted; ephemeral ones
 /// never reach disk at rest. May return fewer than needed when the rest cannot be evicted.
 pub fn evictions(vms: &[Vm], budget_bytes: u64) -> Vec<String> {
@@ -45,7 +48,12 @@ pub fn evictions(vms: &[Vm], budget_bytes: u64) -> Vec<String> {
     }
     let mut candidates: Vec<&Vm> = vms
         .iter()
-        .filter(|v| matches!(v.state, VmState::Suspended | VmState::Stopped))
+        .filter(|v| {
+            matches!(
+                v.state,
+                VmState::Suspended | VmState::Stopped | VmState::Failed
+            )
+        })
         .filter(|v| matches!(v.persistence, Persistence::Sticky { .. }))
         .collect();
     candidates.sort_by_key(|v| {
@@ -121,6 +129,7 @@ mod tests {
             pid: None,
             disk_bytes: bytes,
             suspends: 0,
+            error: None,
         }
     }
 
@@ -153,6 +162,19 @@ mod tests {
     }
 
     #[test]
+    fn failed_vms_are_never_woken_by_a_timer_and_ephemeral_ones_go_after_their_suspend_timer() {
+        let failed = vm("f", VmState::Failed, Persistence::Persistent, 1_000, 0);
+        assert_eq!(idle_action(&failed, 1_000_000, false), None);
+        let eph = Vm {
+            persistence: Persistence::Ephemeral,
+            ..failed
+        };
+        assert_eq!(idle_action(&eph, 60_999, false), None, "kept to be read");
+        assert_eq!(idle_action(&eph, 61_000, false), Some(IdleAction::Delete));
+        assert_eq!(idle_action(&eph, 61_000, true), None, "busy");
+    }
+
+    #[test]
     fn eviction_takes_lowest_priority_then_least_recent_and_spares_the_rest() {
         let s = |p| Persistence::Sticky { priority: p };
         let vms = vec![
@@ -162,14 +184,15 @@ mod tests {
             vm("mid", VmState::Suspended, s(5), 5, 100),
             vm("running", VmState::Running, s(0), 0, 100),
             vm("keep", VmState::Suspended, Persistence::Persistent, 0, 100),
+            vm("failed", VmState::Failed, s(9), 0, 100),
         ];
-        assert!(evictions(&vms, 600).is_empty());
-        assert_eq!(evictions(&vms, 500), ["lo-old"]);
-        assert_eq!(evictions(&vms, 350), ["lo-old", "lo-new", "mid"]);
+        assert!(evictions(&vms, 700).is_empty());
+        assert_eq!(evictions(&vms, 600), ["lo-old"]);
+        assert_eq!(evictions(&vms, 450), ["lo-old", "lo-new", "mid"]);
         assert_eq!(
             evictions(&vms, 0),
-            ["lo-old", "lo-new", "mid", "hi-old"],
-            "persistent and running VMs are never evicted"
+            ["lo-old", "lo-new", "mid", "failed", "hi-old"],
+            "persistent and running VMs are never evicted; a failed one is at rest"
         );
     }
 

@@ -595,14 +595,36 @@ impl Machine {
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, MachineError> {
+        Ok(self.poll_exit()?.map(|status| {
+            status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))
+        }))
+    }
+
+    /// Whether the VMM has ended by itself (reaping it if it is our child): `None` while it
+    /// runs, else how it ended, as a sentence. A VMM that is not our child (a fork child, or
+    /// one attached after a restart of its launcher) can only be seen gone: its exit status
+    /// is its parent's to read.
+    pub fn ended(&mut self) -> Option<String> {
+        match self.poll_exit() {
+            Ok(None) => None,
+            Ok(Some(Some(status))) => Some(format!("the VMM process ended: {status}")),
+            Ok(Some(None)) => {
+                Some("the VMM process is gone (its exit status is not ours to read)".into())
+            }
+            Err(e) => Some(format!("the VMM process cannot be waited for: {e}")),
+        }
+    }
+
+    /// `Some(status)` once the VMM ended, the status `None` when it is not ours to read.
+    fn poll_exit(&mut self) -> Result<Option<Option<ExitStatus>>, MachineError> {
         if let Some(pid) = self.forked {
             match reap(pid, libc::WNOHANG) {
                 // Our child (attached after a release): it ended, and now we know how.
                 Reaped::Exited(status) => {
                     self.forked = None;
-                    return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(
+                    return Ok(Some(Some(std::os::unix::process::ExitStatusExt::from_raw(
                         status,
-                    )));
+                    ))));
                 }
                 // Our child, still running (maybe its other threads still winding down
                 // after the main one ended, which /proc would show as a zombie).
@@ -615,7 +637,7 @@ impl Machine {
                 return Ok(None);
             }
             self.forked = None;
-            return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
+            return Ok(Some(None));
         }
         let Some(child) = self.child.as_mut() else {
             return Err(MachineError::Wait(io::Error::other("already reaped")));
@@ -624,7 +646,7 @@ impl Machine {
         if status.is_some() {
             self.child = None;
         }
-        Ok(status)
+        Ok(status.map(Some))
     }
 
     /// The last `lines` lines of the guest console and of the VMM's own log.

@@ -185,6 +185,9 @@ fn print_vm(vm: &Vm, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(vm)?);
     } else {
         print_vms(std::slice::from_ref(vm), false)?;
+        if let Some(error) = &vm.error {
+            println!("\nits VMM ended by itself: {error}");
+        }
     }
     Ok(())
 }
