@@ -16,6 +16,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod control;
+pub mod crash;
 pub mod device_manager;
 pub mod exit;
 pub mod inspect;
@@ -156,6 +157,14 @@ impl Vmm {
     /// KVM_RUN returns so far, per vCPU.
     pub fn vcpu_exits(&self) -> Vec<u64> {
         self.vcpus.iter().map(VcpuHandle::exits).collect()
+    }
+
+    /// What the vCPUs whose guest triple-faulted recorded (see [`crash`]).
+    pub fn crash_reports(&self) -> Vec<crash::CrashReport> {
+        self.vcpus
+            .iter()
+            .filter_map(|v| v.crash_report().cloned())
+            .collect()
     }
 
     /// Whether the vCPUs are paused.
@@ -1724,6 +1733,62 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut vmm = boot(&config("crash", dir.path())).unwrap();
         assert_eq!(vmm.wait(), VmExit::TripleFault { vcpu: 0 });
+    }
+
+    #[test]
+    fn a_triple_fault_reports_the_exits_before_it_and_dumps_memory() {
+        // The dump directory comes from the environment: the check runs in a process of its
+        // own with it set.
+        if let Some(dumps) = std::env::var_os(crash::CRASH_DUMP_ENV) {
+            crash_report_probe(Path::new(&dumps));
+            std::process::exit(0);
+        }
+        require_kvm();
+        let dir = tempfile::tempdir().unwrap();
+        let out = in_own_process(
+            "tests::a_triple_fault_reports_the_exits_before_it_and_dumps_memory",
+            crash::CRASH_DUMP_ENV,
+            dir.path().join("dumps").to_str().unwrap(),
+        );
+        assert!(
+            out.status.success(),
+            "crash report probe failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn crash_report_probe(dumps: &Path) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vmm = boot(&config("crash", dir.path())).unwrap();
+        assert_eq!(vmm.wait(), VmExit::TripleFault { vcpu: 0 });
+        let reports = vmm.crash_reports();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        let r = &reports[0];
+        eprintln!("{r}");
+        assert_eq!(r.vcpu, 0);
+        // The COM1 write is the last exit to userspace before the fault, with the guest's
+        // registers as of that exit: the marker, and RIP inside the guest's code at 1 MiB.
+        let last = r
+            .last_exits
+            .last()
+            .expect("no exit recorded before the fault");
+        assert_eq!(last.kind, crash::ExitKind::IoOut(0x3f8), "{r}");
+        assert!(r.exits > last.seq, "{r}");
+        let cpu = last.cpu.expect("KVM gave no registers (KVM_CAP_SYNC_REGS)");
+        assert_eq!(cpu.r12, 0x5ca1_ab1e, "{r}");
+        assert!((0x10_0000..0x10_1000).contains(&cpu.rip), "{r}");
+        assert!(r.to_string().contains("io out 0x3f8"), "{r}");
+        // Guest memory is in the dump at its guest physical address: the guest's own code.
+        let path = r.dump.clone().expect("no dump written");
+        assert!(path.starts_with(dumps), "{}", path.display());
+        let dumped = std::fs::read(&path).unwrap();
+        let mut code = [0u8; 16];
+        vmm.memory()
+            .read_slice(&mut code, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(&dumped[0x10_0000..0x10_0010], &code);
+        assert_eq!(dumped.len() as u64, 64 << 20);
     }
 
     #[test]

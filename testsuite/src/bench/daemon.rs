@@ -5,6 +5,8 @@
 //!   exec's result (the VM is exec-able).
 //! - `wake`: a suspended VM, exec → wake → the exec's result (the exec does the wake).
 //! - `load`: `--vms` VMs, then `--execs` exec calls at once spread over them: errors, p50, p99.
+//! - `restores`: `--runs` VMs created one after another from the layer, one exec each, then
+//!   deleted; does not stop at a failure: how many guests ended, in which phase, and why.
 //!
 //! The daemon's VMs run in the rig unless this host has hardware KVM: the whole scenario
 //! re-runs itself there (the layer is built first, out here).
@@ -25,7 +27,7 @@ pub struct Args {
     /// Print one JSON line.
     #[arg(long)]
     pub json: bool,
-    /// Samples for `api-create` and `wake`.
+    /// Samples for `api-create`, `wake` and `restores`.
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
     /// VMs for `load`.
@@ -45,6 +47,8 @@ pub enum Scenario {
     Wake,
     /// Many VMs, many concurrent execs.
     Load,
+    /// Many restores one after another, one exec each, counting the failures.
+    Restores,
 }
 
 const KEY_ENV: &str = "SPECC_BENCH_LAYER_KEY";
@@ -96,6 +100,7 @@ pub fn run(scenario: Scenario, args: &Args) -> anyhow::Result<()> {
         Scenario::Create => api_create(&c, &key, args, mode)?,
         Scenario::Wake => wake(&c, &key, args, mode)?,
         Scenario::Load => load(&c, &key, args, mode, &daemon)?,
+        Scenario::Restores => restores(&c, &key, args, mode, &daemon)?,
     };
     report.print(args.json)
 }
@@ -434,6 +439,78 @@ fn api_create(c: &Client, key: &str, args: &Args, mode: Mode) -> anyhow::Result<
     r.figure("runs_count", args.runs as f64);
     p50_p95(&mut r, "create_to_agent", &mut created);
     p50_p95(&mut r, "create_to_exec_result", &mut first_exec);
+    Ok(r)
+}
+
+/// One VM after another: create (the restore, until the agent answers), one exec, delete.
+/// A failure is counted by phase and printed with the VM's state and `error` (the daemon
+/// records there why a VMM ended: exit status, console and VMM log tails).
+fn restores(
+    c: &Client,
+    key: &str,
+    args: &Args,
+    mode: Mode,
+    daemon: &crate::specd::Specd,
+) -> anyhow::Result<Report> {
+    let (mut create_errors, mut exec_errors) = (0usize, 0usize);
+    let (mut created, mut first_exec) = (Vec::new(), Vec::new());
+    let t0 = Instant::now();
+    for i in 0..args.runs {
+        let t = Instant::now();
+        let vm = match create(c, key, &format!("restore-{i}")) {
+            Ok(vm) => vm,
+            Err(e) => {
+                create_errors += 1;
+                eprintln!(
+                    "specc-bench restores: run {i}: create failed after {:.1} s: {e:#}\n{}",
+                    t.elapsed().as_secs_f64(),
+                    daemon.log_tail(20)
+                );
+                continue;
+            }
+        };
+        created.push(t.elapsed());
+        match exec_true(c, &vm.id) {
+            Ok(_) => first_exec.push(t.elapsed()),
+            Err(e) => {
+                exec_errors += 1;
+                let now: anyhow::Result<Vm> = c
+                    .call("GET", &format!("/v1/vms/{}", vm.id), None::<&()>)
+                    .map_err(Into::into);
+                let (state, error) = match now {
+                    Ok(v) => (format!("{:?}", v.state), v.error.unwrap_or_default()),
+                    Err(e) => (format!("unknown ({e:#})"), String::new()),
+                };
+                eprintln!(
+                    "specc-bench restores: run {i}: VM {} exec failed {:.1} s after the \
+                     create: {e:#}; state {state}; error:\n{error}",
+                    vm.id,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if let Err(e) = delete(c, &vm.id) {
+            eprintln!("specc-bench restores: run {i}: delete failed: {e:#}");
+        }
+        if (i + 1) % 10 == 0 {
+            eprintln!(
+                "specc-bench restores: {} runs in {:.0} s, {create_errors} create and \
+                 {exec_errors} exec failures",
+                i + 1,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let mut r = Report::new("restores", mode);
+    r.figure("runs_count", args.runs as f64)
+        .figure("create_errors_count", create_errors as f64)
+        .figure("exec_errors_count", exec_errors as f64);
+    if !created.is_empty() {
+        p50_p95(&mut r, "create_to_agent", &mut created);
+    }
+    if !first_exec.is_empty() {
+        p50_p95(&mut r, "create_to_exec_result", &mut first_exec);
+    }
     Ok(r)
 }
 

@@ -35,6 +35,8 @@ enum Scenario {
     Wake(bench::daemon::Args),
     /// specd: many VMs, many concurrent exec calls (errors, p50, p99).
     Load(bench::daemon::Args),
+    /// specd: restores one after another, one exec each: how many guests ended, and where.
+    Restores(bench::daemon::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,5 +59,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::ApiCreate(args) => bench::daemon::run(bench::daemon::Scenario::Create, &args),
         Scenario::Wake(args) => bench::daemon::run(bench::daemon::Scenario::Wake, &args),
         Scenario::Load(args) => bench::daemon::run(bench::daemon::Scenario::Load, &args),
+        Scenario::Restores(args) => bench::daemon::run(bench::daemon::Scenario::Restores, &args),
     }
 }

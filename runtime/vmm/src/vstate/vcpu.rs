@@ -19,11 +19,12 @@ use kvm_bindings::{
     kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     kvm_xsave,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::crash::{CpuSnapshot, CrashReport, ExitHistory, ExitKind, ExitRecord};
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitSender, InternalErrorReport, VmExit};
 use crate::probe;
@@ -133,6 +134,9 @@ pub struct Vcpu {
     /// The KVM vCPU fd.
     pub fd: VcpuFd,
     msr_index_list: Arc<Vec<u32>>,
+    /// KVM copies the registers into `kvm_run` at every exit (`KVM_CAP_SYNC_REGS`), which
+    /// the run loop keeps for a crash report.
+    sync_regs: bool,
 }
 
 /// Commands a controller sends to a running vCPU thread.
@@ -211,6 +215,7 @@ impl Vcpu {
             id,
             fd,
             msr_index_list,
+            sync_regs: vm.check_extension(Cap::SyncRegs),
         })
     }
 
@@ -401,6 +406,8 @@ impl Vcpu {
         let (resp_tx, resp_rx) = channel();
         let exits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let thread_exits = exits.clone();
+        let crash = Arc::new(OnceLock::new());
+        let thread_crash = crash.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -413,6 +420,9 @@ impl Vcpu {
                     resp_tx,
                     first_run,
                     exits: thread_exits,
+                    crash: thread_crash,
+                    history: ExitHistory::default(),
+                    started: Instant::now(),
                 };
                 t.run(start_paused);
             })
@@ -423,6 +433,7 @@ impl Vcpu {
             cmd_tx,
             resp_rx,
             exits,
+            crash,
         })
     }
 }
@@ -436,9 +447,15 @@ pub struct VcpuHandle {
     cmd_tx: Sender<VcpuCommand>,
     resp_rx: Receiver<VcpuResponse>,
     exits: Arc<std::sync::atomic::AtomicU64>,
+    crash: Arc<OnceLock<CrashReport>>,
 }
 
 impl VcpuHandle {
+    /// What this vCPU recorded when its guest triple-faulted, if it did.
+    pub fn crash_report(&self) -> Option<&CrashReport> {
+        self.crash.get()
+    }
+
     /// How many times KVM_RUN returned on this vCPU (a stuck guest and a vCPU that never
     /// enters the guest look alike from outside; this tells them apart).
     pub fn exits(&self) -> u64 {
@@ -597,6 +614,9 @@ struct VcpuThread {
     resp_tx: Sender<VcpuResponse>,
     first_run: Arc<OnceLock<Instant>>,
     exits: Arc<std::sync::atomic::AtomicU64>,
+    crash: Arc<OnceLock<CrashReport>>,
+    history: ExitHistory,
+    started: Instant,
 }
 
 /// Reports a panic of the vCPU thread as the VM's end, so the VMM never waits on a dead vCPU.
@@ -618,6 +638,11 @@ impl VcpuThread {
         let _guard = PanicGuard(self.vcpu.id, self.exit.clone());
         let run_ptr: *mut kvm_run = self.vcpu.fd.get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
+        if self.vcpu.sync_regs {
+            // Nothing is ever marked dirty: KVM only copies out, never loads from kvm_run.
+            self.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
+            self.vcpu.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
         let mut paused = start_paused;
         loop {
             if paused {
@@ -708,9 +733,25 @@ impl VcpuThread {
             let _ = self.first_run.set(Instant::now());
         }
         let r = self.vcpu.fd.run();
-        self.exits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match r {
+        let seq = self
+            .exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let kind = match &r {
+            Ok(VcpuExit::IoIn(port, _)) => ExitKind::IoIn(*port),
+            Ok(VcpuExit::IoOut(port, _)) => ExitKind::IoOut(*port),
+            Ok(VcpuExit::MmioRead(addr, _)) => ExitKind::MmioRead(*addr),
+            Ok(VcpuExit::MmioWrite(addr, _)) => ExitKind::MmioWrite(*addr),
+            Ok(VcpuExit::Shutdown) => ExitKind::Shutdown,
+            Ok(VcpuExit::Hlt) => ExitKind::Other("hlt"),
+            Ok(VcpuExit::SystemEvent(..)) => ExitKind::Other("system event"),
+            Ok(VcpuExit::InternalError) => ExitKind::Other("internal error"),
+            Ok(VcpuExit::FailEntry(..)) => ExitKind::Other("fail entry"),
+            Ok(_) => ExitKind::Other("other"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitKind::Kicked,
+            Err(_) => ExitKind::Other("KVM_RUN error"),
+        };
+        let step = match r {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     self.devices.pio_read(port, data);
@@ -759,7 +800,55 @@ impl VcpuThread {
                 vcpu: id,
                 message: format!("KVM_RUN: {e}"),
             }),
+        };
+        let record = ExitRecord {
+            seq,
+            at: self.started.elapsed(),
+            kind,
+            cpu: self.synced_cpu(),
+        };
+        if kind == ExitKind::Shutdown {
+            self.report_crash(record);
+        } else {
+            self.history.push(record);
         }
+        step
+    }
+
+    /// The registers KVM copied into `kvm_run` at the last exit.
+    fn synced_cpu(&self) -> Option<CpuSnapshot> {
+        if !self.vcpu.sync_regs {
+            return None;
+        }
+        let s = self.vcpu.fd.sync_regs();
+        Some(CpuSnapshot::new(&s.regs, &s.sregs))
+    }
+
+    /// Logs what is left of a triple fault (see [`crate::crash`]) and, if asked to, dumps
+    /// guest memory, before the VM's end is reported.
+    fn report_crash(&mut self, shutdown: ExitRecord) {
+        let mut report = CrashReport {
+            vcpu: self.vcpu.id,
+            exits: shutdown.seq,
+            after: shutdown.at,
+            at_shutdown: shutdown.cpu,
+            last_exits: self.history.records(),
+            dump: None,
+        };
+        if let Some(dir) = std::env::var_os(crate::crash::CRASH_DUMP_ENV) {
+            let stem = format!("crash-{}-vcpu{}", std::process::id(), self.vcpu.id);
+            match crate::crash::dump(
+                &self.memory,
+                std::path::Path::new(&dir),
+                &stem,
+                &report.to_string(),
+            ) {
+                Ok(path) => report.dump = Some(path),
+                Err(e) => tracing::error!("crash dump: {}", crate::error_chain(&e)),
+            }
+        }
+        tracing::error!("{report}");
+        let _ = self.crash.set(report);
     }
 
     fn internal_error(&mut self) -> InternalErrorReport {
