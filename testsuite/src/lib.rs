@@ -1,6 +1,7 @@
 //! End-to-end tests that boot real guests, and the specc-bench benchmark binary.
 
 pub mod bench;
+pub mod registry;
 pub mod specd;
 
 /// The guest of the Linux end-to-end tests: the guest kernel's vmlinux and the busybox image.

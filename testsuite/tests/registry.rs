@@ -12,108 +12,13 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
 use specc_store::oci::{self, ArtifactMeta, VmShape};
 use specc_store::registry::{self, Client, Options, Reference, RegistryError};
 use specc_store::{Digest, LayerRecord, Part, Role, Store};
-
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
-
-/// A running `docker-registry`, killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        assert!(
-            Path::new(REGISTRY_BIN).is_file(),
-            "{REGISTRY_BIN} is missing: install Debian's docker-registry package \
-             (testsuite/scripts/setup-host.sh does)"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let config = dir.path().join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .expect("write config");
-        let log = File::create(dir.path().join("registry.log")).expect("log");
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().expect("dup"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn docker-registry");
-        let mut reg = Registry { child, port, dir };
-        let r: Reference = format!("127.0.0.1:{port}/ping").parse().expect("ref");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if Client::new(&r, &Options::default()).ping().is_ok() {
-                break;
-            }
-            if let Some(st) = reg.child.try_wait().expect("wait") {
-                panic!("docker-registry exited with {st}: {}", reg.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer /v2/ within 30 s: {}",
-                reg.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        reg
-    }
-
-    fn reference(&self, repo_tag: &str) -> String {
-        format!("127.0.0.1:{}/{repo_tag}", self.port)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Upload sessions the registry has started (one per uploaded blob).
-    fn uploads_started(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("POST /v2/") && l.contains("/blobs/uploads/"))
-            .count()
-    }
-
-    /// The registry's own file for blob `digest`.
-    fn blob_data(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use specc_testsuite::registry::Registry;
 
 /// Incompressible bytes (xorshift), so artifact sizes are data sizes.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -195,6 +100,12 @@ fn meta() -> ArtifactMeta {
         cpu_fingerprint: serde_json::json!({"test": "synthetic"}),
         ref_name: Some("v1".into()),
         annotations: BTreeMap::new(),
+        runtime: Some(oci::RuntimePolicy {
+            ports: vec![22, 3000],
+            pause_after_s: Some(60),
+            suspend_after_s: Some(600),
+            persistence: oci::RuntimePersistence::Persistent,
+        }),
     }
 }
 
@@ -236,9 +147,14 @@ fn push_pull_round_trip_and_a_second_push_uploads_nothing() {
 
     let dst = Store::open(work.path().join("dst")).expect("store");
     let t = Instant::now();
-    let got = oci::import_artifact(&pulled_dir, &dst).expect("import");
+    let got = oci::import_artifact_config(&pulled_dir, &dst).expect("import");
     let import_time = t.elapsed();
-    assert_eq!(got, head);
+    assert_eq!(got.head, head);
+    assert_eq!(
+        got.runtime,
+        meta().runtime,
+        "the spec's runtime policy travels"
+    );
     for e in src.layers().expect("layers") {
         let b = dst
             .layer(&e.record.key)

@@ -1,6 +1,8 @@
 //! specd end to end with real Linux guests (inside the rig on machines without hardware KVM):
 //! a layer built by `specc build` becomes VMs through the daemon's API; exec and files work;
-//! suspend ends the VMM and an exec wakes it with its files intact; fork gives independent VMs;
+//! VMs from an OCI layout and from a registry take their spec's policy where the request is
+//! silent; suspend ends the VMM and an exec wakes it with its files intact; fork gives
+//! independent VMs; a VMM killed from outside leaves its VM failed until it is woken;
 //! the daemon is killed with SIGKILL and restarted and every VM is still there and usable;
 //! idle timers pause, suspend and (for ephemeral VMs) delete; the storage budget evicts the
 //! lowest-priority sticky VM first.
@@ -169,9 +171,9 @@ fn create_with_ports(
     let req = CreateVm {
         source: Source::Layer { key: key.into() },
         name: Some(name.into()),
-        persistence,
-        idle,
-        ports,
+        persistence: Some(persistence),
+        idle: Some(idle),
+        ports: Some(ports),
         net: false,
     };
     c.call("POST", "/v1/vms", Some(&req))
@@ -244,6 +246,123 @@ fn key_file() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("specd-test-layer-key")
 }
 
+/// Where the host side exports the artifact of a spec with the test layer's steps and a
+/// runtime policy of its own.
+fn layout_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("specd-test-layout")
+}
+
+/// `specc build -o` of the test layer's spec with `expose`, `idle` and `persistence` added.
+fn export_policy_layout(dir: &Path) {
+    let spec = dir.join("policy.kdl");
+    std::fs::write(
+        &spec,
+        r#"spec "bench-daemon" {
+    base "busybox"
+    vm vcpus=1 memory="128MiB" disk="64MiB"
+    layer "app" after="base" {
+        run "echo ready > /root/ready"
+    }
+    expose 8080
+    idle pause-after="1h" suspend-after="2h"
+    persistence "sticky" priority=3
+}
+"#,
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(layout_dir());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = Command::new(specc_testsuite::test_binary("specc"))
+        .current_dir(root)
+        .arg("build")
+        .arg(&spec)
+        .arg("-o")
+        .arg(layout_dir())
+        .output()
+        .expect("running specc build -o");
+    assert!(
+        out.status.success(),
+        "specc build -o: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A VM created from an OCI layout takes the policy its spec wrote into the artifact where the
+/// request is silent, and the request's where it is not.
+fn create_from_layout(c: &Client) {
+    let layout = Source::Layout {
+        path: layout_dir().to_string_lossy().into_owned(),
+    };
+    let silent = CreateVm {
+        source: layout.clone(),
+        name: Some("from-layout".into()),
+        persistence: None,
+        idle: None,
+        ports: None,
+        net: false,
+    };
+    let v: Vm = c
+        .call("POST", "/v1/vms", Some(&silent))
+        .unwrap_or_else(|e| panic!("create from the layout: {e}"));
+    assert_eq!(v.source, layout);
+    assert_eq!(v.persistence, Persistence::Sticky { priority: 3 });
+    assert_eq!(
+        (v.idle.pause_after_s, v.idle.suspend_after_s),
+        (Some(3600), Some(7200))
+    );
+    assert_eq!(
+        v.ports.iter().map(|p| p.guest).collect::<Vec<_>>(),
+        [8080],
+        "{v:?}"
+    );
+    assert_eq!(exec(c, &v.id, "cat /root/ready").stdout, "ready\n");
+    let told = CreateVm {
+        persistence: Some(Persistence::Persistent),
+        idle: Some(IdlePolicy::default()),
+        ports: Some(vec![]),
+        name: Some("told".into()),
+        ..silent
+    };
+    let w: Vm = c
+        .call("POST", "/v1/vms", Some(&told))
+        .unwrap_or_else(|e| panic!("create from the layout: {e}"));
+    assert_eq!(
+        (w.persistence, w.idle, w.ports.len()),
+        (Persistence::Persistent, IdlePolicy::default(), 0)
+    );
+    // The same artifact through a registry the daemon pulls it from: Debian's docker-registry,
+    // started here (in the rig, on the rig's loopback: the daemon's own network).
+    let registry = specc_testsuite::registry::Registry::start();
+    let reference = registry.reference("specd-test/app:v1");
+    specc_store::registry::push(
+        &layout_dir(),
+        &reference,
+        &specc_store::registry::Options::default(),
+    )
+    .expect("pushing the layout");
+    let pulled = CreateVm {
+        source: Source::Registry {
+            reference: reference.clone(),
+        },
+        name: Some("from-registry".into()),
+        persistence: None,
+        idle: None,
+        ports: Some(vec![]),
+        net: false,
+    };
+    let r: Vm = c
+        .call("POST", "/v1/vms", Some(&pulled))
+        .unwrap_or_else(|e| panic!("create from {reference}: {e}\n{}", registry.log()));
+    assert_eq!(
+        (&r.source, r.persistence, r.ports.len()),
+        (&pulled.source, Persistence::Sticky { priority: 3 }, 0)
+    );
+    assert_eq!(exec(c, &r.id, "cat /root/ready").stdout, "ready\n");
+    for id in [&v.id, &w.id, &r.id] {
+        c.request("DELETE", &format!("/v1/vms/{id}"), None).unwrap();
+    }
+}
+
 #[test]
 fn daemon_lifecycle_with_linux_guests() {
     if !specc_rig::in_rig() {
@@ -259,6 +378,7 @@ fn daemon_lifecycle_with_linux_guests() {
         )
         .expect("building the layer");
         std::fs::write(key_file(), key).unwrap();
+        export_policy_layout(dir.path());
     }
     if specc_rig::testing::run_in_rig_unless_hardware("daemon_lifecycle_with_linux_guests")
         .ran_in_rig()
@@ -338,6 +458,7 @@ fn daemon_lifecycle_with_linux_guests() {
     );
 
     stdin_streams(&c, &d, &a.id);
+    create_from_layout(&c);
 
     // Suspend ends the VMM; an exec wakes it, with the file and a process's memory intact.
     exec(&c, &a.id, "echo 41 > /tmp/counter");

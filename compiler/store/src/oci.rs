@@ -206,6 +206,43 @@ pub struct ArtifactMeta {
     pub ref_name: Option<String>,
     /// Extra manifest annotations.
     pub annotations: BTreeMap<String, String>,
+    /// What the spec says of the VMs run from the snapshot.
+    pub runtime: Option<RuntimePolicy>,
+}
+
+/// What a spec says of the VMs run from its snapshot (`expose`, `idle`, `persistence`): the
+/// defaults a daemon applies where a create request is silent. It is in the artifact, not in
+/// any layer: it changes nothing a layer holds, so two specs with the same layers share them
+/// (and their keys) but may differ here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RuntimePolicy {
+    /// TCP guest ports to expose.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Seconds idle before the vCPUs are paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_after_s: Option<u64>,
+    /// Seconds idle before the VM is suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_after_s: Option<u64>,
+    /// What happens to the VM's state.
+    pub persistence: RuntimePersistence,
+}
+
+/// [`RuntimePolicy::persistence`], spelled as the daemon's API spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuntimePersistence {
+    /// Deleted on suspend or idle timeout.
+    #[default]
+    Ephemeral,
+    /// Kept under a storage budget, evicted lowest priority first.
+    Sticky {
+        /// 0 to 10.
+        priority: u8,
+    },
+    /// Never evicted.
+    Persistent,
 }
 
 /// The config blob (`application/vnd.specc.snapshot.config.v1+json`).
@@ -226,6 +263,9 @@ pub struct SnapshotConfig {
     pub head: Digest,
     /// Every layer of the chain, parents before children; the last one is `head`.
     pub layers: Vec<ConfigLayer>,
+    /// The spec's policy for VMs run from it (absent in artifacts made before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimePolicy>,
 }
 
 /// One layer in the config.
@@ -370,6 +410,7 @@ pub fn export_artifact(
         cpu_fingerprint: meta.cpu_fingerprint.clone(),
         head: *head,
         layers: config_layers,
+        runtime: meta.runtime.clone(),
     };
     let config_bytes = canonical_json(&config).map_err(|source| OciError::Json {
         what: "the snapshot config".into(),
@@ -495,6 +536,11 @@ pub fn read_index(dir: &Path) -> Result<ImageIndex> {
 /// Imports the one snapshot manifest of the layout `oci_dir` into `store` and returns its head
 /// layer's key. See [`import_manifest`].
 pub fn import_artifact(oci_dir: &Path, store: &Store) -> Result<Digest> {
+    import_artifact_config(oci_dir, store).map(|c| c.head)
+}
+
+/// [`import_artifact`], returning the artifact's whole config (its head, its runtime policy).
+pub fn import_artifact_config(oci_dir: &Path, store: &Store) -> Result<SnapshotConfig> {
     let index = read_index(oci_dir)?;
     let mut found = Vec::new();
     for d in index.manifests() {
@@ -515,7 +561,7 @@ pub fn import_artifact(oci_dir: &Path, store: &Store) -> Result<Digest> {
         0 => Err(OciError::NoSnapshot {
             dir: oci_dir.to_owned(),
         }),
-        1 => import_manifest(oci_dir, &found[0], store),
+        1 => import_manifest_config(oci_dir, &found[0], store),
         count => Err(OciError::Ambiguous {
             dir: oci_dir.to_owned(),
             count,
@@ -529,6 +575,15 @@ pub fn import_artifact(oci_dir: &Path, store: &Store) -> Result<Digest> {
 /// parents first. On any error no layer is registered (blobs already unpacked stay as
 /// unreferenced blobs for gc).
 pub fn import_manifest(oci_dir: &Path, desc: &Descriptor, store: &Store) -> Result<Digest> {
+    import_manifest_config(oci_dir, desc, store).map(|c| c.head)
+}
+
+/// [`import_manifest`], returning the manifest's whole config.
+pub fn import_manifest_config(
+    oci_dir: &Path,
+    desc: &Descriptor,
+    store: &Store,
+) -> Result<SnapshotConfig> {
     let manifest = read_manifest(oci_dir, desc)?;
     let artifact = manifest
         .artifact_type()
@@ -657,7 +712,7 @@ pub fn import_manifest(oci_dir: &Path, desc: &Descriptor, store: &Store) -> Resu
         };
         store.commit_layer(&rec)?;
     }
-    Ok(config.head)
+    Ok(config)
 }
 
 /// Reads the config of snapshot manifest `desc` in layout `oci_dir` (verified).
@@ -1018,6 +1073,12 @@ pub(crate) mod tests {
             cpu_fingerprint: serde_json::json!({"vendor": "GenuineIntel", "cpuid": [1, 2, 3]}),
             ref_name: Some("latest".into()),
             annotations: BTreeMap::new(),
+            runtime: Some(RuntimePolicy {
+                ports: vec![8080],
+                pause_after_s: Some(300),
+                suspend_after_s: None,
+                persistence: RuntimePersistence::Sticky { priority: 5 },
+            }),
         }
     }
 
@@ -1041,6 +1102,7 @@ pub(crate) mod tests {
         assert_eq!(config.head, head);
         assert_eq!(config.layers.len(), 2);
         assert_eq!(config.cpu_fingerprint, meta().cpu_fingerprint);
+        assert_eq!(config.runtime, meta().runtime);
         let names: Vec<String> = config.layers[0]
             .parts
             .iter()
@@ -1064,8 +1126,8 @@ pub(crate) mod tests {
         }
 
         let dst = Store::open(dir.path().join("b")).expect("store b");
-        let got = import_artifact(&out, &dst).expect("import");
-        assert_eq!(got, head);
+        let got = import_artifact_config(&out, &dst).expect("import");
+        assert_eq!((got.head, &got.runtime), (head, &meta().runtime));
         for key in [Digest([0x11; 32]), head] {
             assert!(dst.has_layer(&key));
             let a = src.layer(&key).expect("a").expect("layer a");

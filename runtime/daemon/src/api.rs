@@ -75,15 +75,16 @@ pub struct CreateVm {
     /// A name (also the guest's hostname); the id when absent.
     #[serde(default)]
     pub name: Option<String>,
-    /// Persistence class.
+    /// Persistence class. Absent: the artifact's (its spec's `persistence`), else persistent.
     #[serde(default)]
-    pub persistence: Persistence,
-    /// Idle timers.
+    pub persistence: Option<Persistence>,
+    /// Idle timers. Absent: the artifact's (its spec's `idle`), else none.
     #[serde(default)]
-    pub idle: IdlePolicy,
-    /// Guest TCP ports to expose on the daemon host's loopback.
+    pub idle: Option<IdlePolicy>,
+    /// Guest TCP ports to expose on the daemon host's loopback. Absent: the artifact's (its
+    /// spec's `expose`), else none.
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub ports: Option<Vec<u16>>,
     /// Give the guest a network (passt).
     #[serde(default)]
     pub net: bool,

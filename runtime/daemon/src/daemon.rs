@@ -669,16 +669,33 @@ impl Daemon {
 
     // ---------------------------------------------------------------- create
 
-    fn resolve(&self, source: &Source) -> Result<(RestorePoint, specc_plan::Digest), DaemonError> {
+    /// The restore point and layer of `source`, and the runtime policy its artifact carries
+    /// (a bare layer key carries none).
+    fn resolve(
+        &self,
+        source: &Source,
+    ) -> Result<
+        (
+            RestorePoint,
+            specc_plan::Digest,
+            Option<specc_store::oci::RuntimePolicy>,
+        ),
+        DaemonError,
+    > {
         let src = |e: &dyn std::error::Error| DaemonError::Source(chain(e));
-        let key = match source {
-            Source::Layer { key } => specc_plan::Digest::parse(key).ok_or_else(|| {
-                DaemonError::BadRequest(format!("layer key {key:?} is not 64 hex digits"))
-            })?,
-            Source::Layout { path } => {
-                specc_store::oci::import_artifact(Path::new(path), &self.store)
-                    .map_err(|e| src(&e))?
-            }
+        let imported = |dir: &Path| {
+            specc_store::oci::import_artifact_config(dir, &self.store)
+                .map(|c| (c.head, c.runtime))
+                .map_err(|e| src(&e))
+        };
+        let (key, policy) = match source {
+            Source::Layer { key } => (
+                specc_plan::Digest::parse(key).ok_or_else(|| {
+                    DaemonError::BadRequest(format!("layer key {key:?} is not 64 hex digits"))
+                })?,
+                None,
+            ),
+            Source::Layout { path } => imported(Path::new(path))?,
             Source::Registry { reference } => {
                 let layout = self.store.temp_dir("pull").map_err(|e| src(&e))?;
                 specc_store::registry::pull(
@@ -687,8 +704,7 @@ impl Daemon {
                     &specc_store::registry::Options::default(),
                 )
                 .map_err(|e| src(&e))?;
-                specc_store::oci::import_artifact(layout.path(), &self.store)
-                    .map_err(|e| src(&e))?
+                imported(layout.path())?
             }
         };
         let (vmstate, memory, disks) = specc_build::builder::restore_sources(&self.store, &key)
@@ -706,6 +722,7 @@ impl Daemon {
                 disks,
             },
             key,
+            policy,
         ))
     }
 
@@ -718,9 +735,9 @@ impl Daemon {
     }
 
     fn create_inner(&self, req: CreateVm) -> Result<Vm, DaemonError> {
-        req.persistence
-            .validate()
-            .map_err(DaemonError::BadRequest)?;
+        if let Some(p) = &req.persistence {
+            p.validate().map_err(DaemonError::BadRequest)?;
+        }
         let id = random_id()?;
         let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
         if !valid_name(&name) {
@@ -728,7 +745,25 @@ impl Daemon {
                 "name {name:?} is not a hostname (letters, digits, '-', at most 63)"
             )));
         }
-        let (restore, layer) = self.resolve(&req.source)?;
+        let (restore, layer, policy) = self.resolve(&req.source)?;
+        // What the request leaves out, the artifact's spec says.
+        let policy = policy.unwrap_or_else(|| specc_store::oci::RuntimePolicy {
+            persistence: specc_store::oci::RuntimePersistence::Persistent,
+            ..Default::default()
+        });
+        let persistence = req.persistence.unwrap_or(match policy.persistence {
+            specc_store::oci::RuntimePersistence::Ephemeral => api::Persistence::Ephemeral,
+            specc_store::oci::RuntimePersistence::Sticky { priority } => {
+                api::Persistence::Sticky { priority }
+            }
+            specc_store::oci::RuntimePersistence::Persistent => api::Persistence::Persistent,
+        });
+        persistence.validate().map_err(DaemonError::BadRequest)?;
+        let idle = req.idle.unwrap_or(api::IdlePolicy {
+            pause_after_s: policy.pause_after_s,
+            suspend_after_s: policy.suspend_after_s,
+        });
+        let ports = req.ports.clone().unwrap_or(policy.ports);
         let now = now_ms();
         let rec = Record {
             vm: Vm {
@@ -737,8 +772,8 @@ impl Daemon {
                 state: VmState::Creating,
                 source: req.source,
                 parent: None,
-                persistence: req.persistence,
-                idle: req.idle,
+                persistence,
+                idle,
                 ports: Vec::new(),
                 net: req.net,
                 created_ms: now,
@@ -777,7 +812,7 @@ impl Daemon {
         self.save(&slot, &mut live)?;
         let vm = live.rec.vm.clone();
         drop(live);
-        if let Err(e) = self.expose(&slot, &id, &req.ports) {
+        if let Err(e) = self.expose(&slot, &id, &ports) {
             // A VM whose ports cannot be served is not what was asked for: undo it.
             let _ = self.delete(&id);
             return Err(e);

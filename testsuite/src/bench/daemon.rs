@@ -148,9 +148,9 @@ fn create(c: &Client, key: &str, name: &str) -> anyhow::Result<Vm> {
     let req = CreateVm {
         source: Source::Layer { key: key.into() },
         name: Some(name.into()),
-        persistence: Persistence::Persistent,
-        idle: IdlePolicy::default(),
-        ports: vec![],
+        persistence: Some(Persistence::Persistent),
+        idle: Some(IdlePolicy::default()),
+        ports: Some(vec![]),
         net: false,
     };
     Ok(c.call("POST", "/v1/vms", Some(&req))?)

@@ -149,6 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             cpu_fingerprint: serde_json::to_value(specc_snapshot::CpuFingerprint::host())
                 .unwrap_or_default(),
             ref_name: Some(spec.name.clone()),
+            runtime: Some(runtime_policy(&spec)),
             ..Default::default()
         };
         specc_store::oci::export_artifact(&store, &head.key, &meta, dir)
@@ -165,6 +166,44 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The spec's `expose`, `idle` and `persistence` as the artifact carries them for `specd`.
+/// specd proxies TCP and picks each host port itself, so a UDP port or a fixed host port is
+/// said to be dropped rather than dropped in silence.
+fn runtime_policy(spec: &specc_plan::ir::Spec) -> specc_store::oci::RuntimePolicy {
+    use specc_plan::ir::Persistence as P;
+    use specc_store::oci::RuntimePersistence as R;
+    let mut ports = Vec::new();
+    for p in &spec.expose {
+        if p.protocol == specc_syntax::value::Protocol::Udp {
+            eprintln!(
+                "specc: warning: expose {}/udp: specd proxies TCP only; the artifact leaves it out",
+                p.guest
+            );
+            continue;
+        }
+        if let Some(host) = p.host.filter(|h| *h != p.guest) {
+            eprintln!(
+                "specc: warning: expose \"{host}:{}\": specd picks host ports itself; the \
+                 artifact exposes guest port {} on whichever it picks",
+                p.guest, p.guest
+            );
+        }
+        if !ports.contains(&p.guest) {
+            ports.push(p.guest);
+        }
+    }
+    specc_store::oci::RuntimePolicy {
+        ports,
+        pause_after_s: spec.idle.pause_after.map(|d| d.as_secs()),
+        suspend_after_s: spec.idle.suspend_after.map(|d| d.as_secs()),
+        persistence: match spec.persistence {
+            P::Ephemeral => R::Ephemeral,
+            P::Sticky { priority } => R::Sticky { priority },
+            P::Persistent => R::Persistent,
+        },
+    }
 }
 
 /// Prints, for each layer the store lacks, why (against the previous build's record).

@@ -75,21 +75,28 @@ struct CreateArgs {
     /// Name and hostname.
     #[arg(long)]
     name: Option<String>,
-    /// ephemeral, sticky or persistent.
-    #[arg(long, default_value = "persistent")]
-    persistence: String,
+    /// ephemeral, sticky or persistent (default: the artifact's spec says, else persistent).
+    #[arg(long)]
+    persistence: Option<String>,
     /// Priority of a sticky VM, 0 (evicted first) to 10.
     #[arg(long, default_value_t = 0)]
     priority: u8,
-    /// Pause after this many idle seconds.
+    /// Pause after this many idle seconds (with --suspend-after, replaces the spec's `idle`).
     #[arg(long, value_name = "SECS")]
     pause_after: Option<u64>,
     /// Suspend after this many idle seconds.
     #[arg(long, value_name = "SECS")]
     suspend_after: Option<u64>,
-    /// Expose a guest TCP port on the daemon host's loopback (repeatable).
+    /// No idle timers, whatever the artifact's spec says.
+    #[arg(long, conflicts_with_all = ["pause_after", "suspend_after"])]
+    no_idle: bool,
+    /// Expose a guest TCP port on the daemon host's loopback (repeatable; replaces the spec's
+    /// `expose`).
     #[arg(long = "port", value_name = "PORT")]
     ports: Vec<u16>,
+    /// Expose no ports, whatever the artifact's spec says.
+    #[arg(long, conflicts_with = "ports")]
+    no_ports: bool,
     /// Give the guest a network.
     #[arg(long)]
     net: bool,
@@ -209,23 +216,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 (None, None, Some(reference)) => Source::Registry { reference },
                 _ => bail!("say where the VM comes from: --layer KEY, --oci DIR or --ref REF"),
             };
-            let persistence = match a.persistence.as_str() {
-                "ephemeral" => Persistence::Ephemeral,
-                "sticky" => Persistence::Sticky {
+            let persistence = match a.persistence.as_deref() {
+                None => None,
+                Some("ephemeral") => Some(Persistence::Ephemeral),
+                Some("sticky") => Some(Persistence::Sticky {
                     priority: a.priority,
-                },
-                "persistent" => Persistence::Persistent,
-                other => bail!("--persistence is ephemeral, sticky or persistent, not {other}"),
+                }),
+                Some("persistent") => Some(Persistence::Persistent),
+                Some(other) => {
+                    bail!("--persistence is ephemeral, sticky or persistent, not {other}")
+                }
             };
+            // Flags given replace what the artifact's spec says; flags left out leave it.
+            let idle = (a.no_idle || a.pause_after.is_some() || a.suspend_after.is_some())
+                .then_some(IdlePolicy {
+                    pause_after_s: a.pause_after,
+                    suspend_after_s: a.suspend_after,
+                });
+            let ports = (a.no_ports || !a.ports.is_empty()).then_some(a.ports);
             let req = CreateVm {
                 source,
                 name: a.name,
                 persistence,
-                idle: IdlePolicy {
-                    pause_after_s: a.pause_after,
-                    suspend_after_s: a.suspend_after,
-                },
-                ports: a.ports,
+                idle,
+                ports,
                 net: a.net,
             };
             let vm: Vm = client.call("POST", "/v1/vms", Some(&req))?;
