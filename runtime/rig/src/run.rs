@@ -644,6 +644,7 @@ pub fn run_self_in_rig(config: RigConfig) -> Result<ExitStatus, RigError> {
 fn make_run_dir(runs: &Path) -> Result<RunDir, RigError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     fs::create_dir_all(runs).map_err(io_err("creating", runs))?;
+    sweep_stale_runs(runs);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let dir = runs.join(format!("{}-{n}", std::process::id()));
     if dir.exists() {
@@ -889,9 +890,50 @@ fn sink(captured: &mut Vec<u8>, data: &[u8], capture: bool, stdout: bool) {
     }
 }
 
+/// Removes the run directories (`<pid>-<n>`) of rigs whose launcher is gone: one SIGKILLed
+/// never ran its `RunDir`'s drop. Kept with `SPECC_RIG_KEEP=1`, like a run's own.
+fn sweep_stale_runs(runs: &Path) {
+    if std::env::var_os("SPECC_RIG_KEEP").is_some_and(|v| v == "1") {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            fs::remove_dir_all(e.path()).ok();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_run_dirs_of_dead_launchers_are_swept_and_live_ones_kept() {
+        let runs = tempfile::tempdir().unwrap();
+        // Above any pid_max (at most 2^22).
+        let dead = runs.path().join("99999999-0");
+        let live = runs.path().join(format!("{}-7", std::process::id()));
+        let other = runs.path().join("notes");
+        for d in [&dead, &live, &other] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join("console.log"), b"x").unwrap();
+        }
+        sweep_stale_runs(runs.path());
+        assert!(!dead.exists());
+        assert!(live.join("console.log").exists());
+        assert!(other.exists());
+    }
 
     #[test]
     fn shell_quote_survives_quotes_and_spaces() {
