@@ -158,12 +158,17 @@ impl VmState {
 }
 
 /// One exposed port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Port {
     /// The guest's TCP port.
     pub guest: u16,
     /// The daemon host's loopback port that reaches it.
     pub host: u16,
+    /// Set when `127.0.0.1:<host>` does not answer on the host the API's clients are on, and
+    /// why: a daemon placed in the rig listens there too (the bridge mirrors the port), and
+    /// this says so when the host port is taken there, or not confirmed yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }
 
 /// A VM as the API shows it.
@@ -404,7 +409,8 @@ pub struct ApiError {
 pub struct Health {
     /// The daemon's version.
     pub version: String,
-    /// Virtualization mode of the host (`kvm`, `rig`, `pvm`).
+    /// Virtualization mode the VMs run under: `hardware-kvm`, `rig` (the daemon placed itself
+    /// in the rig: emulated, whatever the rig's `/dev/kvm` looks like from inside), `pvm`.
     pub mode: String,
     /// VMs known.
     pub vms: usize,

@@ -202,6 +202,8 @@ pub struct Daemon {
     me: std::sync::OnceLock<std::sync::Weak<Daemon>>,
     /// Running execs with `stdin_stream`, by the name their `started` event gave.
     feeds: Mutex<HashMap<String, Arc<Feed>>>,
+    /// In a rig placed by a host specd: the exposed ports the host's loopback mirrors.
+    mirror: std::sync::OnceLock<Arc<specc_rig::bridge::RigPorts>>,
 }
 
 /// The stdin of a running exec, fed by `POST /v1/vms/{id}/execs/{exec}/stdin`.
@@ -315,7 +317,12 @@ impl Daemon {
         let db = Db::open(&config.state_dir.join("state.db"))?;
         let store = Store::open(config.store.clone())
             .map_err(|e| DaemonError::Source(format!("opening the store: {}", chain(&e))))?;
-        let mode = specc_rig::detect().mode.name().to_owned();
+        // The rig's /dev/kvm looks like hardware KVM from inside; the VMs run emulated.
+        let mode = if specc_rig::in_rig() {
+            "rig".to_owned()
+        } else {
+            specc_rig::detect().mode.name().to_owned()
+        };
         let daemon = Arc::new(Daemon {
             config,
             db: Mutex::new(db),
@@ -325,6 +332,7 @@ impl Daemon {
             mode,
             me: std::sync::OnceLock::new(),
             feeds: Mutex::new(HashMap::new()),
+            mirror: std::sync::OnceLock::new(),
         });
         let _ = daemon.me.set(Arc::downgrade(&daemon));
         daemon.recover()?;
@@ -334,6 +342,29 @@ impl Daemon {
     /// The virtualization mode VMs run under.
     pub fn mode(&self) -> &str {
         &self.mode
+    }
+
+    /// Mirrors every exposed port's listener into `ports` from now on (those of the VMs
+    /// recovered already at once): in a rig placed by a host specd, the host's loopback then
+    /// answers on the same port numbers (`specc_rig::bridge`). Set once, before serving.
+    pub fn mirror_ports(&self, ports: Arc<specc_rig::bridge::RigPorts>) {
+        if self.mirror.set(ports.clone()).is_err() {
+            return;
+        }
+        for vm in self.list() {
+            for p in &vm.ports {
+                ports.listen(p.host);
+            }
+        }
+    }
+
+    /// Says which of `vm`'s ports the host's loopback does not answer on, and why.
+    fn mark_ports(&self, vm: &mut Vm) {
+        if let Some(m) = self.mirror.get() {
+            for p in &mut vm.ports {
+                p.unreachable = m.host_error(p.host);
+            }
+        }
     }
 
     /// The run directory of `id`'s `generation`-th VMM process.
@@ -626,6 +657,7 @@ impl Daemon {
                 (!live.deleted).then(|| {
                     let mut vm = live.rec.vm.clone();
                     vm.last_active_ms = s.last_active.load(Ordering::Relaxed);
+                    self.mark_ports(&mut vm);
                     vm
                 })
             })
@@ -640,6 +672,7 @@ impl Daemon {
         let live = self.lock_noticed(&slot, id)?;
         let mut vm = live.rec.vm.clone();
         vm.last_active_ms = slot.last_active.load(Ordering::Relaxed);
+        self.mark_ports(&mut vm);
         Ok(vm)
     }
 
@@ -2003,7 +2036,8 @@ impl Daemon {
     /// Listens on the daemon host's loopback for each guest port (on the host port recorded
     /// before, after a restart) and records the mapping. Each connection wakes the VM if it
     /// has to and is carried host → vsock → agent → the guest's loopback; its bytes count as
-    /// activity.
+    /// activity. With a mirror (in the rig), returns once the host listens on the same port
+    /// numbers too, or has said why it cannot.
     fn expose(&self, slot: &Arc<Slot>, id: &str, ports: &[u16]) -> Result<(), DaemonError> {
         if ports.is_empty() {
             return Ok(());
@@ -2039,7 +2073,14 @@ impl Daemon {
                 .local_addr()
                 .map_err(io_err("reading a listener's address"))?
                 .port();
-            mapped.push(Port { guest, host });
+            mapped.push(Port {
+                guest,
+                host,
+                unreachable: None,
+            });
+            if let Some(m) = self.mirror.get() {
+                m.listen(host);
+            }
             let (d, slot, id) = (me.clone(), slot.clone(), id.to_owned());
             std::thread::Builder::new()
                 .name(format!("specd-port-{host}"))
@@ -2051,6 +2092,19 @@ impl Daemon {
     }
 
     fn accept_loop(&self, slot: &Slot, id: &str, guest: u16, listener: &std::net::TcpListener) {
+        // The host's mirror of this listener goes with it.
+        struct Unmirror<'a>(Option<&'a specc_rig::bridge::RigPorts>, Option<u16>);
+        impl Drop for Unmirror<'_> {
+            fn drop(&mut self) {
+                if let (Some(m), Some(port)) = (self.0, self.1) {
+                    m.unlisten(port);
+                }
+            }
+        }
+        let _unmirror = Unmirror(
+            self.mirror.get().map(|m| &**m),
+            listener.local_addr().ok().map(|a| a.port()),
+        );
         // Non-blocking with a short sleep, so the listener closes soon after the VM is deleted.
         if listener.set_nonblocking(true).is_err() {
             return;

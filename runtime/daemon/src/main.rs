@@ -4,8 +4,11 @@
 //! On a host without hardware KVM the daemon places itself in the rig, like `specc build`:
 //! this process boots the rig, runs a second `specd` inside it on the same (host) state
 //! directory and store, and carries connections to its own API socket (and `--tcp`) into the
-//! rig over the rig's bridge (`specc_rig::bridge`, docs/rig.md). SIGTERM or SIGINT here asks
-//! the daemon inside to stop; a second one kills the rig.
+//! rig over the rig's bridge (`specc_rig::bridge`, docs/rig.md). The VMs' exposed ports are
+//! mirrored the same way: the daemon inside announces each listener it opens or closes on the
+//! rig's loopback, and this process listens on the same port of the host's loopback and
+//! carries each connection to it. SIGTERM or SIGINT here asks the daemon inside to stop; a
+//! second one kills the rig.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -122,7 +125,18 @@ fn main() -> anyhow::Result<()> {
         tick: Duration::from_millis(args.tick_ms),
         kernel: args.kernel.clone(),
     };
+    if args.rig_bridge.is_some() {
+        // The rig's init leaves the loopback down; exposed ports listen on it, and the bridge
+        // connects the host's mirrors of them to it.
+        specc_rig::bridge::loopback_up().context("bringing the rig's loopback interface up")?;
+    }
     let daemon = Daemon::open(config).context("opening the daemon's state")?;
+    // In a rig placed by a host specd, every exposed port answers on the host's loopback too.
+    let mirror = args.rig_bridge.is_some().then(|| {
+        let ports = specc_rig::bridge::RigPorts::new();
+        daemon.mirror_ports(ports.clone());
+        ports
+    });
     let server = Arc::new(
         specd::server::bind_unix(&socket)
             .with_context(|| format!("listening on {}", socket.display()))?,
@@ -162,14 +176,14 @@ fn main() -> anyhow::Result<()> {
             server.unblock();
         });
     }
-    if let Some(port) = args.rig_bridge.clone() {
+    if let (Some(port), Some(mirror)) = (args.rig_bridge.clone(), mirror) {
         let socket = socket.clone();
         std::thread::spawn(move || {
             let stop = || {
                 // SAFETY: kill(2) on our own pid; the sigwait thread of stop_on_signal takes it.
                 unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
             };
-            if let Err(e) = specc_rig::bridge::serve_in_rig(&port, &socket, stop) {
+            if let Err(e) = specc_rig::bridge::serve_in_rig(&port, &socket, &mirror, stop) {
                 tracing::error!(
                     "the bridge to the host failed: {}",
                     specc_vmm::error_chain(&e)

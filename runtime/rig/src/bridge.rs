@@ -29,16 +29,35 @@
 //! (a streaming exec and its concurrent stdin upload are two connections). The rig side
 //! says `Hello` once it serves; the host accepts connections only then (they wait in the
 //! listen backlog until that). `Stop` asks the rig side to stop the served process.
+//!
+//! **Mirrored TCP ports.** The served process may also listen on TCP ports of the rig's
+//! loopback (specd's exposed VM ports) that must answer on the host's loopback under the same
+//! numbers. The rig side keeps the set ([`RigPorts`]) and sends all of it in a `Ports` frame
+//! (`id` a sequence number, the payload the ports as `u16 LE`) whenever it changes and right
+//! after `Hello`; the host binds `127.0.0.1:<port>` for each port it has no listener for,
+//! drops the listeners of ports no longer in the set, and answers `PortsAck` with the same
+//! sequence number and the ports it could not bind (`port: u16 LE, errno: i32 LE` each). A
+//! connection to such a listener is announced by an `Open` whose payload is the port (`u16
+//! LE`); the rig side connects it to `127.0.0.1:<port>` there (an `Open` without payload goes
+//! to the served unix socket).
+//!
+//! Why the whole set and not listen/unlisten deltas, and why pushed rather than polled by the
+//! host: each `Ports` frame says everything, so the host's listeners match the rig side's set
+//! after any one frame, whatever came before (a port that failed to bind is tried again at
+//! the next one; nothing is lost when the host end reconnects or frames cross); and the rig
+//! side can wait for the answer, so an API call that exposes a port (specd's create, fork)
+//! returns only once the host listens on it, or knows why it cannot. Polling the API from the
+//! host would leave a window after every create in which the reported port does not answer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::OpenOptions;
 use std::io::{self, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 
 /// The bridge's port inside the rig: virtio-serial port 4, after stdout, stderr and control.
@@ -47,6 +66,9 @@ pub const RIG_PORT: &str = "/dev/vport0p4";
 /// Bytes of one connection and direction that may be sent before the receiver has written
 /// them out.
 pub const WINDOW: usize = 1 << 20;
+
+/// How long [`RigPorts::listen`] waits for the host to answer a change of the port set.
+pub const PORTS_ACK_WAIT: Duration = Duration::from_secs(10);
 
 const HEADER: usize = 9;
 const MAX_PAYLOAD: usize = 64 << 10;
@@ -84,6 +106,8 @@ enum Kind {
     Close = 5,
     Credit = 6,
     Stop = 7,
+    Ports = 8,
+    PortsAck = 9,
 }
 
 impl Kind {
@@ -96,6 +120,8 @@ impl Kind {
             5 => Kind::Close,
             6 => Kind::Credit,
             7 => Kind::Stop,
+            8 => Kind::Ports,
+            9 => Kind::PortsAck,
             _ => return None,
         })
     }
@@ -143,6 +169,27 @@ fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)?;
     Ok(Some(Frame { kind, id, payload }))
+}
+
+/// The ports of a `Ports` payload (an odd last byte is ignored).
+fn ports_of(payload: &[u8]) -> Vec<u16> {
+    payload
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// The ports and errnos of a `PortsAck` payload (a partial last entry is ignored).
+fn failures_of(payload: &[u8]) -> HashMap<u16, i32> {
+    payload
+        .chunks_exact(6)
+        .map(|c| {
+            (
+                u16::from_le_bytes([c[0], c[1]]),
+                i32::from_le_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect()
 }
 
 /// One end of a bridged connection on this side.
@@ -287,9 +334,10 @@ impl Mux {
         true
     }
 
-    /// Registers connection `id` (announcing it with `Open` first when `announce`, so that
-    /// no frame of it can precede the announcement), then starts its two threads.
-    fn attach(self: &Arc<Self>, id: u32, local: Local, announce: bool) -> io::Result<()> {
+    /// Registers connection `id` (announcing it with `Open` and this payload first when
+    /// `announce` is given, so that no frame of it can precede the announcement), then starts
+    /// its two threads.
+    fn attach(self: &Arc<Self>, id: u32, local: Local, announce: Option<&[u8]>) -> io::Result<()> {
         let (tx, rx) = mpsc::channel();
         let credit = Arc::new(Credit::new());
         let reader = local.try_clone()?;
@@ -305,7 +353,7 @@ impl Mux {
                     local: shut,
                 },
             );
-        if announce && !self.send(Kind::Open, id, &[]) {
+        if announce.is_some_and(|open| !self.send(Kind::Open, id, open)) {
             self.forget(id);
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -437,7 +485,7 @@ impl Mux {
                         .add(usize::try_from(u32::from_le_bytes(n)).unwrap_or(0));
                 }
             }
-            Kind::Hello | Kind::Open | Kind::Stop => {}
+            Kind::Hello | Kind::Open | Kind::Stop | Kind::Ports | Kind::PortsAck => {}
         }
     }
 
@@ -529,6 +577,8 @@ impl HostListener {
 }
 
 type ReadyHook = Box<dyn FnOnce() + Send>;
+/// A `Ports` frame: its sequence number and the ports.
+type PortSet = (u32, Vec<u16>);
 
 #[derive(Default)]
 struct HostShared {
@@ -541,6 +591,8 @@ struct HostShared {
     abort: AtomicBool,
     finished: AtomicBool,
     next_id: AtomicU32,
+    /// To the thread that keeps the mirrored TCP ports' listeners: each `Ports` frame.
+    ports: Mutex<Option<mpsc::Sender<PortSet>>>,
 }
 
 /// The host side of a bridge, given to [`crate::RigCommand::bridge`]: while the command runs,
@@ -623,6 +675,18 @@ impl HostBridge {
             .mux
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(mux.clone());
+        let (tx, rx) = mpsc::channel();
+        *self
+            .shared
+            .ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        {
+            let (bridge, mux) = (self.clone(), mux.clone());
+            std::thread::Builder::new()
+                .name("bridge-ports".into())
+                .spawn(move || bridge.mirror_ports(&rx, &mux))?;
+        }
         let bridge = self.clone();
         std::thread::Builder::new()
             .name("bridge-port".into())
@@ -635,11 +699,96 @@ impl HostBridge {
         while let Ok(Some(f)) = read_frame(&mut r) {
             match f.kind {
                 Kind::Hello => self.serve(mux),
-                Kind::Open | Kind::Stop => {}
+                Kind::Ports => {
+                    let ports = ports_of(&f.payload);
+                    if let Some(tx) = &*self
+                        .shared
+                        .ports
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                    {
+                        let _ = tx.send((f.id, ports));
+                    }
+                }
+                Kind::Open | Kind::Stop | Kind::PortsAck => {}
                 _ => mux.dispatch(f),
             }
         }
         mux.close_all();
+        self.shared
+            .ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Keeps one host listener on `127.0.0.1:<port>` for each port of the latest `Ports`
+    /// frame and answers each frame with the ports that could not be bound. A port that
+    /// failed is tried again at every later frame.
+    fn mirror_ports(&self, rx: &mpsc::Receiver<PortSet>, mux: &Arc<Mux>) {
+        struct Mirrored {
+            stop: Arc<AtomicBool>,
+            thread: std::thread::JoinHandle<()>,
+        }
+        let mut live: HashMap<u16, Mirrored> = HashMap::new();
+        let mut failed: HashMap<u16, i32> = HashMap::new();
+        while let Ok((seq, ports)) = rx.recv() {
+            let want: BTreeSet<u16> = ports.into_iter().collect();
+            let gone: Vec<u16> = live.keys().filter(|p| !want.contains(p)).copied().collect();
+            for port in gone {
+                if let Some(m) = live.remove(&port) {
+                    m.stop.store(true, Ordering::Release);
+                    // Within one poll interval; the port is free again for a later frame.
+                    let _ = m.thread.join();
+                }
+            }
+            failed.retain(|p, _| want.contains(p));
+            let mut ack = Vec::new();
+            let new: Vec<u16> = want
+                .iter()
+                .filter(|p| !live.contains_key(p))
+                .copied()
+                .collect();
+            for port in new {
+                let bound = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).and_then(|l| {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let (bridge, mux, halt) = (self.clone(), mux.clone(), stop.clone());
+                    let l = HostListener::Tcp(l);
+                    let thread = std::thread::Builder::new()
+                        .name(format!("bridge-tcp-{port}"))
+                        .spawn(move || {
+                            bridge.accept_loop(&l, &mux, &port.to_le_bytes(), Some(&halt));
+                        })?;
+                    Ok(Mirrored { stop, thread })
+                });
+                match bound {
+                    Ok(m) => {
+                        if failed.remove(&port).is_some() {
+                            tracing::info!(port, "host port 127.0.0.1:{port} is listening now");
+                        }
+                        live.insert(port, m);
+                    }
+                    Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        if failed.insert(port, errno) != Some(errno) {
+                            tracing::error!(
+                                port,
+                                "cannot listen on the host's 127.0.0.1:{port} for the port the \
+                                 rig's 127.0.0.1:{port} serves, so it does not answer on this \
+                                 host: {e}"
+                            );
+                        }
+                        ack.extend_from_slice(&port.to_le_bytes());
+                        ack.extend_from_slice(&errno.to_le_bytes());
+                    }
+                }
+            }
+            mux.send(Kind::PortsAck, seq, &ack);
+        }
+        for m in live.into_values() {
+            m.stop.store(true, Ordering::Release);
+            let _ = m.thread.join();
+        }
     }
 
     /// The rig side serves: accept on every listener.
@@ -654,7 +803,7 @@ impl HostBridge {
             let (bridge, mux) = (self.clone(), mux.clone());
             let spawned = std::thread::Builder::new()
                 .name("bridge-accept".into())
-                .spawn(move || bridge.accept_loop(&l, &mux));
+                .spawn(move || bridge.accept_loop(&l, &mux, &[], None));
             if spawned.is_err() {
                 s.abort.store(true, Ordering::Release);
             }
@@ -669,12 +818,22 @@ impl HostBridge {
         }
     }
 
-    fn accept_loop(&self, l: &HostListener, mux: &Arc<Mux>) {
+    /// Accepts on `l` until the run ends (or `stop`), announcing each connection with `open`.
+    fn accept_loop(
+        &self,
+        l: &HostListener,
+        mux: &Arc<Mux>,
+        open: &[u8],
+        stop: Option<&AtomicBool>,
+    ) {
         if l.set_nonblocking().is_err() {
             self.shared.abort.store(true, Ordering::Release);
             return;
         }
-        while !self.shared.finished.load(Ordering::Acquire) && !mux.dead.load(Ordering::Acquire) {
+        while !self.shared.finished.load(Ordering::Acquire)
+            && !mux.dead.load(Ordering::Acquire)
+            && !stop.is_some_and(|s| s.load(Ordering::Acquire))
+        {
             let mut pfd = libc::pollfd {
                 fd: l.fd(),
                 events: libc::POLLIN,
@@ -686,7 +845,7 @@ impl HostBridge {
                 Ok(local) => {
                     let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
                     // A failed attach has dropped (closed) the client's socket: it sees EOF.
-                    let _ = mux.attach(id, local, true);
+                    let _ = mux.attach(id, local, Some(open));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -703,6 +862,10 @@ impl HostBridge {
         if let Some(m) = s.mux.lock().unwrap_or_else(PoisonError::into_inner).take() {
             m.close_all();
         }
+        s.ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         s.listeners
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -720,11 +883,14 @@ impl HostBridge {
 
 /// The rig side of a bridge: call it in the process that serves `target` inside the rig (it
 /// blocks, so from a thread of its own), once `target` accepts connections. It says so to the
-/// host, connects every bridged connection to `target`, and calls `on_stop` when the host
-/// asks the process to stop. Returns when the host end goes away.
+/// host, connects every bridged connection to `target` (or, for a mirrored port of `ports`,
+/// to that port of the rig's loopback), keeps the host's listeners in step with `ports`, and
+/// calls `on_stop` when the host asks the process to stop. Returns when the host end goes
+/// away.
 pub fn serve_in_rig(
     port: &Path,
     target: &Path,
+    ports: &RigPorts,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<(), BridgeError> {
     let file = OpenOptions::new()
@@ -733,7 +899,7 @@ pub fn serve_in_rig(
         .open(port)
         .map_err(io_err("opening the bridge port", port))?;
     let writer = file.try_clone().map_err(io_err("duplicating", port))?;
-    serve_port(file, Box::new(writer), target, on_stop)
+    serve_port(file, Box::new(writer), target, ports, on_stop)
         .map_err(io_err("serving the bridge port", port))
 }
 
@@ -742,38 +908,255 @@ fn serve_port(
     port: impl Read,
     writer: Box<dyn Write + Send>,
     target: &Path,
+    ports: &RigPorts,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> io::Result<()> {
     let mux = Mux::new(writer);
     if !mux.send(Kind::Hello, 0, &[]) {
         return Err(io::ErrorKind::BrokenPipe.into());
     }
+    ports.connected(&mux);
     let mut on_stop = Some(on_stop);
     let mut r = BufReader::with_capacity(MAX_PAYLOAD + HEADER, port);
     let result = loop {
         match read_frame(&mut r) {
             Ok(Some(f)) => match f.kind {
                 Kind::Open => {
-                    let attached = UnixStream::connect(target)
-                        .and_then(|s| mux.attach(f.id, Local::Unix(s), false));
+                    let attached = match <[u8; 2]>::try_from(f.payload.as_slice()) {
+                        Ok(p) => TcpStream::connect((ports.connect_to, u16::from_le_bytes(p)))
+                            .and_then(|s| {
+                                s.set_nodelay(true)?;
+                                mux.attach(f.id, Local::Tcp(s), None)
+                            }),
+                        Err(_) if f.payload.is_empty() => UnixStream::connect(target)
+                            .and_then(|s| mux.attach(f.id, Local::Unix(s), None)),
+                        Err(_) => Err(io::ErrorKind::InvalidData.into()),
+                    };
                     if attached.is_err() {
                         mux.send(Kind::Close, f.id, &[]);
                     }
                 }
+                Kind::PortsAck => ports.acked(f.id, &f.payload),
                 Kind::Stop => {
                     if let Some(stop) = on_stop.take() {
                         stop();
                     }
                 }
-                Kind::Hello => {}
+                Kind::Hello | Kind::Ports => {}
                 _ => mux.dispatch(f),
             },
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
+    ports.disconnected();
     mux.close_all();
     result
+}
+
+/// The TCP ports of the rig's loopback that the host's loopback mirrors (see the module
+/// docs): the served process adds each port as it starts listening and removes it when it
+/// stops; [`serve_in_rig`] keeps the host's listeners in step.
+#[derive(Debug)]
+pub struct RigPorts {
+    state: Mutex<PortsState>,
+    cv: Condvar,
+    /// Where the mirrored ports are connected to: the loopback (another loopback address in
+    /// the tests, whose host and rig side share one machine).
+    connect_to: Ipv4Addr,
+}
+
+impl Default for RigPorts {
+    fn default() -> RigPorts {
+        RigPorts {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            connect_to: Ipv4Addr::LOCALHOST,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PortsState {
+    set: BTreeSet<u16>,
+    /// The sequence number of the last `Ports` frame sent.
+    seq: u32,
+    /// The sets sent and not yet answered, by sequence number.
+    sent: Vec<(u32, BTreeSet<u16>)>,
+    /// The set of the last answered frame, and its ports the host could not bind (errno).
+    acked: Option<(u32, BTreeSet<u16>)>,
+    failed: HashMap<u16, i32>,
+    mux: Option<Arc<Mux>>,
+}
+
+impl RigPorts {
+    /// An empty set, not connected to a host yet.
+    pub fn new() -> Arc<RigPorts> {
+        Arc::new(RigPorts::default())
+    }
+
+    /// Adds `port`. While the host end is connected, returns once the host has answered (it
+    /// listens on the port, or [`RigPorts::host_error`] says why not), or after
+    /// [`PORTS_ACK_WAIT`]; before that, the host gets the port when it connects.
+    pub fn listen(&self, port: u16) {
+        let mut s = self.lock();
+        s.set.insert(port);
+        if let Some(seq) = Self::publish(&mut s) {
+            let _unanswered = self
+                .cv
+                .wait_timeout_while(s, PORTS_ACK_WAIT, |s| {
+                    s.mux.is_some() && s.acked.as_ref().is_none_or(|(a, _)| *a < seq)
+                })
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Removes `port`: the host drops its listener.
+    pub fn unlisten(&self, port: u16) {
+        let mut s = self.lock();
+        if s.set.remove(&port) {
+            Self::publish(&mut s);
+        }
+    }
+
+    /// Why `port`, which the served process listens on, does not answer on the host's
+    /// loopback; `None` when it does (or when it is not a port of the set).
+    pub fn host_error(&self, port: u16) -> Option<String> {
+        let s = self.lock();
+        if !s.set.contains(&port) {
+            return None;
+        }
+        if let Some(&errno) = s.failed.get(&port) {
+            let e = io::Error::from_raw_os_error(errno);
+            return Some(format!("the host cannot listen on 127.0.0.1:{port}: {e}"));
+        }
+        if s.mux.is_none() {
+            return Some("the bridge to the host is not connected".into());
+        }
+        match &s.acked {
+            Some((_, set)) if set.contains(&port) => None,
+            _ => Some(format!(
+                "the host has not confirmed a listener on 127.0.0.1:{port} yet"
+            )),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PortsState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends the whole set (under the lock, so frames go out in sequence order); its sequence
+    /// number, if the host end is connected.
+    fn publish(s: &mut PortsState) -> Option<u32> {
+        let mux = s.mux.clone()?;
+        s.seq += 1;
+        // One frame holds 32768 ports: more than one process can have listeners threads for.
+        let payload: Vec<u8> = s
+            .set
+            .iter()
+            .take(MAX_PAYLOAD / 2)
+            .flat_map(|p| p.to_le_bytes())
+            .collect();
+        s.sent.push((s.seq, s.set.clone()));
+        mux.send(Kind::Ports, s.seq, &payload).then_some(s.seq)
+    }
+
+    fn connected(&self, mux: &Arc<Mux>) {
+        let mut s = self.lock();
+        s.mux = Some(mux.clone());
+        Self::publish(&mut s);
+    }
+
+    fn acked(&self, seq: u32, payload: &[u8]) {
+        let mut s = self.lock();
+        let Some(i) = s.sent.iter().position(|(n, _)| *n == seq) else {
+            return;
+        };
+        let (_, set) = s.sent.drain(..=i).next_back().expect("position found it");
+        s.failed = failures_of(payload);
+        s.acked = Some((seq, set));
+        self.cv.notify_all();
+    }
+
+    fn disconnected(&self) {
+        let mut s = self.lock();
+        s.mux = None;
+        s.sent.clear();
+        s.acked = None;
+        self.cv.notify_all();
+    }
+}
+
+/// Brings the loopback interface up (the rig's init leaves it down), so that listeners on
+/// `127.0.0.1` inside the rig work. Needs `CAP_NET_ADMIN` unless it is up already.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket(2); its descriptor is owned by `sock` right after.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo") {
+        *d = libc::c_char::try_from(*s).expect("ASCII");
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags into the ifreq we own, named "lo".
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let up = libc::c_short::try_from(libc::IFF_UP).expect("IFF_UP fits a short");
+    if flags & up != 0 {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags | up;
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Entry points for fuzzers and property tests.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Kind, RigPorts, encode, failures_of, ports_of, read_frame};
+
+    /// Reads `data` as the bridge's byte stream, frame by frame, as either side does: each
+    /// frame read must encode back to the bytes it came from, and its payload is parsed as
+    /// its kind says (a `PortsAck` is applied to a port set). Stops at the first error.
+    pub fn mux_stream(data: &[u8]) {
+        let ports = RigPorts::default();
+        let mut rest = data;
+        loop {
+            let before = rest;
+            match read_frame(&mut rest) {
+                Ok(Some(f)) => {
+                    let used = before.len() - rest.len();
+                    assert_eq!(encode(f.kind, f.id, &f.payload), before[..used]);
+                    match f.kind {
+                        Kind::Ports => assert_eq!(ports_of(&f.payload).len(), f.payload.len() / 2),
+                        Kind::PortsAck => {
+                            assert!(failures_of(&f.payload).len() <= f.payload.len() / 6);
+                            ports.acked(f.id, &f.payload);
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(None) => {
+                    assert!(rest.is_empty());
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        for p in [0, 1, u16::MAX] {
+            assert!(ports.host_error(p).is_none(), "not a port of the set");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -805,7 +1188,8 @@ mod tests {
         let mut huge = encode(Kind::Data, 1, &[]);
         huge[5..9].copy_from_slice(&u32::try_from(MAX_PAYLOAD + 1).unwrap().to_le_bytes());
         assert!(read_frame(&mut &huge[..]).is_err());
-        assert!(read_frame(&mut &[9u8, 0, 0, 0, 0, 0, 0, 0, 0][..]).is_err());
+        assert!(read_frame(&mut &[0u8, 0, 0, 0, 0, 0, 0, 0, 0][..]).is_err());
+        assert!(read_frame(&mut &[10u8, 0, 0, 0, 0, 0, 0, 0, 0][..]).is_err());
         assert!(read_frame(&mut &encode(Kind::Data, 1, b"xy")[..5]).is_err());
     }
 
@@ -818,6 +1202,13 @@ mod tests {
     }
 
     fn joined(serve: impl Fn(UnixStream) + Send + Clone + 'static) -> Joined {
+        joined_with_ports(serve, Arc::new(RigPorts::default()))
+    }
+
+    fn joined_with_ports(
+        serve: impl Fn(UnixStream) + Send + Clone + 'static,
+        ports: Arc<RigPorts>,
+    ) -> Joined {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = dir.path().join("server.sock");
         let server = UnixListener::bind(&target).expect("bind server");
@@ -839,7 +1230,7 @@ mod tests {
         let (stop_tx, stopped) = mpsc::channel();
         std::thread::spawn(move || {
             let writer = Box::new(rig_end.try_clone().expect("clone"));
-            serve_port(rig_end, writer, &target, move || {
+            serve_port(rig_end, writer, &target, &ports, move || {
                 stop_tx.send(()).expect("stop")
             })
         });
@@ -951,5 +1342,150 @@ mod tests {
         assert!(matches!(HostListener::unix(&p), Err(BridgeError::InUse(_))));
         drop(_live);
         HostListener::unix(&p).expect("a stale socket file is replaced");
+    }
+
+    /// The "rig's" loopback in these tests: 127.0.0.2, so that the host side can bind the same
+    /// port number on 127.0.0.1 in the same machine. A server there that answers what it read
+    /// until EOF upper-cased, then closes. Its port is one that is free on 127.0.0.1 too.
+    fn rig_service() -> u16 {
+        loop {
+            let l = TcpListener::bind(("127.0.0.2", 0)).expect("bind 127.0.0.2");
+            let port = l.local_addr().unwrap().port();
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    let mut s = s.expect("accept");
+                    std::thread::spawn(move || {
+                        let mut got = Vec::new();
+                        s.read_to_end(&mut got).expect("read to EOF");
+                        s.write_all(&got.to_ascii_uppercase()).expect("answer");
+                    });
+                }
+            });
+            return port;
+        }
+    }
+
+    fn test_ports() -> Arc<RigPorts> {
+        Arc::new(RigPorts {
+            connect_to: Ipv4Addr::new(127, 0, 0, 2),
+            ..RigPorts::default()
+        })
+    }
+
+    /// Asks the host's 127.0.0.1:`port`: writes, half-closes, reads to the end.
+    fn ask(port: u16, what: &[u8]) -> io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(what)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    }
+
+    /// Hang guard, not a performance bound.
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{what}: not within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_mirrored_port_answers_on_the_host_across_a_half_close_and_goes_with_unlisten() {
+        let ports = test_ports();
+        let _j = joined_with_ports(|_| {}, ports.clone());
+        let port = rig_service();
+        // Returns once the host has answered, so the port answers right away.
+        ports.listen(port);
+        assert_eq!(ports.host_error(port), None);
+        assert_eq!(ask(port, b"hello").expect("ask"), b"HELLO");
+        assert_eq!(ask(port, b"again").expect("ask"), b"AGAIN");
+        ports.unlisten(port);
+        until("the host listener closes", || {
+            TcpStream::connect(("127.0.0.1", port)).is_err()
+        });
+    }
+
+    #[test]
+    fn ports_listened_on_before_the_host_connects_are_mirrored_when_it_does() {
+        let ports = test_ports();
+        let port = rig_service();
+        ports.listen(port);
+        assert!(
+            ports
+                .host_error(port)
+                .is_some_and(|e| e.contains("not connected")),
+            "{:?}",
+            ports.host_error(port)
+        );
+        let _j = joined_with_ports(|_| {}, ports.clone());
+        until("the host confirms the port", || {
+            ports.host_error(port).is_none()
+        });
+        assert_eq!(ask(port, b"late").expect("ask"), b"LATE");
+    }
+
+    #[test]
+    fn a_port_taken_on_the_host_is_reported_and_taken_up_once_free() {
+        let ports = test_ports();
+        let _j = joined_with_ports(|_| {}, ports.clone());
+        let port = rig_service();
+        let squatter = TcpListener::bind(("127.0.0.1", port)).expect("squat the host port");
+        ports.listen(port);
+        let e = ports.host_error(port).expect("the clash is reported");
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && e.contains("in use"),
+            "{e}"
+        );
+        drop(squatter);
+        // The next change of the set tries it again.
+        let other = rig_service();
+        ports.listen(other);
+        assert_eq!(ports.host_error(port), None);
+        assert_eq!(ask(port, b"now").expect("ask"), b"NOW");
+        assert_eq!(ask(other, b"too").expect("ask"), b"TOO");
+    }
+
+    #[test]
+    fn the_mux_stream_entry_point_takes_valid_and_broken_streams() {
+        let mut ack = Vec::new();
+        ack.extend_from_slice(&80u16.to_le_bytes());
+        ack.extend_from_slice(&98i32.to_le_bytes());
+        let mut stream = encode(Kind::Ports, 1, &[80, 0, 81, 0]);
+        stream.extend(encode(Kind::PortsAck, 1, &ack));
+        stream.extend(encode(Kind::Open, 3, &80u16.to_le_bytes()));
+        stream.extend(encode(Kind::Data, 3, b"x"));
+        fuzzing::mux_stream(&stream);
+        for cut in 0..stream.len() {
+            fuzzing::mux_stream(&stream[..cut]);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_mux_stream_entry_point_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            fuzzing::mux_stream(&data);
+        }
+
+        #[test]
+        fn encoded_frames_read_back(frames in proptest::collection::vec((1u8..=9, proptest::num::u32::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..64)), 0..8)) {
+            let mut stream = Vec::new();
+            for (k, id, p) in &frames {
+                stream.extend(encode(Kind::from_u8(*k).expect("kind"), *id, p));
+            }
+            fuzzing::mux_stream(&stream);
+            let mut r = &stream[..];
+            for (k, id, p) in &frames {
+                let f = read_frame(&mut r).expect("frame").expect("some");
+                proptest::prop_assert_eq!((f.kind as u8, f.id, &f.payload), (*k, *id, p));
+            }
+        }
     }
 }

@@ -192,6 +192,15 @@ fn print_vm(vm: &Vm, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(vm)?);
     } else {
         print_vms(std::slice::from_ref(vm), false)?;
+        for p in &vm.ports {
+            match &p.unreachable {
+                None => println!("port {} -> 127.0.0.1:{}", p.guest, p.host),
+                Some(why) => println!(
+                    "port {} -> 127.0.0.1:{} (NOT reachable: {why})",
+                    p.guest, p.host
+                ),
+            }
+        }
         if let Some(error) = &vm.error {
             println!("\nits VMM ended by itself: {error}");
         }
