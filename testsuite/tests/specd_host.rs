@@ -2,8 +2,12 @@
 //! it runs directly; without it, it places itself in the rig and bridges its API socket out
 //! (docs/rig.md, "The bridge"). From the host: `specc vm create` from a built layer, `specc vm
 //! exec -i` with its output streaming while its stdin is still open (two concurrent
-//! connections), `specc vm ls --json`; then SIGTERM stops the daemon, and its rig with it. In
-//! the rig the VM is suspended by that stop, and an exec after a restart wakes it.
+//! connections), `specc vm ls --json`; an exposed port asked on this host's 127.0.0.1 (in the
+//! rig too: the bridge mirrors it), also when the VM is suspended (the connection wakes it),
+//! and a fork child's own port, whose host listener goes with the child; `/v1/health` names
+//! the mode the VMs run in. Then SIGTERM stops the daemon, and its rig with it. In the rig the
+//! VMs are suspended by that stop, and after a restart an exec wakes one and a connection to
+//! the other's port wakes that one.
 
 // An integration test file is a test module of its own.
 #![allow(clippy::tests_outside_test_module)]
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use specc_testsuite::specd::{PinSweep, specd_binary};
 use specc_testsuite::{cargo_build, test_binary};
-use specd::api::{Vm, VmState};
+use specd::api::{ForkVm, Forked, Health, Vm, VmState};
 
 /// Hang guards, not performance bounds: the rig kernel may still need building on a cold
 /// cache, and everything in the rig is emulated.
@@ -85,6 +89,47 @@ fn qemu_child_of(parent: u32) -> Option<u32> {
 
 fn gone(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| s.contains("State:\tZ"))
+}
+
+/// One request/response over this host's 127.0.0.1:`host_port`: `ask` up, a half-close (the
+/// guest service reads to EOF), then all it writes until it closes. None when the connection
+/// gives nothing back (the guest service is not listening yet: the daemon then drops the
+/// connection) or cannot be made.
+fn ask_port(host_port: u16, ask: &[u8]) -> Option<String> {
+    use std::io::Read;
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", host_port)).ok()?;
+    tcp.set_read_timeout(Some(STEP_LIMIT)).ok()?;
+    tcp.write_all(ask).ok()?;
+    tcp.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut got = Vec::new();
+    tcp.read_to_end(&mut got).ok()?;
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// [`ask_port`] until the guest service answers; panics after [`STEP_LIMIT`].
+fn ask_port_until_served(host_port: u16, ask: &[u8]) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Some(answer) = ask_port(host_port, ask) {
+            return answer;
+        }
+        assert!(
+            t0.elapsed() < STEP_LIMIT,
+            "nothing answered on this host's 127.0.0.1:{host_port} within {STEP_LIMIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn show(socket: &Path, id: &str) -> Vm {
+    serde_json::from_str(&vm_ok(socket, &["--json", "show", id])).expect("show --json")
+}
+
+/// The one exposed port of `vm`: its host port, which must answer on this host.
+fn only_port(vm: &Vm) -> u16 {
+    assert_eq!(vm.ports.len(), 1, "{vm:?}");
+    assert_eq!(vm.ports[0].unreachable, None, "{vm:?}");
+    vm.ports[0].host
 }
 
 /// The next line of `lines`, or a panic naming `what` if none comes within [`STEP_LIMIT`].
@@ -179,9 +224,89 @@ fn specd_on_the_host_serves_host_clients() {
             .any(|v| v.id == created.id && v.state == VmState::Running),
         "{listed:?}"
     );
+
+    // The daemon says where its VMs run: in the rig, not "hardware KVM" (the rig's /dev/kvm
+    // looks like it from inside).
+    let client = specd::client::Client::new(&socket);
+    let health: Health = client
+        .call("GET", "/v1/health", None::<&()>)
+        .expect("GET /v1/health");
+    assert_eq!(health.mode == "rig", in_rig, "{health:?}");
+
+    // An exposed port, asked on THIS host's loopback under the number the API reports: in
+    // the rig, host listener → bridge → the daemon's listener on the rig's loopback (which
+    // wakes the VM) → vsock → the guest. The guest service reads to EOF (the client's
+    // half-close must arrive as one, with the way back open), answers upper-cased with its
+    // hostname, then closes; a loop keeps it listening, in a session of its own so that the
+    // exec that starts it can end.
+    const GUEST_PORT: u16 = 8080;
+    let web: Vm = serde_json::from_str(&vm_ok(
+        &socket,
+        &[
+            "--json", "create", "--layer", &key, "--name", "web", "--port", "8080",
+        ],
+    ))
+    .expect("create --json");
+    assert_eq!(web.ports[0].guest, GUEST_PORT);
+    let web_port = only_port(&web);
+    vm_ok(
+        &socket,
+        &[
+            "exec",
+            &web.id,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "setsid sh -c 'while true; do nc -l -p {GUEST_PORT} -e sh -c \
+                 \"tr a-z A-Z; echo; hostname\"; done' </dev/null >/dev/null 2>&1 &"
+            ),
+        ],
+    );
+    let t0 = Instant::now();
+    assert_eq!(ask_port_until_served(web_port, b"hello"), "HELLO\nweb\n");
+    eprintln!("first answer on 127.0.0.1:{web_port}: {:?}", t0.elapsed());
+    // Suspended, the VM has no process; a connection from this host wakes it and is served.
+    vm_ok(&socket, &["suspend", &web.id]);
+    assert_eq!(show(&socket, &web.id).state, VmState::Suspended);
+    let t0 = Instant::now();
+    let answer = ask_port(web_port, b"again").expect("a connection to a suspended VM is served");
+    eprintln!("answer from the suspended VM: {:?}", t0.elapsed());
+    assert_eq!(answer, "AGAIN\nweb\n");
+    assert_eq!(show(&socket, &web.id).state, VmState::Running);
+
+    // A fork child has the source's service running and a host port of its own, mirrored
+    // too; when it is deleted, that host listener goes.
+    let forked: Forked = client
+        .call(
+            "POST",
+            &format!("/v1/vms/{}/fork", web.id),
+            Some(&ForkVm {
+                count: 1,
+                mode: None,
+            }),
+        )
+        .expect("fork");
+    let child = &forked.vms[0];
+    let child_port = only_port(child);
+    assert_ne!(child_port, web_port);
+    let answer = ask_port_until_served(child_port, b"forked");
+    assert!(answer.starts_with("FORKED\n"), "{answer:?}");
+    vm_ok(&socket, &["rm", &child.id]);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", child_port)).is_ok() {
+        assert!(
+            t0.elapsed() < STEP_LIMIT,
+            "127.0.0.1:{child_port} still listens after its VM was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ask_port(web_port, b"still"), Some("STILL\nweb\n".into()));
+
     if !in_rig {
-        // On hardware KVM a VM outlives its daemon; this one must not outlive the test.
+        // On hardware KVM a VM outlives its daemon; these must not outlive the test.
         vm_ok(&socket, &["rm", &created.id]);
+        vm_ok(&socket, &["rm", &web.id]);
     }
 
     stop(&mut d);
@@ -205,7 +330,14 @@ fn specd_on_the_host_serves_host_clients() {
             events.contains("\"woke\":true") && events.contains("a2VwdAo="),
             "exec after the restart: {events}"
         );
+        // The recovered VM's port answers on this host again, on the same number, and the
+        // connection wakes it.
+        let recovered = show(&socket, &web.id);
+        assert_eq!(recovered.state, VmState::Suspended);
+        assert_eq!(only_port(&recovered), web_port);
+        assert_eq!(ask_port_until_served(web_port, b"back"), "BACK\nweb\n");
         vm_ok(&socket, &["rm", &created.id]);
+        vm_ok(&socket, &["rm", &web.id]);
         stop(&mut d);
     }
 }
