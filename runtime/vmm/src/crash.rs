@@ -199,48 +199,57 @@ pub struct CrashReport {
     pub dump: Option<PathBuf>,
 }
 
-impl fmt::Display for CrashReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
+impl CrashReport {
+    /// One line: when, what the registers at the exit say, where the dump went.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
             "vcpu {} triple fault (KVM_EXIT_SHUTDOWN), exit {} of this vCPU, {:.3} s after it \
              started",
             self.vcpu,
             self.exits,
             self.after.as_secs_f64()
-        )?;
+        );
         match &self.at_shutdown {
-            Some(c) if c.rip == 0xfff0 => write!(
-                f,
+            Some(c) if c.rip == 0xfff0 => s.push_str(&format!(
                 "; KVM had reset the vCPU before the exit (rip {:#x} cr0 {:#x}: an INIT), so \
                  the registers are lost",
                 c.rip, c.cr0
-            )?,
-            Some(c) => write!(f, "; registers at the exit: {c}")?,
-            None => write!(f, "; no registers (KVM_CAP_SYNC_REGS missing)")?,
+            )),
+            Some(c) => s.push_str(&format!("; registers at the exit: {c}")),
+            None => s.push_str("; no registers (KVM_CAP_SYNC_REGS missing)"),
         }
-        write!(
-            f,
-            "; the last {} exits to userspace, oldest first:",
+        if let Some(d) = &self.dump {
+            s.push_str(&format!("; guest memory dumped to {}", d.display()));
+        }
+        s
+    }
+
+    /// The exits before the fault, one line each after a heading, oldest first.
+    pub fn exits_text(&self) -> String {
+        let mut s = format!(
+            "vcpu {}: the last {} exits to userspace before the triple fault, oldest first:",
+            self.vcpu,
             self.last_exits.len()
-        )?;
+        );
         for r in &self.last_exits {
-            write!(
-                f,
+            s.push_str(&format!(
                 "\n  #{} at {:.6} s ({:.6} s before the fault): {}",
                 r.seq,
                 r.at.as_secs_f64(),
                 self.after.saturating_sub(r.at).as_secs_f64(),
                 r.kind
-            )?;
+            ));
             if let Some(c) = &r.cpu {
-                write!(f, ": {c}")?;
+                s.push_str(&format!(": {c}"));
             }
         }
-        if let Some(d) = &self.dump {
-            write!(f, "\n  guest memory dumped to {}", d.display())?;
-        }
-        Ok(())
+        s
+    }
+}
+
+impl fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\n{}", self.summary(), self.exits_text())
     }
 }
 
@@ -323,6 +332,42 @@ mod tests {
         }
         let want: Vec<u64> = (6..=(HISTORY_LEN as u64 + 5)).collect();
         assert_eq!(seqs(&h), want);
+    }
+
+    #[test]
+    fn report_summary_is_one_line_and_each_exit_has_its_own() {
+        let cpu = |rip| CpuSnapshot {
+            rip,
+            rsp: 0,
+            rflags: 2,
+            cs: 0x10,
+            cr0: 0x10,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+            efer: 0,
+            idt: 0,
+            gs_base: 0,
+            r12: 0,
+        };
+        let mut last = record(7);
+        last.cpu = Some(cpu(0xffff_ffff_8100_1234));
+        let r = CrashReport {
+            vcpu: 0,
+            exits: 9,
+            after: Duration::from_millis(20),
+            at_shutdown: Some(cpu(0xfff0)),
+            last_exits: vec![record(6), last],
+            dump: Some(PathBuf::from("/d/crash-1-vcpu0.mem")),
+        };
+        let summary = r.summary();
+        assert_eq!(summary.lines().count(), 1, "{summary}");
+        assert!(summary.contains("reset the vCPU"), "{summary}");
+        assert!(summary.contains("/d/crash-1-vcpu0.mem"), "{summary}");
+        let text = r.exits_text();
+        let exits: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(exits.len(), 2);
+        assert!(exits[1].starts_with("  #7 at 0.007000 s (0.013000 s before the fault): io out 0x3f8: rip 0xffffffff81001234"), "{}", exits[1]);
     }
 
     #[test]

@@ -847,7 +847,10 @@ impl VcpuThread {
                 Err(e) => tracing::error!("crash dump: {}", crate::error_chain(&e)),
             }
         }
-        tracing::error!("{report}");
+        // The summary last: the tail of the VMM's log (what specd keeps in `Vm.error`) then
+        // holds it and the newest exits.
+        tracing::error!("{}", report.exits_text());
+        tracing::error!("{}", report.summary());
         let _ = self.crash.set(report);
     }
 
