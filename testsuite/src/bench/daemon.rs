@@ -684,6 +684,20 @@ fn load(
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_else(|e| format!("(no console: {e})"));
             eprintln!("--- VM {id}: console (end) ---\n{console}");
+            // A VMM that ended by itself (a guest that triple-faulted, say) left its reason
+            // in the VM's error: its exit status, console and VMM log tails (with a crash
+            // report); there is no VMM left to diagnose.
+            let vm: Result<Vm, _> = c.call("GET", &format!("/v1/vms/{id}"), None::<&()>);
+            if let Ok(vm) = &vm
+                && matches!(vm.state, api::VmState::Failed | api::VmState::Stopped)
+            {
+                eprintln!(
+                    "--- VM {id}: {:?}, error ---\n{}",
+                    vm.state,
+                    vm.error.as_deref().unwrap_or("(none)")
+                );
+                continue;
+            }
             // The control calls of the first failing VM say whether the rest is alike.
             diagnose_stuck_vm(c, id, &daemon.state().join("run/vms"), n == 0);
         }
