@@ -9,9 +9,10 @@
 //! - the last exits to userspace, with the registers KVM copied into `kvm_run` at each
 //!   (`KVM_CAP_SYNC_REGS`: no extra ioctl per exit), kept here in a small ring per vCPU;
 //! - guest memory, intact: with `SPECC_VMM_CRASH_DUMP=<dir>` the vCPU thread writes it to
-//!   `<dir>/crash-<pid>-vcpu<n>.mem` (file offset = guest physical address, zero pages left
-//!   as holes) beside a `.txt` copy of the report, before the VM ends. With the guest's
-//!   `vmlinux` (symbols, no KASLR) that gives the kernel log buffer and the kernel's tables.
+//!   `<dir>/crash-<unix ms>-<pid>-vcpu<n>.mem` (file offset = guest physical address, zero
+//!   pages left as holes) beside a `.txt` copy of the report, before the VM ends. With the
+//!   guest's `vmlinux` (symbols, no KASLR) that gives the kernel log buffer and the kernel's
+//!   tables.
 
 use std::fmt;
 use std::io::Write;

@@ -836,7 +836,14 @@ impl VcpuThread {
             dump: None,
         };
         if let Some(dir) = std::env::var_os(crate::crash::CRASH_DUMP_ENV) {
-            let stem = format!("crash-{}-vcpu{}", std::process::id(), self.vcpu.id);
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let stem = format!(
+                "crash-{unix_ms}-{}-vcpu{}",
+                std::process::id(),
+                self.vcpu.id
+            );
             match crate::crash::dump(
                 &self.memory,
                 std::path::Path::new(&dir),
