@@ -52,14 +52,25 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 fn kill_host_and_check(signal: libc::c_int) {
+    use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().expect("own path");
-    let mut host = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["--exact", TEST, "--nocapture"])
         .env(ROLE, "host")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the rig host");
+        .stderr(Stdio::null());
+    // A shell without job control starts its background commands with SIGINT ignored, and that
+    // is inherited: the rig host would then never see the Ctrl-C this test sends, and the test
+    // would wait forever. Give the host the disposition an interactive launch has.
+    // SAFETY: signal(2) is async-signal-safe, and the closure touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut host = command.spawn().expect("spawn the rig host");
     let host_pid = host.id();
     let mut qemu = None;
     // The rig kernel may still need building on a cold cache.
@@ -73,7 +84,14 @@ fn kill_host_and_check(signal: libc::c_int) {
     let pid = libc::pid_t::try_from(host_pid).expect("pid");
     // SAFETY: kill(2) on our own child's pid; no memory involved.
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal the rig host");
-    host.wait().expect("reap the rig host");
+    let signalled = Instant::now();
+    while host.try_wait().expect("reap the rig host").is_none() {
+        if signalled.elapsed() > Duration::from_secs(60) {
+            let _ = host.kill();
+            panic!("the rig host did not end within 60 s of signal {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     wait_for(
         "QEMU to die with its parent",
         Duration::from_secs(30),
