@@ -92,7 +92,13 @@ fn assert_network(
         addr.contains("inet "),
         "{name}: eth0 has no IPv4 address: {addr}"
     );
-    let state = sh(agent, "cat /sys/class/net/eth0/operstate");
+    // The kernel's link watch updates operstate from a delayed work item (up to a second
+    // after the carrier comes), so a fresh interface can read "down" with traffic flowing.
+    let state = sh(
+        agent,
+        "i=0; while s=$(cat /sys/class/net/eth0/operstate); [ \"$s\" != up ] && \
+         [ $i -lt 50 ]; do i=$((i + 1)); sleep 0.1 2>/dev/null || sleep 1; done; echo $s",
+    );
     assert_eq!(state, "up", "{name}: eth0 is {state}");
     let gateway = sh(agent, "ip route show default | awk '{print $3; exit}'");
     assert!(!gateway.is_empty(), "{name}: no default route");
