@@ -524,9 +524,13 @@ impl Rig {
         let s = |x: &str| OsString::from(x);
         // `-cpu max` under TCG has svm+npt (TCG has no vmx). `+invtsc` is not asked for: TCG does not
         // implement it and only warns; `tsc=reliable` is what keeps the rig off jiffies.
+        // `oops=panic`: an oops leaves the rig's kernel half-working (seen under heavy nested
+        // load: corrupted page tables, a stack overrun in a VMM's vCPU thread), and a command
+        // in it then hangs until its caller's own limit; panicking ends QEMU (`panic=-1` with
+        // `-no-reboot`), so the run fails at once with the rig console's tail.
         let cmdline = format!(
-            "console=ttyS0 loglevel=4 tsc=reliable random.trust_cpu=on panic=-1 rdinit=/init \
-             specc.run={}",
+            "console=ttyS0 loglevel=4 tsc=reliable random.trust_cpu=on panic=-1 oops=panic \
+             rdinit=/init specc.run={}",
             run_dir.display()
         );
         // Without its TSC rate the rig's KVM never enters a guest (see `tsc`).
