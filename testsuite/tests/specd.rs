@@ -180,6 +180,18 @@ fn create_with_ports(
         .unwrap_or_else(|e| panic!("create {name}: {e}"))
 }
 
+/// `true`, no timeout: for calls whose answer is the point, not the command.
+fn true_exec() -> api::Exec {
+    api::Exec {
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        stdin_b64: None,
+        stdin_stream: false,
+        timeout_ms: None,
+    }
+}
+
 fn show(c: &Client, id: &str) -> Option<Vm> {
     c.call("GET", &format!("/v1/vms/{id}"), None::<&()>).ok()
 }
@@ -257,17 +269,10 @@ fn export_policy_layout(dir: &Path) {
     let spec = dir.join("policy.kdl");
     std::fs::write(
         &spec,
-        r#"spec "bench-daemon" {
-    base "busybox"
-    vm vcpus=1 memory="128MiB" disk="64MiB"
-    layer "app" after="base" {
-        run "echo ready > /root/ready"
-    }
-    expose 8080
-    idle pause-after="1h" suspend-after="2h"
-    persistence "sticky" priority=3
-}
-"#,
+        specc_testsuite::bench::daemon::daemon_spec(
+            "    expose 8080\n    idle pause-after=\"1h\" suspend-after=\"2h\"\n    \
+             persistence \"sticky\" priority=3\n",
+        ),
     )
     .unwrap();
     let _ = std::fs::remove_dir_all(layout_dir());
@@ -615,15 +620,7 @@ fn daemon_lifecycle_with_linux_guests() {
     let why = failed.error.clone().unwrap_or_default();
     assert!(why.contains("SIGKILL"), "{failed:?}");
     assert_eq!(failed.pid, None);
-    let bare = api::Exec {
-        argv: vec!["true".into()],
-        env: vec![],
-        cwd: None,
-        stdin_b64: None,
-        stdin_stream: false,
-        timeout_ms: None,
-    };
-    match c.exec(&a.id, &bare, |_| {}) {
+    match c.exec(&a.id, &true_exec(), |_| {}) {
         Err(specd::client::ClientError::Api {
             status: 409,
             message,
@@ -701,15 +698,7 @@ fn daemon_lifecycle_with_linux_guests() {
     let stopped = post(&c, &web.id, "stop");
     assert_eq!((stopped.state, stopped.pid), (VmState::Stopped, None));
     assert!(!alive(pid), "VMM {pid} still runs after stop");
-    let req = api::Exec {
-        argv: vec!["true".into()],
-        env: vec![],
-        cwd: None,
-        stdin_b64: None,
-        stdin_stream: false,
-        timeout_ms: None,
-    };
-    match c.exec(&web.id, &req, |_| {}) {
+    match c.exec(&web.id, &true_exec(), |_| {}) {
         Err(specd::client::ClientError::Api {
             status: 409,
             message,

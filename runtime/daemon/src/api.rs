@@ -55,6 +55,17 @@ impl Persistence {
     }
 }
 
+impl From<specc_store::oci::RuntimePersistence> for Persistence {
+    fn from(p: specc_store::oci::RuntimePersistence) -> Self {
+        use specc_store::oci::RuntimePersistence as R;
+        match p {
+            R::Ephemeral => Persistence::Ephemeral,
+            R::Sticky { priority } => Persistence::Sticky { priority },
+            R::Persistent => Persistence::Persistent,
+        }
+    }
+}
+
 /// Idle timers: seconds without activity (exec, file API, proxied bytes) before the VM is
 /// paused, then suspended. Absent timers never fire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]

@@ -779,24 +779,25 @@ impl Daemon {
             )));
         }
         let (restore, layer, policy) = self.resolve(&req.source)?;
-        // What the request leaves out, the artifact's spec says.
-        let policy = policy.unwrap_or_else(|| specc_store::oci::RuntimePolicy {
-            persistence: specc_store::oci::RuntimePersistence::Persistent,
-            ..Default::default()
-        });
-        let persistence = req.persistence.unwrap_or(match policy.persistence {
-            specc_store::oci::RuntimePersistence::Ephemeral => api::Persistence::Ephemeral,
-            specc_store::oci::RuntimePersistence::Sticky { priority } => {
-                api::Persistence::Sticky { priority }
-            }
-            specc_store::oci::RuntimePersistence::Persistent => api::Persistence::Persistent,
-        });
+        // What the request leaves out, the artifact's spec says; without either: persistent,
+        // no timers, no ports.
+        let persistence = req
+            .persistence
+            .or(policy.as_ref().map(|p| p.persistence.into()))
+            .unwrap_or(api::Persistence::Persistent);
         persistence.validate().map_err(DaemonError::BadRequest)?;
-        let idle = req.idle.unwrap_or(api::IdlePolicy {
-            pause_after_s: policy.pause_after_s,
-            suspend_after_s: policy.suspend_after_s,
-        });
-        let ports = req.ports.clone().unwrap_or(policy.ports);
+        let idle = req
+            .idle
+            .or(policy.as_ref().map(|p| api::IdlePolicy {
+                pause_after_s: p.pause_after_s,
+                suspend_after_s: p.suspend_after_s,
+            }))
+            .unwrap_or_default();
+        let ports = req
+            .ports
+            .clone()
+            .or(policy.map(|p| p.ports))
+            .unwrap_or_default();
         let now = now_ms();
         let rec = Record {
             vm: Vm {

@@ -105,21 +105,27 @@ pub fn run(scenario: Scenario, args: &Args) -> anyhow::Result<()> {
     report.print(args.json)
 }
 
+/// The one-layer busybox spec the daemon's VMs come from, with `extra` top-level nodes (which
+/// must not change its layers: the specd e2e test adds a runtime policy and expects the same
+/// layer).
+pub fn daemon_spec(extra: &str) -> String {
+    format!(
+        r#"spec "bench-daemon" {{
+    base "busybox"
+    vm vcpus=1 memory="128MiB" disk="64MiB"
+    layer "app" after="base" {{
+        run "echo ready > /root/ready"
+    }}
+{extra}}}
+"#
+    )
+}
+
 /// Builds a one-layer busybox spec in `dir` with `specc build` (VMs in the rig unless this
 /// host has hardware KVM); returns the key of its layer `app`. Shared with the specd e2e test.
 pub fn build_head_key(specc: &Path, dir: &Path) -> anyhow::Result<String> {
     let spec = dir.join("daemon.kdl");
-    std::fs::write(
-        &spec,
-        r#"spec "bench-daemon" {
-    base "busybox"
-    vm vcpus=1 memory="128MiB" disk="64MiB"
-    layer "app" after="base" {
-        run "echo ready > /root/ready"
-    }
-}
-"#,
-    )?;
+    std::fs::write(&spec, daemon_spec(""))?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the testsuite crate has no parent")?;
